@@ -1,0 +1,92 @@
+"""Command-line interface: ``ctscreen COMMAND ...`` and ``python -m ctscreen``.
+
+Each command lives in its own module ``ctscreen.cli.<name>`` exposing
+``add_parser(subparsers)`` and ``run(args) -> int``. Heavy imports (torch) happen
+inside ``run`` so that ``--help`` and ``info`` stay fast.
+
+Exit codes:
+    0  everything succeeded;
+    1  the command ran but some studies (rows) failed;
+    2  the command could not run (bad arguments, missing weights, unreadable config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import CtscreenError
+
+EXIT_OK = 0
+EXIT_PARTIAL = 1
+EXIT_ERROR = 2
+
+#: Subcommands in the order ``--help`` lists them.
+COMMANDS: tuple[str, ...] = (
+    "predict",
+    "info",
+    "synth",
+    "registry",
+    "split",
+    "cache",
+    "train",
+    "evaluate",
+    "demo",
+)
+
+log = logging.getLogger("ctscreen")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctscreen",
+        description="Sort chest CT studies into 'no pathology' and 'pathology'.",
+    )
+    parser.add_argument("--version", action="version", version=f"ctscreen {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="how much to log to stderr (default: WARNING)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="do not draw progress bars on stderr"
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        module = importlib.import_module(f"{__name__}.{name}")
+        module.add_parser(sub)
+    return parser
+
+
+def _set_up_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("ctscreen")
+    root.handlers = [h for h in root.handlers if isinstance(h, logging.NullHandler)]
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command and return its exit code (never calls ``sys.exit``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _set_up_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except CtscreenError as exc:
+        if args.debug:
+            raise
+        print(f"ctscreen: error: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("ctscreen: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,77 @@
+"""Typed errors raised by the library.
+
+Every error carries a stable ``code`` (for tables and logs) and a message that is
+one sentence saying what is wrong and what to do. Only the CLI turns them into an
+exit code; library code never calls ``sys.exit``.
+"""
+
+from __future__ import annotations
+
+
+class CtscreenError(Exception):
+    """Base class of every error ctscreen raises on purpose."""
+
+    code: str = "ERROR"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.code
+
+
+class InputError(CtscreenError):
+    """An input path does not exist or is of a kind ctscreen cannot read."""
+
+    code = "INPUT"
+
+
+class UnsafeArchiveError(InputError):
+    """A zip archive would write outside its work area or exhaust memory or disk."""
+
+    code = "UNSAFE_ARCHIVE"
+
+
+class NoDicomError(InputError):
+    """An input holds no readable DICOM object at all."""
+
+    code = "NO_DICOM"
+
+
+class SeriesSelectionError(CtscreenError):
+    """A study holds no series that can be scored (no axial CT image series)."""
+
+    code = "NO_ELIGIBLE_SERIES"
+
+
+class VolumeError(CtscreenError):
+    """A series cannot honestly be stacked into a 3D volume."""
+
+    code = "VOLUME"
+
+
+class DecodeError(VolumeError):
+    """Pixel data cannot be decoded (unsupported or damaged compression)."""
+
+    code = "DECODE"
+
+
+class WeightsError(CtscreenError):
+    """A weight file is missing, damaged or of an unknown layout."""
+
+    code = "WEIGHTS"
+
+
+class ConfigError(CtscreenError):
+    """A configuration value or a combination of options is invalid."""
+
+    code = "CONFIG"
+
+
+class DatasetError(CtscreenError):
+    """A dataset root, registry or split file is missing or inconsistent."""
+
+    code = "DATASET"
