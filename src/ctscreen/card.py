@@ -1,0 +1,83 @@
+"""The model card every checkpoint carries (torch-free, plain types only).
+
+A card says what the weights are, how inputs must be preprocessed, where the
+decision threshold sits and how well the model did on validation. It is stored
+inside the checkpoint as a plain dict (``to_dict``), never as a pickled object,
+so it loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from . import __version__
+from .config import PreprocessConfig
+from .errors import WeightsError
+
+ARCHITECTURE = "r3d_18"
+CLASS_NAMES: tuple[str, str] = ("no_pathology", "pathology")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a checkpoint is and how to use it.
+
+    Attributes:
+        architecture: network name; only ``"r3d_18"`` (1-channel stem, 1 logit).
+        preprocess: the preprocessing the weights were trained with.
+        threshold: probability at or above which a study is called pathological.
+        class_names: names of label 0 and label 1.
+        validation_metrics: metric name -> value or ``{"value", "ci_low", "ci_high"}``.
+        training_data: summary of the data (sources, counts per label, split seed).
+        train_config: the resolved training configuration.
+        threshold_rule: how the threshold was chosen (``"default"``, ``"youden"``, ...).
+        ctscreen_version: version of ctscreen that wrote the checkpoint.
+        created: ISO 8601 UTC time of writing.
+        legacy: true when the card was made up for a checkpoint of the original
+            implementation, which carried no preprocessing or threshold.
+    """
+
+    architecture: str = ARCHITECTURE
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    threshold: float = 0.5
+    class_names: tuple[str, str] = CLASS_NAMES
+    validation_metrics: dict[str, Any] = field(default_factory=dict)
+    training_data: dict[str, Any] = field(default_factory=dict)
+    train_config: dict[str, Any] = field(default_factory=dict)
+    threshold_rule: str = "default"
+    ctscreen_version: str = __version__
+    created: str = field(
+        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    )
+    legacy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.architecture != ARCHITECTURE:
+            raise WeightsError(
+                f"unknown architecture {self.architecture!r}; ctscreen only runs {ARCHITECTURE!r}."
+            )
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            raise WeightsError(f"threshold must lie in [0, 1], got {self.threshold}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["preprocess"] = self.preprocess.to_dict()
+        d["class_names"] = list(self.class_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCard:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if isinstance(kwargs.get("preprocess"), dict):
+            kwargs["preprocess"] = PreprocessConfig.from_dict(kwargs["preprocess"])
+        if "class_names" in kwargs:
+            kwargs["class_names"] = tuple(kwargs["class_names"])
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> ModelCard:
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
