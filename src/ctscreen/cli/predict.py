@@ -1,0 +1,135 @@
+"""``ctscreen predict``: zip archives or folders in, the task's result table out."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
+
+log = logging.getLogger(__name__)
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="score CT studies in zip archives or folders and write the result table",
+        description=(
+            "Score every chest CT study found in the inputs (zip archives, folders or "
+            "files, any nesting) and write one row per study. Exit code 0: every study "
+            "succeeded; 1: some rows are Failure; 2: the run could not start."
+        ),
+    )
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="zip archive or folder")
+    p.add_argument("--weights", "-w", type=Path, required=True, help="checkpoint file (.pth)")
+    p.add_argument(
+        "-o", "--output", type=Path, default=Path("results.xlsx"),
+        help="result table; .xlsx (default), .csv or .json by suffix",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--per-series", action="store_true", help="one row per eligible series")
+    mode.add_argument("--per-slice", action="store_true", help="one row per slice of the scored series")
+    p.add_argument("--threshold", type=probability, help="decision threshold (default: the model card's)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto: bf16 where the hardware computes it natively, else fp32",
+    )
+    p.add_argument("--min-slices", type=positive_int, default=16, help="reject thinner series (16)")
+    p.add_argument("--no-localization", action="store_true", help="leave pathology_localization empty")
+    p.add_argument("--report", type=Path, metavar="DIR", help="also write an HTML report into DIR")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .. import __version__
+    from ..config import SelectionConfig
+    from ..errors import ConfigError
+    from ..inference import PredictOptions, RunStats, Scorer, predict, resolve_precision
+    from ..model import select_device
+    from ..report import FAILURE, rows_to_frame, write_table
+    from ..weights import load_checkpoint
+
+    missing = [str(p) for p in args.inputs if not p.exists()]
+    if len(missing) == len(args.inputs):
+        raise ConfigError(f"none of the inputs exist ({', '.join(missing)}); check the paths.")
+    device = select_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("fp16 runs only on a GPU; use --precision bf16 or fp32 on the CPU.")
+    loaded = load_checkpoint(args.weights, device=device)
+    for warning in loaded.warnings:
+        log.warning(warning)
+    mode = "series" if args.per_series else "slice" if args.per_slice else "study"
+    options = PredictOptions(
+        mode=mode,
+        threshold=args.threshold,
+        selection=SelectionConfig(min_slices=args.min_slices),
+        localize=not args.no_localization,
+    )
+    scorer = Scorer(loaded, device, precision)
+    stats = RunStats()
+    bar = tqdm(total=len(args.inputs), unit="input", disable=args.no_progress, file=sys.stderr)
+    seen_inputs: set[str] = set()
+
+    def on_row(row: Any) -> None:
+        if row.input_path not in seen_inputs:
+            seen_inputs.add(row.input_path)
+            bar.update(1)
+        if row.processing_status == FAILURE:
+            bar.write(f"Failure: {row.path_to_study}: {row.error}", file=sys.stderr)
+
+    try:
+        rows = predict(args.inputs, scorer=scorer, options=options, on_row=on_row, stats=stats)
+    finally:
+        bar.close()
+    threshold = loaded.card.threshold if args.threshold is None else args.threshold
+    run_info = {
+        "ctscreen_version": __version__,
+        "weights": str(args.weights),
+        "weights_sha256": loaded.sha256,
+        "threshold": threshold,
+        "threshold_rule": loaded.card.threshold_rule if args.threshold is None else "--threshold",
+        "preprocess": str(loaded.card.preprocess.to_dict()),
+        "device": str(device),
+        "precision": precision,
+        "mode": mode,
+        "inputs": len(args.inputs),
+        "studies": stats.studies,
+        "failures": stats.failures,
+        "wall_seconds": round(stats.wall_seconds, 2),
+        "model_warnings": "; ".join(loaded.warnings),
+        "note": "research tool, not for clinical use",
+    }
+    frame = rows_to_frame(rows)
+    output = write_table(frame, args.output, run_info=run_info)
+    if args.report is not None:
+        from ..html_report import write_report
+
+        write_report(rows, args.report, run_info=run_info)
+    ok = stats.studies - stats.failures
+    print(
+        f"{ok} of {stats.studies} studies scored, {stats.failures} failed; "
+        f"table written to {output}",
+        file=sys.stderr,
+    )
+    return EXIT_OK if stats.failures == 0 else EXIT_PARTIAL

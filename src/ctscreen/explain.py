@@ -1,0 +1,85 @@
+"""Per-slice scores and a localisation box from one forward pass.
+
+r3d_18 ends in global average pooling and one linear layer, so its logit is
+exactly ``mean(cam) + bias`` over the positions of the last feature grid
+(:func:`ctscreen.model.forward_with_cam`). Averaging the map over each depth
+position gives a per-depth logit whose mean is the study logit; these are
+interpolated back to every original slice through the resize and the
+canonical orientation.
+
+Coordinates: the feature grid, the network input and the canonical volume all
+span the same field of view with voxel-centre alignment, so a feature index
+``c`` on an axis of ``n`` cells sits at the fraction ``(c + 0.5) / n`` of that
+axis, as does canonical voxel ``i`` of ``N`` at ``(i + 0.5) / N``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from .volume import Volume
+
+#: A feature cell belongs to the box when its activation reaches this share of the maximum.
+BOX_FRACTION = 0.5
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def depth_logits(cam: np.ndarray, bias: float) -> np.ndarray:
+    """Logit per feature-grid depth: ``mean_{h,w} cam[d] + bias`` (their mean is the logit)."""
+    return cam.reshape(cam.shape[0], -1).mean(axis=1) + float(bias)
+
+
+def slice_logits(cam: np.ndarray, bias: float, n_slices: int) -> np.ndarray:
+    """Per-depth logits linearly interpolated onto ``n_slices`` canonical slices."""
+    per_depth = depth_logits(cam, bias)
+    cells = per_depth.shape[0]
+    centres = (np.arange(n_slices) + 0.5) / n_slices * cells - 0.5
+    return np.interp(centres, np.arange(cells), per_depth)
+
+
+def slice_scores(cam: np.ndarray, bias: float, n_slices: int) -> np.ndarray:
+    """Score in [0, 1] of every canonical slice: the probability the model would give
+    a study that looked everywhere like the neighbourhood of that slice."""
+    return _sigmoid(slice_logits(cam, bias, n_slices))
+
+
+def localization_box(cam: np.ndarray, volume: Volume) -> tuple[float, ...] | None:
+    """Box around the strongest positive evidence, in patient coordinates.
+
+    Returns:
+        ``(x_min, x_max, y_min, y_max, z_min, z_max)`` in DICOM patient
+        coordinates (LPS, mm: x to the patient's left, y posterior, z superior),
+        the axis-aligned box that holds every feature cell whose activation is at
+        least ``BOX_FRACTION`` of the maximum; None when no cell is positive.
+    """
+    peak = float(cam.max())
+    if peak <= 0:
+        return None
+    hot = np.argwhere(cam >= BOX_FRACTION * peak)
+    lo = hot.min(axis=0)
+    hi = hot.max(axis=0) + 1  # cell edges
+    grid = np.asarray(cam.shape, dtype=np.float64)
+    shape = np.asarray(volume.shape, dtype=np.float64)
+    # fraction of the field of view -> continuous canonical voxel index (edge at -0.5)
+    edges_lo = lo / grid * shape - 0.5
+    edges_hi = hi / grid * shape - 0.5
+    corners = np.array(
+        [
+            [a, b, c, 1.0]
+            for a, b, c in itertools.product(
+                (edges_lo[0], edges_hi[0]), (edges_lo[1], edges_hi[1]), (edges_lo[2], edges_hi[2])
+            )
+        ]
+    )
+    world = (volume.affine @ corners.T).T[:, :3]
+    mins, maxs = world.min(axis=0), world.max(axis=0)
+    return (
+        round(float(mins[0]), 1), round(float(maxs[0]), 1),
+        round(float(mins[1]), 1), round(float(maxs[1]), 1),
+        round(float(mins[2]), 1), round(float(maxs[2]), 1),
+    )

@@ -1,0 +1,385 @@
+"""Inputs in, one result row per study (or series, or slice) out.
+
+The work is a two-stage pipeline. A reader thread discovers each input,
+selects the series, decodes and preprocesses it; the main thread runs the
+network. The queue between them holds at most ``prefetch`` studies, so memory
+stays bounded by a few studies whatever the number of inputs, and decoding the
+next study overlaps the forward pass of the current one (PyTorch releases the
+GIL while it computes).
+
+Every study in gives a row out: an input or a study that cannot be processed
+becomes a ``Failure`` row with a sentence saying why, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import PreprocessConfig, SelectionConfig
+from .dicom.discover import Study, discover
+from .dicom.select import Candidate, select_series
+from .dicom.volume import build_volume
+from .errors import CtscreenError, SeriesSelectionError
+from .explain import localization_box, slice_scores
+from .model import forward_with_cam
+from .preprocess import preprocess
+from .report import FAILURE, SUCCESS, ResultRow
+from .volume import Volume
+from .weights import LoadedModel
+
+log = logging.getLogger(__name__)
+
+MODES = ("study", "series", "slice")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn ``auto`` into a concrete precision for ``device``.
+
+    ``auto`` means bf16 where the hardware computes it natively (CUDA with bf16
+    support, or a CPU with AVX512-BF16/AMX), else fp32.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+@dataclass
+class Scorer:
+    """Runs the network on preprocessed arrays.
+
+    Attributes:
+        loaded: the checkpoint (model, card, warnings).
+        device: where the network runs.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; the head stays fp32).
+    """
+
+    loaded: LoadedModel
+    device: torch.device
+    precision: str = "fp32"
+    bias: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.loaded.model.to(self.device).eval()
+        self.bias = float(self.loaded.model.fc.bias.detach().float().cpu()[0])
+
+    @property
+    def config(self) -> PreprocessConfig:
+        return self.loaded.card.preprocess
+
+    def score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits ``[B]`` and activation maps ``[B, d', h', w']`` for ``batch [B, D, H, W]``."""
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None].to(self.device)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with torch.inference_mode():
+            if dtype is None:
+                logits, cam = forward_with_cam(self.loaded.model, x)
+            else:
+                with torch.autocast(device_type=self.device.type, dtype=dtype):
+                    logits, cam = forward_with_cam(self.loaded.model, x)
+        return logits.float().cpu().numpy(), cam.float().cpu().numpy()
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """What to produce.
+
+    Attributes:
+        mode: ``study`` (one row per study), ``series`` (one per eligible series)
+            or ``slice`` (one per slice of the scored series).
+        threshold: decision threshold; None uses the model card's.
+        selection: series selection rules.
+        localize: fill ``pathology_localization`` for studies called pathological.
+        prefetch: studies decoded ahead of the network (bounds memory).
+    """
+
+    mode: str = "study"
+    threshold: float | None = None
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    localize: bool = True
+    prefetch: int = 2
+
+
+@dataclass
+class _Job:
+    """One unit for the network, or a failure that skips it."""
+
+    input_path: str
+    location: str
+    study_uid: str
+    series_uid: str = ""
+    reason: str = ""
+    warnings: tuple[str, ...] = ()
+    array: np.ndarray | None = None
+    volume_meta: Volume | None = None
+    error: str = ""
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _volume_meta(volume: Volume) -> Volume:
+    """The volume without its voxels (kept for localisation and per-slice rows)."""
+    return Volume(
+        hu=np.broadcast_to(np.float32(np.nan), volume.shape),  # right shape, no memory
+        spacing=volume.spacing,
+        affine=volume.affine,
+        slices=volume.slices,
+        warnings=volume.warnings,
+        source=volume.source,
+    )
+
+
+def _study_jobs(
+    study: Study, *, input_path: str, options: PredictOptions, config: PreprocessConfig,
+    share_seconds: float, input_warnings: tuple[str, ...],
+) -> Iterator[_Job]:
+    start = time.perf_counter()
+    base = dict(input_path=input_path, location=study.location, study_uid=study.study_uid)
+    notes = input_warnings + study.warnings
+    try:
+        selection = select_series(study.series, options.selection)
+    except SeriesSelectionError as exc:
+        yield _Job(**base, error=exc.message, warnings=notes,
+                   seconds=share_seconds + time.perf_counter() - start)
+        return
+    candidates: Sequence[Candidate] = (
+        selection.chosen if options.mode == "series" else selection.chosen[:1]
+    )
+    rejected = selection.rejection_summary()
+    for rank, candidate in enumerate(candidates):
+        t0 = time.perf_counter()
+        reason = selection.reason if rank == 0 else f"eligible series {rank + 1} of {len(candidates)}"
+        if rejected:
+            reason += f"; {rejected}"
+        try:
+            volume = build_volume(candidate.series)
+            t1 = time.perf_counter()
+            array = preprocess(volume, config)
+            t2 = time.perf_counter()
+        except CtscreenError as exc:
+            yield _Job(**base, series_uid=candidate.series_uid, reason=reason, warnings=notes,
+                       error=exc.message, seconds=share_seconds + time.perf_counter() - start)
+            continue
+        share = share_seconds if rank == 0 else 0.0
+        select_seconds = (t0 - start) if rank == 0 else 0.0
+        yield _Job(
+            **base,
+            series_uid=candidate.series_uid,
+            reason=reason,
+            warnings=notes + volume.warnings,
+            array=array,
+            volume_meta=_volume_meta(volume),
+            seconds=share + select_seconds + (t2 - t0),
+            timings={"read_s": share + select_seconds + (t1 - t0), "preprocess_s": t2 - t1},
+        )
+        del volume
+
+
+def iter_jobs(
+    inputs: Sequence[Path], *, options: PredictOptions, config: PreprocessConfig
+) -> Iterator[_Job]:
+    """Discover, select, decode and preprocess every input, one study at a time."""
+    for input_path in inputs:
+        shown = str(input_path)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="ctscreen-") as tmp:
+            try:
+                found = discover(input_path, work_dir=Path(tmp) / "extract")
+            except CtscreenError as exc:
+                yield _Job(input_path=shown, location=shown, study_uid="", error=exc.message,
+                           seconds=time.perf_counter() - start)
+                continue
+            share = (time.perf_counter() - start) / len(found.studies)
+            for study in found.studies:
+                yield from _study_jobs(
+                    study, input_path=shown, options=options, config=config,
+                    share_seconds=share, input_warnings=found.warnings,
+                )
+
+
+def _prefetched(jobs: Iterator[_Job], depth: int) -> Iterator[_Job]:
+    """Run ``jobs`` in a reader thread, at most ``depth`` finished jobs ahead."""
+    if depth <= 0:
+        yield from jobs
+        return
+    box: queue.Queue[object] = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for job in jobs:
+                while not stop.is_set():
+                    try:
+                        box.put(job, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # hand any crash to the consumer, never lose it
+            box.put(exc)
+            return
+        finally:
+            close = getattr(jobs, "close", None)
+            if close is not None:
+                close()  # removes the work area of an input left half-read
+        box.put(done)
+
+    worker = threading.Thread(target=produce, name="ctscreen-reader", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = box.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        worker.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _failure_row(job: _Job) -> ResultRow:
+    return ResultRow(
+        path_to_study=job.location, study_uid=job.study_uid, series_uid=job.series_uid,
+        processing_status=FAILURE, time_of_processing=round(job.seconds, 3), error=job.error,
+        warnings=job.warnings, series_reason=job.reason, input_path=job.input_path,
+    )
+
+
+def _rows_for(
+    job: _Job, logit: float, cam: np.ndarray, *, scorer: Scorer, options: PredictOptions,
+    threshold: float, model_seconds: float,
+) -> list[ResultRow]:
+    probability = float(1.0 / (1.0 + np.exp(-logit)))
+    label = int(probability >= threshold)
+    volume = job.volume_meta
+    assert volume is not None
+    box = localization_box(cam, volume) if (options.localize and label == 1) else None
+    seconds = round(job.seconds + model_seconds, 3)
+    common = dict(
+        path_to_study=job.location, study_uid=job.study_uid, series_uid=job.series_uid,
+        processing_status=SUCCESS, time_of_processing=seconds, warnings=job.warnings,
+        series_reason=job.reason, n_slices=volume.shape[0], input_path=job.input_path,
+    )
+    if options.mode != "slice":
+        return [
+            ResultRow(
+                **common, probability_of_pathology=round(probability, 6), pathology=label,
+                pathology_localization=box,
+                extras={k: round(v, 3) for k, v in (job.timings | {"model_s": model_seconds}).items()},
+            )
+        ]
+    scores = slice_scores(cam, scorer.bias, volume.shape[0])
+    rows = []
+    for index, (ref, score) in enumerate(zip(volume.slices, scores)):
+        rows.append(
+            ResultRow(
+                **common,
+                probability_of_pathology=round(float(score), 6),
+                pathology=int(score >= threshold),
+                pathology_localization=box,
+                extras={
+                    "slice_index": index,
+                    "instance_number": ref.instance_number,
+                    "sop_instance_uid": ref.sop_instance_uid,
+                    "frame": ref.frame,
+                    "study_probability": round(probability, 6),
+                    "study_pathology": label,
+                },
+            )
+        )
+    return rows
+
+
+@dataclass
+class RunStats:
+    """Counts and stage timings of one run."""
+
+    studies: int = 0
+    failures: int = 0
+    model_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    outputs: list[dict[str, object]] = field(default_factory=list)
+
+
+def predict(
+    inputs: Sequence[Path],
+    *,
+    scorer: Scorer,
+    options: PredictOptions | None = None,
+    on_row: Callable[[ResultRow], None] | None = None,
+    stats: RunStats | None = None,
+) -> list[ResultRow]:
+    """Score every study of every input.
+
+    Args:
+        inputs: zip archives, folders or files, in the order given.
+        scorer: the network and how to run it.
+        options: output mode, threshold, selection rules.
+        on_row: called with each row as soon as it exists (progress display).
+        stats: filled with counts and timings when given.
+
+    Returns:
+        All rows, in input order then study order.
+    """
+    options = options or PredictOptions()
+    if options.mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {options.mode!r}")
+    threshold = scorer.loaded.card.threshold if options.threshold is None else options.threshold
+    stats = stats if stats is not None else RunStats()
+    start = time.perf_counter()
+    rows: list[ResultRow] = []
+    jobs = _prefetched(iter_jobs(inputs, options=options, config=scorer.config), options.prefetch)
+    for job in jobs:
+        stats.studies += 1
+        if job.array is None:
+            new_rows = [_failure_row(job)]
+            stats.failures += 1
+        else:
+            t0 = time.perf_counter()
+            logits, cams = scorer.score(job.array[None])
+            model_seconds = time.perf_counter() - t0
+            stats.model_seconds += model_seconds
+            new_rows = _rows_for(
+                job, float(logits[0]), cams[0], scorer=scorer, options=options,
+                threshold=threshold, model_seconds=model_seconds,
+            )
+        for row in new_rows:
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    stats.wall_seconds = time.perf_counter() - start
+    return rows
