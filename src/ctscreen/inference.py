@@ -158,11 +158,11 @@ def _volume_meta(volume: Volume) -> Volume:
 
 def _study_jobs(
     study: Study, *, input_path: str, options: PredictOptions, config: PreprocessConfig,
-    share_seconds: float, input_warnings: tuple[str, ...],
+    share_seconds: float, input_warnings: tuple[str, ...], model_warnings: tuple[str, ...] = (),
 ) -> Iterator[_Job]:
     start = time.perf_counter()
     base = dict(input_path=input_path, location=study.location, study_uid=study.study_uid)
-    notes = input_warnings + study.warnings
+    notes = model_warnings + input_warnings + study.warnings
     try:
         selection = select_series(study.series, options.selection)
     except SeriesSelectionError as exc:
@@ -203,7 +203,8 @@ def _study_jobs(
 
 
 def iter_jobs(
-    inputs: Sequence[Path], *, options: PredictOptions, config: PreprocessConfig
+    inputs: Sequence[Path], *, options: PredictOptions, config: PreprocessConfig,
+    model_warnings: tuple[str, ...] = (),
 ) -> Iterator[_Job]:
     """Discover, select, decode and preprocess every input, one study at a time."""
     for input_path in inputs:
@@ -214,13 +215,14 @@ def iter_jobs(
                 found = discover(input_path, work_dir=Path(tmp) / "extract")
             except CtscreenError as exc:
                 yield _Job(input_path=shown, location=shown, study_uid="", error=exc.message,
-                           seconds=time.perf_counter() - start)
+                           warnings=model_warnings, seconds=time.perf_counter() - start)
                 continue
             share = (time.perf_counter() - start) / len(found.studies)
             for study in found.studies:
                 yield from _study_jobs(
                     study, input_path=shown, options=options, config=config,
                     share_seconds=share, input_warnings=found.warnings,
+                    model_warnings=model_warnings,
                 )
 
 
@@ -324,6 +326,42 @@ def _rows_for(
     return rows
 
 
+@dataclass(frozen=True, eq=False)
+class StudyVisual:
+    """What a visual report needs of one scored series, handed over right after its forward pass.
+
+    The arrays belong to the run: a consumer renders what it needs during the
+    callback and keeps no reference to them, so memory stays bounded by one study.
+
+    Attributes:
+        rows: the rows made for this series (one, or one per slice in per-slice mode).
+        probability: the study probability (also in per-slice mode).
+        pathology: 1 when ``probability`` reaches ``threshold``, else 0.
+        threshold: the decision threshold of the run.
+        image: the network input, float32 ``[D', H', W']`` in [0, 1] (the model
+            card's HU window, canonical orientation, resized to the card's shape).
+        cam: the class activation map ``[d', h', w']`` in logit units (bias excluded).
+        bias: the bias of the network head, so that ``cam.mean() + bias`` is the logit.
+        volume: the scored volume's geometry (shape, spacing, affine; no voxels).
+        window: ``(level, width)`` in HU that maps ``image`` to [0, 1].
+    """
+
+    rows: tuple[ResultRow, ...]
+    probability: float
+    pathology: int
+    threshold: float
+    image: np.ndarray
+    cam: np.ndarray
+    bias: float
+    volume: Volume
+    window: tuple[float, float]
+
+    @property
+    def box(self) -> tuple[float, ...] | None:
+        """The localisation box of the rows (LPS mm), or None."""
+        return self.rows[0].pathology_localization if self.rows else None
+
+
 @dataclass
 class RunStats:
     """Counts and stage timings of one run."""
@@ -341,6 +379,7 @@ def predict(
     scorer: Scorer,
     options: PredictOptions | None = None,
     on_row: Callable[[ResultRow], None] | None = None,
+    on_study: Callable[[StudyVisual], None] | None = None,
     stats: RunStats | None = None,
 ) -> list[ResultRow]:
     """Score every study of every input.
@@ -350,6 +389,9 @@ def predict(
         scorer: the network and how to run it.
         options: output mode, threshold, selection rules.
         on_row: called with each row as soon as it exists (progress display).
+        on_study: called once per scored series, right after its forward pass and
+            before its rows reach ``on_row``, with the input, the activation map and
+            the rows (visual report); not called for Failure rows.
         stats: filled with counts and timings when given.
 
     Returns:
@@ -362,7 +404,11 @@ def predict(
     stats = stats if stats is not None else RunStats()
     start = time.perf_counter()
     rows: list[ResultRow] = []
-    jobs = _prefetched(iter_jobs(inputs, options=options, config=scorer.config), options.prefetch)
+    jobs = _prefetched(
+        iter_jobs(inputs, options=options, config=scorer.config,
+                  model_warnings=scorer.loaded.warnings),
+        options.prefetch,
+    )
     for job in jobs:
         stats.studies += 1
         if job.array is None:
@@ -377,6 +423,16 @@ def predict(
                 job, float(logits[0]), cams[0], scorer=scorer, options=options,
                 threshold=threshold, model_seconds=model_seconds,
             )
+            if on_study is not None:
+                probability = float(1.0 / (1.0 + np.exp(-float(logits[0]))))
+                config = scorer.config
+                assert job.volume_meta is not None
+                on_study(StudyVisual(
+                    rows=tuple(new_rows), probability=probability,
+                    pathology=int(probability >= threshold), threshold=threshold,
+                    image=job.array, cam=cams[0], bias=scorer.bias, volume=job.volume_meta,
+                    window=(config.window_level, config.window_width),
+                ))
         for row in new_rows:
             rows.append(row)
             if on_row is not None:

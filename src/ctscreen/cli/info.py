@@ -1,0 +1,56 @@
+"""``ctscreen info WEIGHTS``: print what a checkpoint is and how it will be used."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from . import EXIT_OK
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``info`` command."""
+    p = subparsers.add_parser(
+        "info",
+        help="show the model card of a checkpoint",
+        description=(
+            "Print the model card stored in a checkpoint: architecture, preprocessing, "
+            "threshold and how it was chosen, classes, validation metrics with 95%% "
+            "confidence intervals, training data, version and the file's SHA-256. "
+            "Checkpoints of the original implementation are shown with the defaults "
+            "ctscreen assumes for them."
+        ),
+    )
+    p.add_argument("weights", type=Path, metavar="WEIGHTS", help="checkpoint file (.pth)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the card, file hash and warnings as JSON instead of text",
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the checkpoint on the CPU and print its card.
+
+    Raises:
+        WeightsError: the file is missing, damaged or not an r3d_18 checkpoint
+            (the CLI turns it into one sentence and exit code 2).
+    """
+    from ..weights import describe_card, load_checkpoint
+
+    loaded = load_checkpoint(args.weights, device="cpu")
+    if getattr(args, "json", False):
+        payload = {
+            "path": str(loaded.path),
+            "sha256": loaded.sha256,
+            "card": loaded.card.to_dict(),
+            "warnings": list(loaded.warnings),
+        }
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+    else:
+        print(describe_card(loaded))
+    return EXIT_OK

@@ -1,0 +1,345 @@
+"""The result table: rows -> one DataFrame -> an .xlsx, .csv or .json file.
+
+The first seven columns and their names are fixed by the task statement::
+
+    path_to_study, study_uid, series_uid, probability_of_pathology, pathology,
+    processing_status, time_of_processing
+
+then the two optional ones it names (``most_dangerous_pathology_type``,
+``pathology_localization``), then ctscreen's extra columns (error, warnings, the
+reason the series was chosen, slice count, input path) and finally mode-specific
+extras (per-slice mode adds slice index, InstanceNumber, SOPInstanceUID, ...).
+
+A study that could not be processed keeps its row: ``processing_status`` is
+``Failure``, probability and label stay empty and ``error`` says why.
+
+Every writer is atomic: the table goes to a temporary file in the destination
+folder, which then replaces the destination in one step, so a crash never leaves
+a half-written table (and an earlier table at that path survives a failed write).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+import logging
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "path_to_study",
+    "study_uid",
+    "series_uid",
+    "probability_of_pathology",
+    "pathology",
+    "processing_status",
+    "time_of_processing",
+)
+OPTIONAL_COLUMNS: tuple[str, ...] = ("most_dangerous_pathology_type", "pathology_localization")
+EXTRA_COLUMNS: tuple[str, ...] = ("error", "warnings", "series_reason", "n_slices", "input_path")
+#: Every column a :class:`ResultRow` always has, in table order.
+FIXED_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS + EXTRA_COLUMNS
+
+SUCCESS = "Success"
+FAILURE = "Failure"
+STATUSES: tuple[str, str] = (SUCCESS, FAILURE)
+
+RESULTS_SHEET = "results"
+RUN_SHEET = "run"
+_MAX_COLUMN_WIDTH = 60
+_LOCALIZATION_LENGTH = 6
+
+
+class OutputFormat(str, enum.Enum):
+    """File formats of the result table, named by their suffix."""
+
+    XLSX = "xlsx"
+    CSV = "csv"
+    JSON = "json"
+
+    @classmethod
+    def from_path(cls, path: Path | str) -> OutputFormat:
+        """The format a path's suffix asks for.
+
+        Raises:
+            ConfigError: the suffix is not .xlsx, .csv or .json.
+        """
+        suffix = Path(path).suffix.lower().lstrip(".")
+        try:
+            return cls(suffix)
+        except ValueError:
+            raise ConfigError(
+                f"cannot write a table to {path}: unknown suffix {Path(path).suffix!r}; "
+                f"end the file name with one of {', '.join('.' + f for f in OUTPUT_FORMATS)}."
+            ) from None
+
+
+#: Suffixes for CLI ``choices=``; the first is the default.
+OUTPUT_FORMATS: tuple[str, ...] = tuple(f.value for f in OutputFormat)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResultRow:
+    """One row of the result table (one study, or one slice in per-slice mode).
+
+    Attributes:
+        path_to_study: where the study was found (archive path and folder inside it).
+        study_uid: StudyInstanceUID ("" when unknown).
+        series_uid: SeriesInstanceUID of the scored series ("" when none was).
+        probability_of_pathology: model probability in [0, 1]; None for Failure rows.
+        pathology: 1 when the probability reaches the threshold, else 0; None for
+            Failure rows.
+        processing_status: exactly ``"Success"`` or ``"Failure"``.
+        time_of_processing: seconds spent on this study.
+        most_dangerous_pathology_type: optional pathology type.
+        pathology_localization: optional box ``(x_min, x_max, y_min, y_max, z_min,
+            z_max)``; written as one comma-separated cell.
+        error: why the study failed (empty on success).
+        warnings: notes worth reading even on success, joined by "; " in the table.
+        series_reason: why this series was chosen.
+        n_slices: slices in the scored volume.
+        input_path: the archive or folder given on the command line.
+        extras: mode-specific extra columns, written after the fixed ones.
+    """
+
+    path_to_study: str
+    study_uid: str = ""
+    series_uid: str = ""
+    probability_of_pathology: float | None = None
+    pathology: int | None = None
+    processing_status: str
+    time_of_processing: float
+    most_dangerous_pathology_type: str | None = None
+    pathology_localization: tuple[float, ...] | None = None
+    error: str = ""
+    warnings: tuple[str, ...] = ()
+    series_reason: str = ""
+    n_slices: int | None = None
+    input_path: str = ""
+    extras: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.processing_status not in STATUSES:
+            raise ValueError(
+                f"processing_status must be 'Success' or 'Failure', got {self.processing_status!r}"
+            )
+        if self.processing_status == FAILURE:
+            if self.probability_of_pathology is not None or self.pathology is not None:
+                raise ValueError("a Failure row carries no probability or pathology label")
+        if self.probability_of_pathology is not None:
+            p = float(self.probability_of_pathology)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"probability_of_pathology must lie in [0, 1], got {p}")
+        if self.pathology is not None and self.pathology not in (0, 1):
+            raise ValueError(f"pathology must be 0 or 1, got {self.pathology!r}")
+        if self.pathology_localization is not None and (
+            len(self.pathology_localization) != _LOCALIZATION_LENGTH
+        ):
+            raise ValueError(
+                "pathology_localization needs 6 values (x_min, x_max, y_min, y_max, z_min, "
+                f"z_max), got {len(self.pathology_localization)}"
+            )
+        clashes = set(self.extras) & set(FIXED_COLUMNS)
+        if clashes:
+            raise ValueError(f"extra columns {sorted(clashes)} clash with fixed columns")
+        if isinstance(self.warnings, str):
+            object.__setattr__(self, "warnings", (self.warnings,))
+
+    def to_record(self) -> dict[str, object]:
+        """The row as a flat mapping column -> cell value (fixed columns, then extras)."""
+        loc = self.pathology_localization
+        record: dict[str, object] = {
+            "path_to_study": self.path_to_study,
+            "study_uid": self.study_uid,
+            "series_uid": self.series_uid,
+            "probability_of_pathology": self.probability_of_pathology,
+            "pathology": self.pathology,
+            "processing_status": self.processing_status,
+            "time_of_processing": float(self.time_of_processing),
+            "most_dangerous_pathology_type": self.most_dangerous_pathology_type,
+            "pathology_localization": None if loc is None else ",".join(f"{v:g}" for v in loc),
+            "error": self.error,
+            "warnings": "; ".join(self.warnings),
+            "series_reason": self.series_reason,
+            "n_slices": self.n_slices,
+            "input_path": self.input_path,
+        }
+        record.update(self.extras)
+        return record
+
+
+def rows_to_frame(rows: Iterable[ResultRow]) -> pd.DataFrame:
+    """Build the result table.
+
+    Args:
+        rows: result rows, in output order.
+
+    Returns:
+        A DataFrame with the seven required columns, the two optional ones, the
+        extra columns, then mode-specific extras in order of first appearance.
+        ``probability_of_pathology`` and ``time_of_processing`` are float64 (NaN
+        when empty); ``pathology``, ``n_slices`` and extras holding only
+        integers are nullable ``Int64``.
+    """
+    records = [row.to_record() for row in rows]
+    extra_names: list[str] = []
+    for row_record in records:
+        for name in row_record:
+            if name not in FIXED_COLUMNS and name not in extra_names:
+                extra_names.append(name)
+    columns = list(FIXED_COLUMNS) + extra_names
+    frame = pd.DataFrame.from_records(records, columns=columns)
+    frame["probability_of_pathology"] = pd.to_numeric(
+        frame["probability_of_pathology"], errors="raise"
+    ).astype("float64")
+    frame["time_of_processing"] = frame["time_of_processing"].astype("float64")
+    integer_columns = ["pathology", "n_slices"] + [
+        name for name in extra_names if _holds_only_integers([r.get(name) for r in records])
+    ]
+    for name in integer_columns:
+        cells = [r.get(name) for r in records]
+        frame[name] = pd.array([None if _is_missing(v) else int(v) for v in cells], dtype="Int64")
+    return frame
+
+
+def _holds_only_integers(values: Sequence[object]) -> bool:
+    """True when every present value is an integer (so the column becomes ``Int64``)."""
+    present = [v for v in values if not _is_missing(v)]
+    return bool(present) and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in present
+    )
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _cell_value(value: object) -> object:
+    """A run-info cell: numbers and booleans as they are, containers as JSON, the rest as text."""
+    if isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, (Mapping, list, tuple)):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
+
+
+@functools.lru_cache(maxsize=1)
+def _new_file_mode() -> int:
+    """Permissions of a newly created file under the process umask (mkstemp uses 0o600)."""
+    # os.umask can only be read by setting it; done once and restored at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.chmod(tmp, _new_file_mode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _column_width(header: str, values: Sequence[object]) -> int:
+    longest = max([len(header)] + [len(str(v)) for v in values if not _is_missing(v)])
+    return min(longest + 2, _MAX_COLUMN_WIDTH)
+
+
+def _write_xlsx(frame: pd.DataFrame, run_info: Mapping[str, Any] | None, tmp: Path) -> None:
+    from openpyxl.utils import get_column_letter
+
+    with pd.ExcelWriter(tmp, engine="openpyxl") as writer:
+        frame.to_excel(writer, sheet_name=RESULTS_SHEET, index=False)
+        sheet = writer.sheets[RESULTS_SHEET]
+        sheet.freeze_panes = "A2"
+        for i, name in enumerate(frame.columns, start=1):
+            width = _column_width(str(name), frame[name].tolist())
+            sheet.column_dimensions[get_column_letter(i)].width = width
+        if run_info:
+            info = pd.DataFrame(
+                {"key": list(run_info), "value": [_cell_value(v) for v in run_info.values()]}
+            )
+            info.to_excel(writer, sheet_name=RUN_SHEET, index=False)
+            run_sheet = writer.sheets[RUN_SHEET]
+            run_sheet.freeze_panes = "A2"
+            for i, name in enumerate(info.columns, start=1):
+                width = _column_width(name, info[name].tolist())
+                run_sheet.column_dimensions[get_column_letter(i)].width = width
+
+
+def _write_csv(frame: pd.DataFrame, tmp: Path) -> None:
+    frame.to_csv(tmp, index=False, encoding="utf-8")
+
+
+def _write_json(frame: pd.DataFrame, tmp: Path) -> None:
+    # pandas' own writer escapes "/" in paths; its records, re-encoded, read better.
+    records = json.loads(frame.to_json(orient="records"))
+    text = json.dumps(records, ensure_ascii=False, indent=2)
+    tmp.write_text(text + "\n", encoding="utf-8")
+
+
+def _write_run_json(run_info: Mapping[str, Any], tmp: Path) -> None:
+    text = json.dumps(dict(run_info), ensure_ascii=False, indent=2, default=str)
+    tmp.write_text(text + "\n", encoding="utf-8")
+
+
+def run_info_path(path: Path) -> Path:
+    """Where run information goes beside a .csv or .json table (``<name>.run.json``)."""
+    return path.with_name(path.stem + ".run.json")
+
+
+def write_table(
+    frame: pd.DataFrame, path: Path, *, run_info: Mapping[str, Any] | None = None
+) -> Path:
+    """Write the result table atomically, in the format its suffix names.
+
+    Args:
+        frame: the table from :func:`rows_to_frame`.
+        path: ``.xlsx`` (sheet "results", plus sheet "run" with ``run_info``),
+            ``.csv`` or ``.json`` (a list of records). For .csv and .json,
+            ``run_info`` goes to ``<name>.run.json`` beside the table.
+        run_info: key/value facts about the run (ctscreen version, model sha256,
+            threshold, device, start time, ...).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ConfigError: the suffix is unknown, or the folder cannot be written.
+    """
+    path = Path(path)
+    fmt = OutputFormat.from_path(path)
+    try:
+        if fmt is OutputFormat.XLSX:
+            _atomic_write(path, lambda tmp: _write_xlsx(frame, run_info, tmp))
+        else:
+            writer = _write_csv if fmt is OutputFormat.CSV else _write_json
+            _atomic_write(path, lambda tmp: writer(frame, tmp))
+            if run_info:
+                _atomic_write(run_info_path(path), lambda tmp: _write_run_json(run_info, tmp))
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the result table {path} ({exc.strerror or exc}); "
+            "choose a folder you can write to."
+        ) from exc
+    log.info("wrote %d rows to %s", len(frame), path)
+    return path
