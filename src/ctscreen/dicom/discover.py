@@ -309,6 +309,18 @@ def read_header(path: Path) -> Dataset | None:
     return ds
 
 
+def looks_like_zip(path: Path) -> bool:
+    """A zip by content, or something that claims to be one (a truncated download
+    must fail as a damaged archive, not pass as a non-DICOM file)."""
+    if path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
 def iter_files(root: Path) -> list[Path]:
     """Every regular file under ``root`` (or ``root`` itself), sorted for stability."""
     if root.is_file():
@@ -448,7 +460,7 @@ def discover(
     if not input_path.exists():
         raise InputError(f"{input_path} does not exist; check the path.")
     warnings: list[str] = []
-    if input_path.is_file() and zipfile.is_zipfile(input_path):
+    if input_path.is_file() and looks_like_zip(input_path):
         work_dir.mkdir(parents=True, exist_ok=True)
         files, archive_warnings = extract_zip(input_path, work_dir, limits=limits)
         warnings.extend(archive_warnings)
