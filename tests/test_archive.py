@@ -29,7 +29,9 @@ def test_extracts_nested_members(tmp_path: Path) -> None:
     assert skipped == []
 
 
-@pytest.mark.parametrize("name", ["../evil.txt", "top/../../evil.txt", "/etc/evil.txt", "C:/evil.txt"])
+@pytest.mark.parametrize(
+    "name", ["../evil.txt", "top/../../evil.txt", "/etc/evil.txt", "C:/evil.txt"]
+)
 def test_zip_slip_is_refused_and_writes_nothing_outside(tmp_path: Path, name: str) -> None:
     archive = _zip(tmp_path / "slip.zip", {"ok/file": b"fine", name: b"evil"})
     work = tmp_path / "area" / "work"
@@ -51,7 +53,9 @@ def test_decompression_bomb_is_refused(tmp_path: Path) -> None:
 
 
 def test_total_size_and_member_count_limits(tmp_path: Path) -> None:
-    archive = _zip(tmp_path / "many.zip", {f"f{i}": bytes(100) for i in range(20)}, zipfile.ZIP_STORED)
+    archive = _zip(
+        tmp_path / "many.zip", {f"f{i}": bytes(100) for i in range(20)}, zipfile.ZIP_STORED
+    )
     work = tmp_path / "work"
     work.mkdir()
     with pytest.raises(UnsafeArchiveError, match="entries"):

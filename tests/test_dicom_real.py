@@ -13,9 +13,15 @@ from ctscreen.dicom.select import select_series
 from ctscreen.dicom.volume import build_volume
 from ctscreen.errors import CtscreenError, NoDicomError, SeriesSelectionError
 
-REAL = Path(os.environ.get("CTSCREEN_TEST_DICOM", Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"))
+REAL = Path(
+    os.environ.get(
+        "CTSCREEN_TEST_DICOM", Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"
+    )
+)
 
-pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"real DICOM test data not found at {REAL}")
+pytestmark = pytest.mark.skipif(
+    not REAL.is_dir(), reason=f"real DICOM test data not found at {REAL}"
+)
 
 
 def _study(folder: str, tmp_path: Path):
@@ -28,12 +34,26 @@ def _study(folder: str, tmp_path: Path):
     ("folder", "n_slices", "spacing", "series_suffix"),
     [
         ("chest-lidc-idri-0001", 133, (2.5, 0.703125, 0.703125), "179049373636438705059720603192"),
-        ("chest-lung-pet-ct-dx-a0001", 64, (5.0, 0.841797, 0.841797), "257508444832901632590301540805"),
-        ("chest-lung-pet-ct-dx-a0002", 30, (8.0, 0.646484, 0.646484), "207154000096236603057216610983"),
+        (
+            "chest-lung-pet-ct-dx-a0001",
+            64,
+            (5.0, 0.841797, 0.841797),
+            "257508444832901632590301540805",
+        ),
+        (
+            "chest-lung-pet-ct-dx-a0002",
+            30,
+            (8.0, 0.646484, 0.646484),
+            "207154000096236603057216610983",
+        ),
     ],
 )
 def test_chest_series_load_with_right_geometry_and_hu(
-    tmp_path: Path, folder: str, n_slices: int, spacing: tuple[float, float, float], series_suffix: str
+    tmp_path: Path,
+    folder: str,
+    n_slices: int,
+    spacing: tuple[float, float, float],
+    series_suffix: str,
 ) -> None:
     found, study = _study(folder, tmp_path)
     # the XML annotations beside the series are skipped, with a warning
@@ -70,7 +90,9 @@ def test_slices_are_ordered_by_position_not_instance_number(tmp_path: Path) -> N
 
 
 def test_fifteen_transfer_syntax_copies_are_not_stacked(tmp_path: Path) -> None:
-    _, study = _study("edge-ct-transfer-syntaxes/ctimage-same-instance-15-transfer-syntaxes", tmp_path)
+    _, study = _study(
+        "edge-ct-transfer-syntaxes/ctimage-same-instance-15-transfer-syntaxes", tmp_path
+    )
     assert len(study.series[0].instances) == 15
     with pytest.raises(SeriesSelectionError, match=r"too few slices \(1 <"):
         select_series(study.series)
@@ -113,7 +135,9 @@ def test_enhanced_multiframe_geometry_comes_from_functional_groups(tmp_path: Pat
     assert volume.hu.min() >= -1024  # rescale intercept -1024 from the shared groups
 
 
-@pytest.mark.parametrize("folder", sorted(p.name for p in REAL.iterdir() if p.is_dir()) if REAL.is_dir() else [])
+@pytest.mark.parametrize(
+    "folder", sorted(p.name for p in REAL.iterdir() if p.is_dir()) if REAL.is_dir() else []
+)
 def test_every_folder_gives_a_volume_or_a_specific_error(tmp_path: Path, folder: str) -> None:
     found = discover(REAL / folder, work_dir=tmp_path / "work")
     for study in found.studies:
@@ -134,9 +158,13 @@ def test_every_folder_gives_a_volume_or_a_specific_error(tmp_path: Path, folder:
 def test_undecodable_jpeg_names_its_transfer_syntax(tmp_path: Path) -> None:
     from ctscreen.dicom.volume import _file_frames
 
-    _, study = _study("edge-ct-transfer-syntaxes/ctimage-same-instance-15-transfer-syntaxes", tmp_path)
+    _, study = _study(
+        "edge-ct-transfer-syntaxes/ctimage-same-instance-15-transfer-syntaxes", tmp_path
+    )
     (p68,) = [h for h in study.series[0].instances if h.transfer_syntax == "1.2.840.10008.1.2.4.53"]
-    with pytest.raises(CtscreenError, match=r"JPEG Spectral Selection.*1\.2\.840\.10008\.1\.2\.4\.53"):
+    with pytest.raises(
+        CtscreenError, match=r"JPEG Spectral Selection.*1\.2\.840\.10008\.1\.2\.4\.53"
+    ):
         list(_file_frames(p68, {None}))
 
 

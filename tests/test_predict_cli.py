@@ -18,7 +18,7 @@ from ctscreen.cli import main
 from ctscreen.config import PreprocessConfig
 from ctscreen.model import build_model
 from ctscreen.report import REQUIRED_COLUMNS
-from ctscreen.synth.dicom_writer import uid_from, write_localizer, write_series
+from ctscreen.synth.dicom_writer import uid_from, write_localizer
 from ctscreen.weights import save_checkpoint
 
 SHAPE = (16, 32, 32)
@@ -40,15 +40,33 @@ def _zip_folder(folder: Path, archive: Path, top: str | None = None) -> Path:
     return archive
 
 
-def _predict(tmp_path: Path, weights: Path, *inputs: Path, extra: tuple[str, ...] = ()) -> tuple[int, pd.DataFrame]:
+def _predict(
+    tmp_path: Path, weights: Path, *inputs: Path, extra: tuple[str, ...] = ()
+) -> tuple[int, pd.DataFrame]:
     out = tmp_path / "results.xlsx"
-    code = main(["--no-progress", "predict", *map(str, inputs), "--weights", str(weights),
-                 "-o", str(out), "--precision", "fp32", *extra])
+    code = main(
+        [
+            "--no-progress",
+            "predict",
+            *map(str, inputs),
+            "--weights",
+            str(weights),
+            "-o",
+            str(out),
+            "--precision",
+            "fp32",
+            *extra,
+        ]
+    )
     return code, pd.read_excel(out, sheet_name=0)
 
 
-def test_same_study_in_every_form_gets_the_same_probability(make_series, tmp_path: Path, weights: Path) -> None:
-    common = dict(seed=11, study_uid="1.2.826.0.1.3680043.10.1", series_uid="1.2.826.0.1.3680043.10.1.1")
+def test_same_study_in_every_form_gets_the_same_probability(
+    make_series, tmp_path: Path, weights: Path
+) -> None:
+    common = dict(
+        seed=11, study_uid="1.2.826.0.1.3680043.10.1", series_uid="1.2.826.0.1.3680043.10.1.1"
+    )
     forms: dict[str, Path] = {}
     paths, _ = make_series(name="folder", **common)
     forms["folder"] = paths[0].parent
@@ -76,14 +94,34 @@ def test_same_study_in_every_form_gets_the_same_probability(make_series, tmp_pat
     assert table.loc[1, "path_to_study"].endswith("study.zip/norma_anon")
 
 
-def test_localizer_thick_and_thin_series_scores_the_thin_one(make_series, tmp_path: Path, weights: Path) -> None:
+def test_localizer_thick_and_thin_series_scores_the_thin_one(
+    make_series, tmp_path: Path, weights: Path
+) -> None:
     study_uid = str(uid_from("mixed-study"))
-    thin_paths, phantom = make_series(seed=3, name="study/thin", study_uid=study_uid, spacing=(2.5, 5.0, 5.0),
-                                      shape=(48, 64, 64), series_uid="1.2.826.0.1.3680043.10.2.1")
-    make_series(seed=3, name="study/thick", study_uid=study_uid, spacing=(5.0, 5.0, 5.0),
-                shape=(24, 64, 64), series_uid="1.2.826.0.1.3680043.10.2.2", series_number=3)
-    write_localizer(phantom.hu, spacing=(2.5, 5.0, 5.0), out_dir=tmp_path / "study" / "scout",
-                    study_uid=study_uid, series_uid="1.2.826.0.1.3680043.10.2.3")
+    thin_paths, phantom = make_series(
+        seed=3,
+        name="study/thin",
+        study_uid=study_uid,
+        spacing=(2.5, 5.0, 5.0),
+        shape=(48, 64, 64),
+        series_uid="1.2.826.0.1.3680043.10.2.1",
+    )
+    make_series(
+        seed=3,
+        name="study/thick",
+        study_uid=study_uid,
+        spacing=(5.0, 5.0, 5.0),
+        shape=(24, 64, 64),
+        series_uid="1.2.826.0.1.3680043.10.2.2",
+        series_number=3,
+    )
+    write_localizer(
+        phantom.hu,
+        spacing=(2.5, 5.0, 5.0),
+        out_dir=tmp_path / "study" / "scout",
+        study_uid=study_uid,
+        series_uid="1.2.826.0.1.3680043.10.2.3",
+    )
     code, table = _predict(tmp_path, weights, tmp_path / "study")
     assert code == 0
     (row,) = table.to_dict("records")
@@ -91,7 +129,10 @@ def test_localizer_thick_and_thin_series_scores_the_thin_one(make_series, tmp_pa
     assert row["series_reason"].startswith("thinnest slices of 2 eligible series")
     assert "localizer" in row["series_reason"]
     code, per_series = _predict(tmp_path, weights, tmp_path / "study", extra=("--per-series",))
-    assert sorted(per_series["series_uid"]) == ["1.2.826.0.1.3680043.10.2.1", "1.2.826.0.1.3680043.10.2.2"]
+    assert sorted(per_series["series_uid"]) == [
+        "1.2.826.0.1.3680043.10.2.1",
+        "1.2.826.0.1.3680043.10.2.2",
+    ]
 
 
 def _bad_inputs(tmp_path: Path, good_file: Path) -> dict[str, Path]:
@@ -130,10 +171,27 @@ def test_bad_inputs_each_give_a_failure_row_and_the_run_goes_on(
 ) -> None:
     paths, _ = make_series(seed=2, name="good")
     bad = _bad_inputs(tmp_path, paths[0])
-    code, table = _predict(tmp_path, weights, bad["junk"], bad["mr"], paths[0].parent, bad["truncated"],
-                           bad["slip"], bad["bomb"], bad["missing"])
+    code, table = _predict(
+        tmp_path,
+        weights,
+        bad["junk"],
+        bad["mr"],
+        paths[0].parent,
+        bad["truncated"],
+        bad["slip"],
+        bad["bomb"],
+        bad["missing"],
+    )
     assert code == 1
-    assert list(table["processing_status"]) == ["Failure", "Failure", "Success", "Failure", "Failure", "Failure", "Failure"]
+    assert list(table["processing_status"]) == [
+        "Failure",
+        "Failure",
+        "Success",
+        "Failure",
+        "Failure",
+        "Failure",
+        "Failure",
+    ]
     errors = table["error"].fillna("").tolist()
     assert "none of them DICOM" in errors[0]
     assert "MR Image Storage" in errors[1]
@@ -142,26 +200,51 @@ def test_bad_inputs_each_give_a_failure_row_and_the_run_goes_on(
     assert "decompression bomb" in errors[5]
     assert "does not exist" in errors[6]
     assert all(e.endswith((".", ")")) for i, e in enumerate(errors) if i != 2)
-    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path.parent / "escaped.txt").exists()
+    assert (
+        not (tmp_path / "escaped.txt").exists() and not (tmp_path.parent / "escaped.txt").exists()
+    )
     assert pd.isna(table.loc[0, "probability_of_pathology"])
 
 
-def test_two_studies_in_one_archive_give_two_rows(make_series, tmp_path: Path, weights: Path) -> None:
+def test_two_studies_in_one_archive_give_two_rows(
+    make_series, tmp_path: Path, weights: Path
+) -> None:
     make_series(seed=1, name="both/patient1", study_uid="1.2.826.0.1.3680043.10.3")
     make_series(seed=2, name="both/patient2", study_uid="1.2.826.0.1.3680043.10.4")
     archive = _zip_folder(tmp_path / "both", tmp_path / "two.zip")
     code, table = _predict(tmp_path, weights, archive)
     assert code == 0
     assert sorted(table["study_uid"]) == ["1.2.826.0.1.3680043.10.3", "1.2.826.0.1.3680043.10.4"]
-    assert sorted(table["path_to_study"]) == [f"{archive}/both/patient1", f"{archive}/both/patient2"]
+    assert sorted(table["path_to_study"]) == [
+        f"{archive}/both/patient1",
+        f"{archive}/both/patient2",
+    ]
 
 
-def test_csv_and_json_outputs_and_threshold_override(make_series, tmp_path: Path, weights: Path) -> None:
+def test_csv_and_json_outputs_and_threshold_override(
+    make_series, tmp_path: Path, weights: Path
+) -> None:
     paths, _ = make_series(seed=9)
     for suffix in ("csv", "json"):
         out = tmp_path / f"r.{suffix}"
-        assert main(["--no-progress", "predict", str(paths[0].parent), "-w", str(weights), "-o", str(out),
-                     "--threshold", "0", "--precision", "fp32"]) == 0
+        assert (
+            main(
+                [
+                    "--no-progress",
+                    "predict",
+                    str(paths[0].parent),
+                    "-w",
+                    str(weights),
+                    "-o",
+                    str(out),
+                    "--threshold",
+                    "0",
+                    "--precision",
+                    "fp32",
+                ]
+            )
+            == 0
+        )
         table = pd.read_csv(out) if suffix == "csv" else pd.read_json(out)
         assert list(table.columns[:7]) == list(REQUIRED_COLUMNS)
         assert table.loc[0, "pathology"] == 1
@@ -169,14 +252,25 @@ def test_csv_and_json_outputs_and_threshold_override(make_series, tmp_path: Path
 
 def test_missing_weights_is_one_sentence_and_exit_2(tmp_path: Path, capsys, make_series) -> None:
     paths, _ = make_series(seed=1)
-    code = main(["predict", str(paths[0].parent), "-w", str(tmp_path / "nope.pth"), "-o", str(tmp_path / "r.xlsx")])
+    code = main(
+        [
+            "predict",
+            str(paths[0].parent),
+            "-w",
+            str(tmp_path / "nope.pth"),
+            "-o",
+            str(tmp_path / "r.xlsx"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
     assert not (tmp_path / "r.xlsx").exists()
 
 
-def test_original_command_without_weights_says_what_to_do(tmp_path: Path, make_series, monkeypatch, capsys) -> None:
+def test_original_command_without_weights_says_what_to_do(
+    tmp_path: Path, make_series, monkeypatch, capsys
+) -> None:
     import runpy
     import sys
 
@@ -212,8 +306,12 @@ def test_original_command_with_default_weights_writes_hackathon_results(
 
 
 def test_real_chest_series_scores(dicom_root: Path, tmp_path: Path, weights: Path) -> None:
-    code, table = _predict(tmp_path, weights, dicom_root / "chest-lidc-idri-0001",
-                           dicom_root / "edge-dose-reports-openrem")
+    code, table = _predict(
+        tmp_path,
+        weights,
+        dicom_root / "chest-lidc-idri-0001",
+        dicom_root / "edge-dose-reports-openrem",
+    )
     assert code == 1
     first = table.iloc[0]
     assert first["processing_status"] == "Success"

@@ -17,8 +17,16 @@ CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
 
 
 def _series(
-    uid: str, *, n: int, step: float, z0: float = 0.0, orientation=AXIAL, sop_class=CT_IMAGE_STORAGE,
-    image_type=("ORIGINAL", "PRIMARY", "AXIAL"), pixels: bool = True, number: int = 1,
+    uid: str,
+    *,
+    n: int,
+    step: float,
+    z0: float = 0.0,
+    orientation=AXIAL,
+    sop_class=CT_IMAGE_STORAGE,
+    image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+    pixels: bool = True,
+    number: int = 1,
 ) -> Series:
     instances = []
     for k in range(n):
@@ -26,13 +34,25 @@ def _series(
         position = (0.0, 0.0, z) if orientation == AXIAL else (0.0, z, 0.0)
         instances.append(
             InstanceHeader(
-                path=Path(f"/x/{uid}/{k}"), display_path=f"in/{uid}/{k}",
-                sop_instance_uid=f"{uid}.{k}", sop_class_uid=sop_class, study_uid="1.2",
-                series_uid=uid, modality="CT", image_type=image_type,
-                transfer_syntax="1.2.840.10008.1.2.1", rows=8, columns=8, has_pixel_data=pixels,
-                instance_number=k + 1, series_number=number, series_description=f"s{uid}",
-                slice_thickness=step, gantry_tilt=None,
-                frames=(FrameGeometry(position, orientation, (0.7, 0.7)),), folder=uid,
+                path=Path(f"/x/{uid}/{k}"),
+                display_path=f"in/{uid}/{k}",
+                sop_instance_uid=f"{uid}.{k}",
+                sop_class_uid=sop_class,
+                study_uid="1.2",
+                series_uid=uid,
+                modality="CT",
+                image_type=image_type,
+                transfer_syntax="1.2.840.10008.1.2.1",
+                rows=8,
+                columns=8,
+                has_pixel_data=pixels,
+                instance_number=k + 1,
+                series_number=number,
+                series_description=f"s{uid}",
+                slice_thickness=step,
+                gantry_tilt=None,
+                frames=(FrameGeometry(position, orientation, (0.7, 0.7)),),
+                folder=uid,
             )
         )
     return Series(series_uid=uid, key=uid, instances=tuple(instances))

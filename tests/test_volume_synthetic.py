@@ -47,9 +47,18 @@ def test_written_series_reads_back_exactly(make_series, tmp_path: Path) -> None:
         {"transfer_syntax": JPEG2000Lossless},
         {"transfer_syntax": RLELossless, "patient_position": "FFS"},
     ],
-    ids=["shuffled-extensionless", "feet-first", "feet-first-multiframe", "multiframe", "jpeg2000", "rle-ffs"],
+    ids=[
+        "shuffled-extensionless",
+        "feet-first",
+        "feet-first-multiframe",
+        "multiframe",
+        "jpeg2000",
+        "rle-ffs",
+    ],
 )
-def test_every_encoding_gives_the_same_preprocessed_array(make_series, tmp_path: Path, options) -> None:
+def test_every_encoding_gives_the_same_preprocessed_array(
+    make_series, tmp_path: Path, options
+) -> None:
     reference_paths, phantom = make_series(seed=5, name="reference")
     reference = preprocess(_load(reference_paths[0].parent, tmp_path / "a"), CONFIG)
     paths, _ = make_series(seed=5, name="variant", **options)
@@ -89,7 +98,9 @@ def test_nifti_copy_gives_the_same_array(make_series, tmp_path: Path) -> None:
     nifti_volume = read_nifti(nifti_path)
     np.testing.assert_allclose(nifti_volume.hu, dicom_volume.hu, atol=0.5)
     np.testing.assert_allclose(nifti_volume.affine, dicom_volume.affine, atol=1e-4)
-    np.testing.assert_allclose(preprocess(nifti_volume, CONFIG), preprocess(dicom_volume, CONFIG), atol=1e-4)
+    np.testing.assert_allclose(
+        preprocess(nifti_volume, CONFIG), preprocess(dicom_volume, CONFIG), atol=1e-4
+    )
     assert np.array_equal(load_volume(nifti_path, "nifti").hu, nifti_volume.hu)
 
 

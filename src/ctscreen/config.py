@@ -35,8 +35,7 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if not self.window_width > 0:
             raise ConfigError(
-                f"window width must be positive, got {self.window_width}; "
-                "give it in HU, e.g. 1500."
+                f"window width must be positive, got {self.window_width}; give it in HU, e.g. 1500."
             )
         shape = tuple(int(s) for s in self.shape)
         if len(shape) != 3 or min(shape) < 1:
@@ -63,7 +62,9 @@ class PreprocessConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ConfigError(f"unknown preprocessing keys {sorted(unknown)}; expected {sorted(known)}.")
+            raise ConfigError(
+                f"unknown preprocessing keys {sorted(unknown)}; expected {sorted(known)}."
+            )
         kwargs = dict(data)
         if "shape" in kwargs:
             kwargs["shape"] = tuple(kwargs["shape"])

@@ -37,16 +37,19 @@ class DemoConfig:
         seed: one seed for data, split and training.
         batch_size: studies per step.
         lr: AdamW learning rate.
+        matrix: in-plane size preset of the synthetic studies (see ``ctscreen synth``).
+        workers: processes that build the preprocessing cache.
     """
 
     out: Path = Path("ctscreen-demo")
-    train_studies: int = 48
+    train_studies: int = 96
     holdout_studies: int = 16
-    epochs: int = 8
-    shape: tuple[int, int, int] = (24, 48, 48)
+    epochs: int = 12
+    shape: tuple[int, int, int] = (16, 48, 48)
+    matrix: str = "tiny"
     seed: int = 0
     batch_size: int = 4
-    lr: float = 1e-3
+    lr: float = 5e-4
     workers: int = 2
 
 
@@ -62,7 +65,7 @@ class DemoResult:
 
 
 def registry_from_labels(labels_csv: Path, *, dataset: str = "synthetic") -> pd.DataFrame:
-    """Registry rows for a synthetic dataset written by :func:`ctscreen.synth.dataset.generate_dataset`."""
+    """Registry rows for a dataset written by :func:`ctscreen.synth.dataset.generate_dataset`."""
     labels = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
     root = labels_csv.parent
     frame = pd.DataFrame(
@@ -96,9 +99,14 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    labels = generate_dataset(out / "data", n_studies=config.train_studies, seed=config.seed)
+    labels = generate_dataset(
+        out / "data", n_studies=config.train_studies, seed=config.seed, matrix=config.matrix
+    )
     holdout_labels = generate_dataset(
-        out / "holdout", n_studies=config.holdout_studies, seed=config.seed + 1000,
+        out / "holdout",
+        n_studies=config.holdout_studies,
+        seed=config.seed + 1000,
+        matrix=config.matrix,
         zip_archives=True,
     )
     seconds["synthesise"] = time.perf_counter() - t
@@ -135,7 +143,9 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
         progress=progress,
     )
     if result.best_path is None:
-        raise RuntimeError("training validated no epoch")  # cannot happen: the last epoch is validated
+        raise RuntimeError(
+            "training validated no epoch"
+        )  # cannot happen: the last epoch is validated
     seconds["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -147,6 +157,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
         cache_dir=out / "cache",
         threshold_rule="youden",
         write_threshold=out / "model.pth",
+        progress=progress,
     )
     seconds["evaluate"] = time.perf_counter() - t
     del evaluation
@@ -160,13 +171,18 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
     stats = RunStats()
     rows = predict(archives, scorer=scorer, options=PredictOptions(mode="study"), stats=stats)
     table = write_table(
-        rows_to_frame(rows), out / "results.xlsx",
-        run_info={"weights": str(out / "model.pth"), "weights_sha256": loaded.sha256,
-                  "threshold": loaded.card.threshold, "note": "synthetic demo data"},
+        rows_to_frame(rows),
+        out / "results.xlsx",
+        run_info={
+            "weights": str(out / "model.pth"),
+            "weights_sha256": loaded.sha256,
+            "threshold": loaded.card.threshold,
+            "note": "synthetic demo data",
+        },
     )
     seconds["predict"] = time.perf_counter() - t
 
-    truth = dict(zip(holdout["study_uid"], holdout["label"].astype(int)))
+    truth = dict(zip(holdout["study_uid"], holdout["label"].astype(int), strict=True))
     scored = [r for r in rows if r.probability_of_pathology is not None]
     y = [truth[r.study_uid] for r in scored]
     p = [float(r.probability_of_pathology) for r in scored]
@@ -175,6 +191,9 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
     holdout_metrics["n_failures"] = len(rows) - len(scored)
     (out / "holdout_metrics.json").write_text(json.dumps(holdout_metrics, indent=2, default=float))
     return DemoResult(
-        out=out, weights=out / "model.pth", results_table=table,
-        holdout_metrics=holdout_metrics, seconds=seconds,
+        out=out,
+        weights=out / "model.pth",
+        results_table=table,
+        holdout_metrics=holdout_metrics,
+        seconds=seconds,
     )

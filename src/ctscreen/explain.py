@@ -79,7 +79,10 @@ def localization_box(cam: np.ndarray, volume: Volume) -> tuple[float, ...] | Non
     world = (volume.affine @ corners.T).T[:, :3]
     mins, maxs = world.min(axis=0), world.max(axis=0)
     return (
-        round(float(mins[0]), 1), round(float(maxs[0]), 1),
-        round(float(mins[1]), 1), round(float(maxs[1]), 1),
-        round(float(mins[2]), 1), round(float(maxs[2]), 1),
+        round(float(mins[0]), 1),
+        round(float(maxs[0]), 1),
+        round(float(mins[1]), 1),
+        round(float(maxs[1]), 1),
+        round(float(mins[2]), 1),
+        round(float(maxs[2]), 1),
     )

@@ -73,7 +73,9 @@ class Volume:
         return tuple(s.instance_number for s in self.slices)
 
 
-def canonical_permutation(affine: np.ndarray) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+def canonical_permutation(
+    affine: np.ndarray,
+) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
     """How to reorder and flip an array so that its axes follow (+S, +P, +L).
 
     Args:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,16 @@ def add_parser(subparsers: Any) -> None:
             "and no network; takes a few minutes on two CPU cores."
         ),
     )
-    p.add_argument("--out", type=Path, default=Path("ctscreen-demo"), help="output folder (./ctscreen-demo)")
-    p.add_argument("--studies", type=_positive, default=48, help="training + validation studies (48)")
-    p.add_argument("--holdout", type=_positive, default=16, help="held-out archives for predict (16)")
-    p.add_argument("--epochs", type=_positive, default=8, help="training epochs (8)")
+    p.add_argument(
+        "--out", type=Path, default=Path("ctscreen-demo"), help="output folder (./ctscreen-demo)"
+    )
+    p.add_argument(
+        "--studies", type=_positive, default=96, help="training + validation studies (96)"
+    )
+    p.add_argument(
+        "--holdout", type=_positive, default=16, help="held-out archives for predict (16)"
+    )
+    p.add_argument("--epochs", type=_positive, default=12, help="training epochs (12)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, split and training (0)")
     p.set_defaults(func=run)
 
@@ -40,24 +45,30 @@ def run(args: argparse.Namespace) -> int:
     from ..demo import DemoConfig, run_demo
 
     config = DemoConfig(
-        out=args.out, train_studies=args.studies, holdout_studies=args.holdout,
-        epochs=args.epochs, seed=args.seed,
+        out=args.out,
+        train_studies=args.studies,
+        holdout_studies=args.holdout,
+        epochs=args.epochs,
+        seed=args.seed,
     )
     result = run_demo(config, progress=not args.no_progress)
     m = result.holdout_metrics
     auc = m.get("roc_auc", {})
-    print(f"\nctscreen demo finished in {sum(result.seconds.values()):.0f} s "
-          f"({', '.join(f'{k} {v:.0f} s' for k, v in result.seconds.items())})")
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
+    print(f"\nctscreen demo finished in {sum(result.seconds.values()):.0f} s ({timing})")
     if isinstance(auc, dict):
-        print(f"held-out ROC-AUC {auc.get('value', float('nan')):.3f} "
-              f"(95% CI {auc.get('ci_low', float('nan')):.3f}-{auc.get('ci_high', float('nan')):.3f}) "
-              f"on {m.get('n_studies')} synthetic archives")
+        nan = float("nan")
+        low, high = auc.get("ci_low", nan), auc.get("ci_high", nan)
+        print(
+            f"held-out ROC-AUC {auc.get('value', nan):.3f} (95% CI {low:.3f}-{high:.3f}) "
+            f"on {m.get('n_studies')} synthetic archives"
+        )
     out = result.out
     print(f"  results table : {result.results_table}")
     print(f"  model         : {result.weights}  (ctscreen info {result.weights})")
     print(f"  training run  : {out / 'run'}  (metrics.csv, learning_curves.png, epochs/)")
     print(f"  evaluation    : {out / 'evaluation'}  (metrics.json, ROC/PR/calibration plots)")
     print(f"  held-out data : {out / 'holdout' / 'archives'}")
-    print(f"Next: ctscreen predict {out / 'holdout' / 'archives'}/*.zip --weights {result.weights} -o my_results.xlsx",
-          file=sys.stdout)
+    archives = out / "holdout" / "archives"
+    print(f"Next: ctscreen predict {archives}/*.zip --weights {result.weights} -o my_results.xlsx")
     return EXIT_OK

@@ -121,7 +121,11 @@ def _check_declared(infos: list[zipfile.ZipInfo], archive: Path, limits: Archive
 
 
 def _copy_bounded(
-    src: zipfile.ZipExtFile, dst: Path, info: zipfile.ZipInfo, budget: int, archive: Path,
+    src: zipfile.ZipExtFile,
+    dst: Path,
+    info: zipfile.ZipInfo,
+    budget: int,
+    archive: Path,
     limits: ArchiveLimits,
 ) -> int:
     """Copy one member, stopping as soon as it writes more than it claimed."""
@@ -136,7 +140,10 @@ def _copy_bounded(
                     "declared size or the archive's size limit; the archive is refused."
                 )
             out.write(chunk)
-    if written >= limits.ratio_min_bytes and written / max(info.compress_size, 1) > limits.max_ratio:
+    if (
+        written >= limits.ratio_min_bytes
+        and written / max(info.compress_size, 1) > limits.max_ratio
+    ):
         raise UnsafeArchiveError(
             f"{archive.name} member {decode_member_name(info)!r} expands beyond the ratio "
             f"limit of {limits.max_ratio:.0f}; the archive looks like a decompression bomb."
@@ -202,8 +209,16 @@ def extract_zip(
                 try:
                     with zf.open(info) as src:
                         budget -= _copy_bounded(src, dst, info, budget, archive, limits)
-                except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as exc:
-                    skipped.append(f"{archive.name}: member {rel} is damaged and was skipped ({exc})")
+                except (
+                    zipfile.BadZipFile,
+                    zlib.error,
+                    EOFError,
+                    OSError,
+                    NotImplementedError,
+                ) as exc:
+                    skipped.append(
+                        f"{archive.name}: member {rel} is damaged and was skipped ({exc})"
+                    )
                     dst.unlink(missing_ok=True)
                     continue
                 written.append(dst)

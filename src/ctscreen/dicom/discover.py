@@ -31,8 +31,19 @@ MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
 _DEFER_BYTES = 4096
 
 #: Errors pydicom may raise when force-reading bytes that are not really DICOM.
-_PARSE_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError,
-                 IndexError, AttributeError, NotImplementedError, OverflowError, struct.error)
+_PARSE_ERRORS = (
+    InvalidDicomError,
+    OSError,
+    EOFError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    NotImplementedError,
+    OverflowError,
+    struct.error,
+)
 
 
 @dataclass(frozen=True)
@@ -191,9 +202,7 @@ def _frame_geometries(ds: Dataset) -> tuple[FrameGeometry, ...]:
                 intercept=_float_or_none(ds.get("RescaleIntercept")) or 0.0,
                 frame=None if n_frames == 1 else 1,
             ),
-        ) + tuple(
-            FrameGeometry(None, None, None, frame=k) for k in range(2, n_frames + 1)
-        )
+        ) + tuple(FrameGeometry(None, None, None, frame=k) for k in range(2, n_frames + 1))
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
 
     def lookup(item: Dataset, seq_keyword: str, keyword: str) -> object:
@@ -211,9 +220,7 @@ def _frame_geometries(ds: Dataset) -> tuple[FrameGeometry, ...]:
         )
         frames.append(
             FrameGeometry(
-                position=_floats(
-                    lookup(item, "PlanePositionSequence", "ImagePositionPatient"), 3
-                ),  # type: ignore[arg-type]
+                position=_floats(lookup(item, "PlanePositionSequence", "ImagePositionPatient"), 3),  # type: ignore[arg-type]
                 orientation=_floats(
                     lookup(item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
                 ),  # type: ignore[arg-type]
@@ -239,7 +246,9 @@ def _image_type(ds: Dataset) -> tuple[str, ...]:
     return tuple(str(v).strip().upper() for v in value)
 
 
-def header_from_dataset(ds: Dataset, *, path: Path, display_path: str, folder: str) -> InstanceHeader:
+def header_from_dataset(
+    ds: Dataset, *, path: Path, display_path: str, folder: str
+) -> InstanceHeader:
     """Build an :class:`InstanceHeader` from a dataset read without pixel data."""
     meta = getattr(ds, "file_meta", None)
     notes: list[str] = []

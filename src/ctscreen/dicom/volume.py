@@ -110,15 +110,20 @@ def order_slices(series: Series) -> SliceGeometry:
     normal /= np.linalg.norm(normal)
     warnings: list[str] = []
     if len(spacings) > 1:
-        warnings.append(f"PixelSpacing differs between slices {sorted(spacings)}; the first is used")
+        warnings.append(
+            f"PixelSpacing differs between slices {sorted(spacings)}; the first is used"
+        )
     pixel_spacing = next(iter(sorted(spacings)))  # type: ignore[arg-type]
 
-    items = [
-        _Slice(h, f, float(np.dot(np.asarray(f.position), normal)))
-        for h, f in frames
-    ]
-    items.sort(key=lambda s: (s.distance, s.header.instance_number or 0, s.header.sop_instance_uid,
-                              s.frame.frame or 0))
+    items = [_Slice(h, f, float(np.dot(np.asarray(f.position), normal))) for h, f in frames]
+    items.sort(
+        key=lambda s: (
+            s.distance,
+            s.header.instance_number or 0,
+            s.header.sop_instance_uid,
+            s.frame.frame or 0,
+        )
+    )
     items, dup_warnings = _drop_duplicates(items)
     warnings.extend(dup_warnings)
     if len(items) < 2:
@@ -221,7 +226,9 @@ def _decode_error(header: InstanceHeader, exc: Exception) -> DecodeError:
     )
 
 
-def _file_frames(header: InstanceHeader, wanted: set[int | None]) -> Iterator[tuple[int | None, np.ndarray]]:
+def _file_frames(
+    header: InstanceHeader, wanted: set[int | None]
+) -> Iterator[tuple[int | None, np.ndarray]]:
     """Decode the frames of one file that are in ``wanted``, one at a time."""
     try:
         if header.number_of_frames == 1:
@@ -233,7 +240,7 @@ def _file_frames(header: InstanceHeader, wanted: set[int | None]) -> Iterator[tu
             yield header.frames[0].frame, arr
             return
         indices = sorted(k - 1 for k in wanted if k is not None)
-        for k, arr in zip(indices, iter_pixels(header.path, indices=indices)):
+        for k, arr in zip(indices, iter_pixels(header.path, indices=indices), strict=True):
             yield k + 1, arr
     except (RuntimeError, NotImplementedError, ValueError, OSError, AttributeError) as exc:
         raise _decode_error(header, exc) from exc

@@ -21,6 +21,7 @@ import logging
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,11 +54,31 @@ MATRIX_PRESETS: dict[str, tuple[int, ...]] = {
 MAX_SLICES: dict[str, int] = {"tiny": 32, "small": 96, "full": 160}
 
 LABEL_COLUMNS: tuple[str, ...] = (
-    "study_id", "label", "pathology_type", "study_uid", "series_uid", "patient_id", "path",
-    "n_slices", "rows", "cols", "spacing_mm", "patient_position", "transfer_syntax",
-    "multiframe", "n_series", "n_lesions", "lesion_center_x", "lesion_center_y",
-    "lesion_center_z", "lesion_x_min", "lesion_x_max", "lesion_y_min", "lesion_y_max",
-    "lesion_z_min", "lesion_z_max",
+    "study_id",
+    "label",
+    "pathology_type",
+    "study_uid",
+    "series_uid",
+    "patient_id",
+    "path",
+    "n_slices",
+    "rows",
+    "cols",
+    "spacing_mm",
+    "patient_position",
+    "transfer_syntax",
+    "multiframe",
+    "n_series",
+    "n_lesions",
+    "lesion_center_x",
+    "lesion_center_y",
+    "lesion_center_z",
+    "lesion_x_min",
+    "lesion_x_max",
+    "lesion_y_min",
+    "lesion_y_max",
+    "lesion_z_min",
+    "lesion_z_max",
 )
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)
 
@@ -85,9 +106,14 @@ class StudySpec:
     series_uid: str
 
 
-def _pathologies(n_studies: int, fraction: float, rng: np.random.Generator) -> list[str | None]:
+def _pathologies(
+    n_studies: int,
+    fraction: float,
+    rng: np.random.Generator,
+    allowed: Sequence[str] = PATHOLOGIES,
+) -> list[str | None]:
     n_path = int(round(n_studies * fraction))
-    kinds = list(PATHOLOGIES)
+    kinds = list(allowed)
     rng.shuffle(kinds)
     labels: list[str | None] = [kinds[i % len(kinds)] for i in range(n_path)]
     labels += [None] * (n_studies - n_path)
@@ -102,6 +128,7 @@ def plan_studies(
     matrix: str = "small",
     pathology_fraction: float = 0.5,
     variety: bool = True,
+    pathologies: Sequence[str] = PATHOLOGIES,
 ) -> list[StudySpec]:
     """Decide every study's content and encoding, without writing anything.
 
@@ -114,6 +141,7 @@ def plan_studies(
         variety: vary matrix, slice spacing, FOV, patient position, transfer
             syntax, naming and extra series; otherwise every study is a plain
             head-first, uncompressed, single-frame series.
+        pathologies: the kinds that pathological studies cycle through.
 
     Returns:
         One :class:`StudySpec` per study.
@@ -125,10 +153,16 @@ def plan_studies(
         raise ConfigError(f"--studies must be at least 1, got {n_studies}.")
     if not 0.0 <= pathology_fraction <= 1.0:
         raise ConfigError(f"pathology fraction must be in [0, 1], got {pathology_fraction}.")
+    unknown = sorted(set(pathologies) - set(PATHOLOGIES))
+    if unknown or not pathologies:
+        raise ConfigError(
+            f"unknown or empty pathology kinds {unknown or list(pathologies)}; "
+            f"choose from {list(PATHOLOGIES)}."
+        )
     if matrix not in MATRIX_PRESETS:
         raise ConfigError(f"unknown matrix preset {matrix!r}; use one of {sorted(MATRIX_PRESETS)}.")
     rng = np.random.default_rng([int(seed), 1])
-    kinds = _pathologies(n_studies, pathology_fraction, rng)
+    kinds = _pathologies(n_studies, pathology_fraction, rng, tuple(pathologies))
     specs = []
     for index, pathology in enumerate(kinds):
         srng = np.random.default_rng([int(seed), 2, index])
@@ -138,9 +172,12 @@ def plan_studies(
             fov = float(srng.uniform(280.0, 420.0))
             thickness = float(srng.choice([1.25, 2.5, 3.0, 5.0], p=[0.15, 0.35, 0.2, 0.3]))
             position = "FFS" if srng.random() < 0.25 else "HFS"
-            ts = str(srng.choice(
-                [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless],
-                p=[0.55, 0.15, 0.15, 0.15]))
+            ts = str(
+                srng.choice(
+                    [ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless],
+                    p=[0.55, 0.15, 0.15, 0.15],
+                )
+            )
             multiframe = bool(srng.random() < 0.1)
             extensionless = bool(srng.random() < 0.4)
             shuffle = bool(srng.random() < 0.4)
@@ -163,14 +200,27 @@ def plan_studies(
         )
         study_id = f"synth_{index:04d}"
         study_uid = str(uid_from("study", seed, index))
-        specs.append(StudySpec(
-            study_id=study_id, seed=study_seed, pathology=pathology, shape=shape,
-            spacing=spacing, origin=origin, patient_position=position, transfer_syntax=ts,
-            multiframe=multiframe, extensionless=extensionless, shuffle_names=shuffle,
-            localizer=localizer, thick_series=thick, secondary_capture=sc,
-            patient_id=f"SYN{seed % 1000:03d}{index:05d}", study_uid=study_uid,
-            series_uid=str(uid_from(study_uid, "series", 2)),
-        ))
+        specs.append(
+            StudySpec(
+                study_id=study_id,
+                seed=study_seed,
+                pathology=pathology,
+                shape=shape,
+                spacing=spacing,
+                origin=origin,
+                patient_position=position,
+                transfer_syntax=ts,
+                multiframe=multiframe,
+                extensionless=extensionless,
+                shuffle_names=shuffle,
+                localizer=localizer,
+                thick_series=thick,
+                secondary_capture=sc,
+                patient_id=f"SYN{seed % 1000:03d}{index:05d}",
+                study_uid=study_uid,
+                series_uid=str(uid_from(study_uid, "series", 2)),
+            )
+        )
     return specs
 
 
@@ -184,40 +234,72 @@ def write_study(spec: StudySpec, folder: Path) -> dict[str, str]:
     Returns:
         The row, every value already formatted as text (``path`` left empty).
     """
-    phantom = make_phantom(seed=spec.seed, shape=spec.shape, spacing=spec.spacing,
-                           pathology=spec.pathology)
+    phantom = make_phantom(
+        seed=spec.seed, shape=spec.shape, spacing=spec.spacing, pathology=spec.pathology
+    )
     common = dict(study_uid=spec.study_uid, patient_id=spec.patient_id, seed=spec.seed)
     write_series(
-        phantom.hu, spacing=spec.spacing, out_dir=folder, series_uid=spec.series_uid,
-        patient_position=spec.patient_position, transfer_syntax=spec.transfer_syntax,
-        multiframe=spec.multiframe, extensionless=spec.extensionless,
-        shuffle_names=spec.shuffle_names, origin=spec.origin, series_number=2,
-        series_description=f"Thorax {spec.spacing[0]:.2f} B70f", name_prefix="S2_", **common,
+        phantom.hu,
+        spacing=spec.spacing,
+        out_dir=folder,
+        series_uid=spec.series_uid,
+        patient_position=spec.patient_position,
+        transfer_syntax=spec.transfer_syntax,
+        multiframe=spec.multiframe,
+        extensionless=spec.extensionless,
+        shuffle_names=spec.shuffle_names,
+        origin=spec.origin,
+        series_number=2,
+        series_description=f"Thorax {spec.spacing[0]:.2f} B70f",
+        name_prefix="S2_",
+        **common,
     )
     n_series = 1
     if spec.localizer:
-        write_localizer(phantom.hu, spacing=spec.spacing, out_dir=folder,
-                        series_uid=uid_from(spec.study_uid, "series", 1), origin=spec.origin,
-                        extensionless=spec.extensionless, name="S1_LOCALIZER", **common)
+        write_localizer(
+            phantom.hu,
+            spacing=spec.spacing,
+            out_dir=folder,
+            series_uid=uid_from(spec.study_uid, "series", 1),
+            origin=spec.origin,
+            extensionless=spec.extensionless,
+            name="S1_LOCALIZER",
+            **common,
+        )
         n_series += 1
     if spec.thick_series:
         factor = max(2, int(round(5.0 / spec.spacing[0])))
         depth = spec.shape[0] // factor
         thick = phantom.hu[: depth * factor].reshape(depth, factor, *spec.shape[1:]).mean(axis=1)
-        origin = (spec.origin[0], spec.origin[1],
-                  spec.origin[2] + 0.5 * (factor - 1) * spec.spacing[0])
+        origin = (
+            spec.origin[0],
+            spec.origin[1],
+            spec.origin[2] + 0.5 * (factor - 1) * spec.spacing[0],
+        )
         write_series(
-            thick, spacing=(spec.spacing[0] * factor, spec.spacing[1], spec.spacing[2]),
-            out_dir=folder, series_uid=uid_from(spec.study_uid, "series", 3),
-            patient_position=spec.patient_position, extensionless=spec.extensionless,
-            shuffle_names=spec.shuffle_names, origin=origin, series_number=3,
-            series_description="Thorax 5.0 B30f", name_prefix="S3_", **common,
+            thick,
+            spacing=(spec.spacing[0] * factor, spec.spacing[1], spec.spacing[2]),
+            out_dir=folder,
+            series_uid=uid_from(spec.study_uid, "series", 3),
+            patient_position=spec.patient_position,
+            extensionless=spec.extensionless,
+            shuffle_names=spec.shuffle_names,
+            origin=origin,
+            series_number=3,
+            series_description="Thorax 5.0 B30f",
+            name_prefix="S3_",
+            **common,
         )
         n_series += 1
     if spec.secondary_capture:
-        write_secondary_capture(phantom.hu, out_dir=folder,
-                                series_uid=uid_from(spec.study_uid, "series", 501),
-                                extensionless=spec.extensionless, name="S501_SC", **common)
+        write_secondary_capture(
+            phantom.hu,
+            out_dir=folder,
+            series_uid=uid_from(spec.study_uid, "series", 501),
+            extensionless=spec.extensionless,
+            name="S501_SC",
+            **common,
+        )
         n_series += 1
     row = {
         "study_id": spec.study_id,
@@ -242,8 +324,17 @@ def write_study(spec: StudySpec, folder: Path) -> dict[str, str]:
 
 
 def _lesion_columns(phantom: Phantom, origin: tuple[float, float, float]) -> dict[str, str]:
-    keys = ("lesion_center_x", "lesion_center_y", "lesion_center_z", "lesion_x_min",
-            "lesion_x_max", "lesion_y_min", "lesion_y_max", "lesion_z_min", "lesion_z_max")
+    keys = (
+        "lesion_center_x",
+        "lesion_center_y",
+        "lesion_center_z",
+        "lesion_x_min",
+        "lesion_x_max",
+        "lesion_y_min",
+        "lesion_y_max",
+        "lesion_z_min",
+        "lesion_z_max",
+    )
     if not phantom.lesions:
         return dict.fromkeys(keys, "")
     largest = max(phantom.lesions, key=lambda les: les.volume_ml)
@@ -273,6 +364,7 @@ def generate_dataset(
     pathology_fraction: float = 0.5,
     zip_archives: bool = False,
     variety: bool = True,
+    pathologies: Sequence[str] = PATHOLOGIES,
 ) -> Path:
     """Write a labelled synthetic chest CT dataset.
 
@@ -284,6 +376,7 @@ def generate_dataset(
         pathology_fraction: share of studies with pathology.
         zip_archives: write ``archives/<study_id>.zip`` instead of ``studies/<study_id>/``.
         variety: vary encodings and geometry between studies (see :func:`plan_studies`).
+        pathologies: the kinds that pathological studies cycle through.
 
     Returns:
         The path of ``labels.csv``.
@@ -292,15 +385,24 @@ def generate_dataset(
         ConfigError: for bad arguments.
     """
     out = Path(out)
-    specs = plan_studies(n_studies, seed=seed, matrix=matrix,
-                         pathology_fraction=pathology_fraction, variety=variety)
+    specs = plan_studies(
+        n_studies,
+        seed=seed,
+        matrix=matrix,
+        pathology_fraction=pathology_fraction,
+        variety=variety,
+        pathologies=pathologies,
+    )
     rows = []
     for spec in specs:
         if zip_archives:
             with tempfile.TemporaryDirectory(prefix="ctscreen-synth-") as tmp:
                 row = write_study(spec, Path(tmp) / spec.study_id)
-                _zip_folder(Path(tmp) / spec.study_id, out / "archives" / f"{spec.study_id}.zip",
-                            spec.study_id)
+                _zip_folder(
+                    Path(tmp) / spec.study_id,
+                    out / "archives" / f"{spec.study_id}.zip",
+                    spec.study_id,
+                )
             row["path"] = f"archives/{spec.study_id}.zip"
         else:
             folder = out / "studies" / spec.study_id
