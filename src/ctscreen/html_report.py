@@ -225,17 +225,39 @@ def render_curve(
     ax = fig.add_subplot()
     x = np.arange(len(scores))
     if box_voxels is not None:
-        ax.axvspan(box_voxels[0, 0], box_voxels[0, 1], color="#4fc3f7", alpha=0.25,
-                   label="localisation box (z range)")
+        ax.axvspan(
+            box_voxels[0, 0],
+            box_voxels[0, 1],
+            color="#4fc3f7",
+            alpha=0.25,
+            label="localisation box (z range)",
+        )
     ax.plot(x, scores, color="#1f3b73", lw=2, label="slice score")
-    ax.axhline(threshold, color="#b00020", ls="--", lw=1.3,
-               label=f"threshold {format_probability(threshold, None)}")
-    ax.axhline(probability, color="#2e7d32", ls=":", lw=1.8,
-               label=f"study probability {format_probability(probability, threshold)}")
+    ax.axhline(
+        threshold,
+        color="#b00020",
+        ls="--",
+        lw=1.3,
+        label=f"threshold {format_probability(threshold, None)}",
+    )
+    ax.axhline(
+        probability,
+        color="#2e7d32",
+        ls=":",
+        lw=1.8,
+        label=f"study probability {format_probability(probability, threshold)}",
+    )
     for key in key_slices:
         text = "ref" if key.role == "reference" else str(key.rank)
-        ax.annotate(text, (key.slice_index, key.score), xytext=(0, 9), textcoords="offset points",
-                    ha="center", fontsize=8, color="#444")
+        ax.annotate(
+            text,
+            (key.slice_index, key.score),
+            xytext=(0, 9),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+            color="#444",
+        )
         ax.plot([key.slice_index], [key.score], "o", ms=4, color="#444")
     ax.set_xlim(-0.5, max(len(scores) - 0.5, 0.5))
     ax.set_ylim(0.0, 1.05)
@@ -280,25 +302,39 @@ def render_strip(
     extent = (0.0, width_mm, height_mm, 0.0)
     level, width = visual.window
     for ax, key in zip(axes[:-1], key_slices, strict=False):
-        ax.imshow(image[key.input_index], cmap="gray", vmin=0.0, vmax=1.0, extent=extent,
-                  interpolation="bilinear")
+        ax.imshow(
+            image[key.input_index],
+            cmap="gray",
+            vmin=0.0,
+            vmax=1.0,
+            extent=extent,
+            interpolation="bilinear",
+        )
         if peak > 0:
             heat = cam_on_slice(cam, key.input_index, image.shape)
             ax.imshow(overlay_rgba(heat, vmax), extent=extent, interpolation="bilinear")
         if box_voxels is not None and box_voxels[0, 0] <= key.slice_index <= box_voxels[0, 1]:
             (h0, h1), (w0, w1) = box_voxels[1], box_voxels[2]
             sy, sx = volume.spacing[1], volume.spacing[2]
-            ax.add_patch(Rectangle(((w0 + 0.5) * sx, (h0 + 0.5) * sy), (w1 - w0) * sx,
-                                   (h1 - h0) * sy, fill=False, ec="#00e5ff", lw=1.6, ls="--"))
+            ax.add_patch(
+                Rectangle(
+                    ((w0 + 0.5) * sx, (h0 + 0.5) * sy),
+                    (w1 - w0) * sx,
+                    (h1 - h0) * sy,
+                    fill=False,
+                    ec="#00e5ff",
+                    lw=1.6,
+                    ls="--",
+                )
+            )
         ref = volume.slices[key.slice_index] if key.slice_index < len(volume.slices) else None
         number = f", InstanceNumber {ref.instance_number}" if ref and ref.instance_number else ""
         label = "reference (lowest score)" if key.role == "reference" else f"#{key.rank} highest"
-        ax.set_title(f"{label}\nslice {key.slice_index}{number}\nscore {key.score:.3f}",
-                     fontsize=8)
+        ax.set_title(f"{label}\nslice {key.slice_index}{number}\nscore {key.score:.3f}", fontsize=8)
         _decorate_axial(ax, width_mm, height_mm)
         ax.set_xlim(0.0, width_mm)  # drawn lines and boxes must not widen the view
         ax.set_ylim(height_mm, 0.0)
-    for ax in axes[len(key_slices):-1]:
+    for ax in axes[len(key_slices) : -1]:
         ax.set_axis_off()
     colorbar_ax = axes[-1]
     if peak > 0:
@@ -308,8 +344,9 @@ def render_strip(
         bar.ax.tick_params(labelsize=7)
     else:
         colorbar_ax.set_axis_off()
-        fig.text(0.99, 0.5, "no positive evidence", rotation=90, va="center", ha="right",
-                 fontsize=8)
+        fig.text(
+            0.99, 0.5, "no positive evidence", rotation=90, va="center", ha="right", fontsize=8
+        )
     fig.suptitle(
         f"Key axial slices, lung window L {level:g} / W {width:g} HU, activation map overlaid"
         + ("; dashed box: localisation" if box_voxels is not None else ""),
@@ -343,8 +380,7 @@ def _decorate_axial(ax: Any, width_mm: float, height_mm: float) -> None:
     bar = 50.0 if width_mm >= 150 else 10.0
     x0, y0 = width_mm * 0.05, height_mm * 0.92
     ax.plot([x0, x0 + bar], [y0, y0], color="white", lw=2)
-    ax.text(x0 + bar / 2, y0 - height_mm * 0.015, f"{bar:g} mm", ha="center", va="bottom",
-            **style)
+    ax.text(x0 + bar / 2, y0 - height_mm * 0.015, f"{bar:g} mm", ha="center", va="bottom", **style)
 
 
 # --------------------------------------------------------------------------- the writer
@@ -448,9 +484,14 @@ class ReportWriter:
         keys = pick_key_slices(input_scores, scores)
         box = visual.box
         box_voxels = None if box is None else box_in_voxels(box, visual.volume)
-        curve = render_curve(scores, probability=visual.probability,
-                             threshold=visual.threshold, key_slices=keys,
-                             volume=visual.volume, box_voxels=box_voxels)
+        curve = render_curve(
+            scores,
+            probability=visual.probability,
+            threshold=visual.threshold,
+            key_slices=keys,
+            volume=visual.volume,
+            box_voxels=box_voxels,
+        )
         strip = render_strip(visual, keys, box_voxels=box_voxels)
         stem = f"series-{len(self._pictures):05d}"
         names = (f"{stem}-curve.png", f"{stem}-slices.png")
@@ -497,8 +538,12 @@ class ReportWriter:
                 f"cannot write the HTML report {index} ({exc.strerror or exc}); "
                 "choose a folder you can write to."
             ) from exc
-        log.info("wrote the HTML report %s (%d cards, pictures %s)", index, len(entries),
-                 "embedded" if embed else f"in {self.img_dir}")
+        log.info(
+            "wrote the HTML report %s (%d cards, pictures %s)",
+            index,
+            len(entries),
+            "embedded" if embed else f"in {self.img_dir}",
+        )
         return index
 
     def _embedded(self, name: str) -> str:
@@ -535,9 +580,7 @@ class ReportWriter:
         return entries
 
 
-def write_report(
-    rows: Sequence[ResultRow], out_dir: Path, *, run_info: Mapping[str, Any]
-) -> Path:
+def write_report(rows: Sequence[ResultRow], out_dir: Path, *, run_info: Mapping[str, Any]) -> Path:
     """Write a report without pictures (rows only), e.g. from a saved result table.
 
     Returns:
@@ -611,8 +654,10 @@ def format_probability(probability: float, threshold: float | None) -> str:
 
 def _format_box(box: Sequence[float]) -> str:
     x0, x1, y0, y1, z0, z1 = box
-    return (f"x {x0:g} to {x1:g} mm, y {y0:g} to {y1:g} mm, z {z0:g} to {z1:g} mm "
-            "(LPS patient coordinates)")
+    return (
+        f"x {x0:g} to {x1:g} mm, y {y0:g} to {y1:g} mm, z {z0:g} to {z1:g} mm "
+        "(LPS patient coordinates)"
+    )
 
 
 def _summary(entries: Sequence[_Entry], run_info: Mapping[str, Any]) -> str:
@@ -624,11 +669,18 @@ def _summary(entries: Sequence[_Entry], run_info: Mapping[str, Any]) -> str:
         "failures": len(entries) - len(scored),
     }
     wanted = (
-        ("ctscreen version", "ctscreen_version"), ("weights", "weights"),
-        ("weights SHA-256", "weights_sha256"), ("threshold", "threshold"),
-        ("threshold rule", "threshold_rule"), ("preprocessing", "preprocess"),
-        ("device", "device"), ("precision", "precision"), ("mode", "mode"),
-        ("inputs", "inputs"), ("studies", "studies"), ("wall time (s)", "wall_seconds"),
+        ("ctscreen version", "ctscreen_version"),
+        ("weights", "weights"),
+        ("weights SHA-256", "weights_sha256"),
+        ("threshold", "threshold"),
+        ("threshold rule", "threshold_rule"),
+        ("preprocessing", "preprocess"),
+        ("device", "device"),
+        ("precision", "precision"),
+        ("mode", "mode"),
+        ("inputs", "inputs"),
+        ("studies", "studies"),
+        ("wall time (s)", "wall_seconds"),
         ("model warnings", "model_warnings"),
     )
     shown = {key for _, key in wanted} | {"note", "failures"}
@@ -636,14 +688,14 @@ def _summary(entries: Sequence[_Entry], run_info: Mapping[str, Any]) -> str:
     items += [(label, run_info[k]) for label, k in wanted if run_info.get(k) not in (None, "")]
     items += [(key, value) for key, value in run_info.items() if key not in shown]
     cells = [
-        f"<th>{_e(label)}</th><td class=\"{'mono' if 'SHA' in label else ''}\">"
+        f'<th>{_e(label)}</th><td class="{"mono" if "SHA" in label else ""}">'
         f"{_e(f'{value:.6g}' if isinstance(value, float) else value)}</td>"
         for label, value in items
     ]
     half = (len(cells) + 1) // 2  # two columns of facts, read down then across
     left, right = cells[:half], cells[half:] + ["<td></td><td></td>"]
     body = "".join(f"<tr>{a}{b}</tr>" for a, b in zip(left, right, strict=False))
-    return f"<h2>Run</h2><table class=\"run\">{body}</table>"
+    return f'<h2>Run</h2><table class="run">{body}</table>'
 
 
 def _overview(entries: Sequence[_Entry], threshold: float | None) -> str:
@@ -654,14 +706,16 @@ def _overview(entries: Sequence[_Entry], threshold: float | None) -> str:
         shown = _DASH if probability is None else format_probability(probability, threshold)
         row = entry.row
         lines.append(
-            f"<tr><td class=\"num\">{number}</td>"
-            f"<td><a href=\"#card-{number}\">{_e(row.path_to_study)}</a></td>"
-            f"<td class=\"mono\">{_e(row.study_uid or _DASH)}</td>"
-            f"<td class=\"num\">{shown}</td>"
-            f"<td><span class=\"badge {css}\">{_e(text)}</span></td></tr>"
+            f'<tr><td class="num">{number}</td>'
+            f'<td><a href="#card-{number}">{_e(row.path_to_study)}</a></td>'
+            f'<td class="mono">{_e(row.study_uid or _DASH)}</td>'
+            f'<td class="num">{shown}</td>'
+            f'<td><span class="badge {css}">{_e(text)}</span></td></tr>'
         )
-    head = ("<tr><th>#</th><th>study</th><th>StudyInstanceUID</th><th>probability</th>"
-            "<th>decision</th></tr>")
+    head = (
+        "<tr><th>#</th><th>study</th><th>StudyInstanceUID</th><th>probability</th>"
+        "<th>decision</th></tr>"
+    )
     return f"<h2>Studies</h2><table>{head}{''.join(lines)}</table>"
 
 
@@ -669,18 +723,18 @@ def _card(number: int, entry: _Entry, image_src: Any, threshold: float | None) -
     row = entry.row
     css, text = _decision(entry)
     probability = entry.probability
-    title = [f"<span>#{number}</span>", f"<span class=\"badge {css}\">{_e(text)}</span>"]
+    title = [f"<span>#{number}</span>", f'<span class="badge {css}">{_e(text)}</span>']
     if probability is not None:
         shown = format_probability(probability, threshold)
-        title.append(f"<span class=\"prob\">p = {shown}</span>")
+        title.append(f'<span class="prob">p = {shown}</span>')
         if threshold is not None:
-            title.append(f"<span class=\"muted\">threshold {threshold:g}</span>")
+            title.append(f'<span class="muted">threshold {threshold:g}</span>')
     facts: list[tuple[str, str]] = [("study", _e(row.path_to_study))]
     if row.input_path and row.input_path != row.path_to_study:
         facts.append(("input", _e(row.input_path)))
-    facts.append(("StudyInstanceUID", f"<span class=\"mono\">{_e(row.study_uid or _DASH)}</span>"))
+    facts.append(("StudyInstanceUID", f'<span class="mono">{_e(row.study_uid or _DASH)}</span>'))
     if row.series_uid:
-        facts.append(("SeriesInstanceUID", f"<span class=\"mono\">{_e(row.series_uid)}</span>"))
+        facts.append(("SeriesInstanceUID", f'<span class="mono">{_e(row.series_uid)}</span>'))
     if row.series_reason:
         facts.append(("why this series", _e(row.series_reason)))
     if row.n_slices is not None:
@@ -689,30 +743,33 @@ def _card(number: int, entry: _Entry, image_src: Any, threshold: float | None) -
         facts.append(("localisation box", _e(_format_box(row.pathology_localization))))
     facts.append(("processing time", f"{row.time_of_processing:.2f} s"))
     dl = "".join(f"<dt>{label}</dt><dd>{value}</dd>" for label, value in facts)
-    parts = [f"<section class=\"card {css}\" id=\"card-{number}\">",
-             f"<h3>{''.join(title)}</h3>", f"<dl>{dl}</dl>"]
+    parts = [
+        f'<section class="card {css}" id="card-{number}">',
+        f"<h3>{''.join(title)}</h3>",
+        f"<dl>{dl}</dl>",
+    ]
     if row.error:
-        parts.append(f"<p class=\"error\">Error: {_e(row.error)}</p>")
+        parts.append(f'<p class="error">Error: {_e(row.error)}</p>')
     if row.warnings:
         items = "".join(f"<li>{_e(w)}</li>" for w in row.warnings)
-        parts.append(f"<div class=\"warn\"><strong>Warnings</strong><ul>{items}</ul></div>")
+        parts.append(f'<div class="warn"><strong>Warnings</strong><ul>{items}</ul></div>')
     pictures = entry.pictures
     if pictures is not None:
         parts.append(
-            f"<figure><img alt=\"per-slice score curve of card {number}\" "
-            f"src=\"{image_src(pictures.curve)}\"><figcaption>Score of every slice from the "
+            f'<figure><img alt="per-slice score curve of card {number}" '
+            f'src="{image_src(pictures.curve)}"><figcaption>Score of every slice from the '
             "same forward pass; the study probability is the sigmoid of the mean slice logit."
             "</figcaption></figure>"
         )
         parts.append(
-            f"<figure><img alt=\"key axial slices of card {number}\" "
-            f"src=\"{image_src(pictures.strip)}\"><figcaption>Highest-scoring slices and the "
+            f'<figure><img alt="key axial slices of card {number}" '
+            f'src="{image_src(pictures.strip)}"><figcaption>Highest-scoring slices and the '
             "lowest-scoring one for reference, viewed from the feet (patient's right on the "
             "left); colour shows where the model found evidence of pathology.</figcaption>"
             "</figure>"
         )
     elif row.processing_status != FAILURE:
-        parts.append("<p class=\"muted\">No pictures for this series.</p>")
+        parts.append('<p class="muted">No pictures for this series.</p>')
     parts.append("</section>")
     return "".join(parts)
 
@@ -725,13 +782,13 @@ def _page(entries: Sequence[_Entry], run_info: Mapping[str, Any], *, image_src: 
         _card(number, entry, image_src, threshold) for number, entry in enumerate(entries, 1)
     )
     return (
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         "<title>ctscreen report</title>"
         f"<style>{_CSS}</style></head><body><main>"
         "<h1>ctscreen report</h1>"
-        f"<p class=\"muted\">Chest CT screening run, written {_e(created)}.</p>"
-        f"<p class=\"note\">{_e(CLINICAL_NOTE)}</p>"
+        f'<p class="muted">Chest CT screening run, written {_e(created)}.</p>'
+        f'<p class="note">{_e(CLINICAL_NOTE)}</p>'
         f"{_summary(entries, run_info)}{_overview(entries, threshold)}"
         f"<h2>Details</h2>{cards}"
         "</main></body></html>\n"

@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .backends import Backend, make_backend
 from .config import PreprocessConfig, SelectionConfig
 from .dicom.discover import Study, discover
 from .dicom.select import Candidate, select_series
 from .dicom.volume import build_volume
-from .errors import CtscreenError, SeriesSelectionError
+from .errors import ConfigError, CtscreenError, SeriesSelectionError
 from .explain import localization_box, slice_scores
-from .model import forward_with_cam
 from .preprocess import preprocess
 from .report import FAILURE, SUCCESS, ResultRow
 from .volume import Volume
@@ -76,32 +76,51 @@ class Scorer:
         loaded: the checkpoint (model, card, warnings).
         device: where the network runs.
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; the head stays fp32).
+        backend: ``torch`` (default), ``openvino`` or ``auto`` (see :mod:`ctscreen.backends`);
+            a backend that cannot load or run falls back to PyTorch with one warning.
+        cache_dir: where an exported graph is kept; default beside the weights, or
+            the user cache when that folder is read-only.
+        engine: the backend in use (``engine.name``, ``engine.precision`` say which).
     """
 
     loaded: LoadedModel
     device: torch.device
     precision: str = "fp32"
+    backend: str = "torch"
+    cache_dir: Path | None = None
     bias: float = field(init=False)
+    engine: Backend = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.loaded.model.to(self.device).eval()
         self.bias = float(self.loaded.model.fc.bias.detach().float().cpu()[0])
+        self.engine = make_backend(
+            self.loaded.model,
+            device=self.device,
+            backend=self.backend,
+            precision=self.precision,
+            weights_sha256=self.loaded.sha256,
+            weights_path=self.loaded.path,
+            shape=tuple(self.config.shape),
+            cache_root=self.cache_dir,
+        )
 
     @property
     def config(self) -> PreprocessConfig:
         return self.loaded.card.preprocess
 
     def score(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Logits ``[B]`` and activation maps ``[B, d', h', w']`` for ``batch [B, D, H, W]``."""
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))[:, None].to(self.device)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        with torch.inference_mode():
-            if dtype is None:
-                logits, cam = forward_with_cam(self.loaded.model, x)
-            else:
-                with torch.autocast(device_type=self.device.type, dtype=dtype):
-                    logits, cam = forward_with_cam(self.loaded.model, x)
-        return logits.float().cpu().numpy(), cam.float().cpu().numpy()
+        """Logits ``[B]`` and activation maps ``[B, d', h', w']`` for ``batch [B, D, H, W]``.
+
+        Raises:
+            ConfigError: ``batch`` does not have the model card's input shape.
+        """
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != tuple(self.config.shape):
+            raise ConfigError(
+                f"the model takes [B, {', '.join(map(str, self.config.shape))}] but got "
+                f"{list(batch.shape)}; preprocess with the model card's settings."
+            )
+        return self.engine.run(np.ascontiguousarray(batch, dtype=np.float32)[:, None])
 
 
 # --------------------------------------------------------------------------- jobs
@@ -157,8 +176,14 @@ def _volume_meta(volume: Volume) -> Volume:
 
 
 def _study_jobs(
-    study: Study, *, input_path: str, options: PredictOptions, config: PreprocessConfig,
-    share_seconds: float, input_warnings: tuple[str, ...], model_warnings: tuple[str, ...] = (),
+    study: Study,
+    *,
+    input_path: str,
+    options: PredictOptions,
+    config: PreprocessConfig,
+    share_seconds: float,
+    input_warnings: tuple[str, ...],
+    model_warnings: tuple[str, ...] = (),
 ) -> Iterator[_Job]:
     start = time.perf_counter()
     base = dict(input_path=input_path, location=study.location, study_uid=study.study_uid)
@@ -166,8 +191,12 @@ def _study_jobs(
     try:
         selection = select_series(study.series, options.selection)
     except SeriesSelectionError as exc:
-        yield _Job(**base, error=exc.message, warnings=notes,
-                   seconds=share_seconds + time.perf_counter() - start)
+        yield _Job(
+            **base,
+            error=exc.message,
+            warnings=notes,
+            seconds=share_seconds + time.perf_counter() - start,
+        )
         return
     candidates: Sequence[Candidate] = (
         selection.chosen if options.mode == "series" else selection.chosen[:1]
@@ -175,7 +204,9 @@ def _study_jobs(
     rejected = selection.rejection_summary()
     for rank, candidate in enumerate(candidates):
         t0 = time.perf_counter()
-        reason = selection.reason if rank == 0 else f"eligible series {rank + 1} of {len(candidates)}"
+        reason = (
+            selection.reason if rank == 0 else f"eligible series {rank + 1} of {len(candidates)}"
+        )
         if rejected:
             reason += f"; {rejected}"
         try:
@@ -184,8 +215,14 @@ def _study_jobs(
             array = preprocess(volume, config)
             t2 = time.perf_counter()
         except CtscreenError as exc:
-            yield _Job(**base, series_uid=candidate.series_uid, reason=reason, warnings=notes,
-                       error=exc.message, seconds=share_seconds + time.perf_counter() - start)
+            yield _Job(
+                **base,
+                series_uid=candidate.series_uid,
+                reason=reason,
+                warnings=notes,
+                error=exc.message,
+                seconds=share_seconds + time.perf_counter() - start,
+            )
             continue
         share = share_seconds if rank == 0 else 0.0
         select_seconds = (t0 - start) if rank == 0 else 0.0
@@ -203,7 +240,10 @@ def _study_jobs(
 
 
 def iter_jobs(
-    inputs: Sequence[Path], *, options: PredictOptions, config: PreprocessConfig,
+    inputs: Sequence[Path],
+    *,
+    options: PredictOptions,
+    config: PreprocessConfig,
     model_warnings: tuple[str, ...] = (),
 ) -> Iterator[_Job]:
     """Discover, select, decode and preprocess every input, one study at a time."""
@@ -214,14 +254,24 @@ def iter_jobs(
             try:
                 found = discover(input_path, work_dir=Path(tmp) / "extract")
             except CtscreenError as exc:
-                yield _Job(input_path=shown, location=shown, study_uid="", error=exc.message,
-                           warnings=model_warnings, seconds=time.perf_counter() - start)
+                yield _Job(
+                    input_path=shown,
+                    location=shown,
+                    study_uid="",
+                    error=exc.message,
+                    warnings=model_warnings,
+                    seconds=time.perf_counter() - start,
+                )
                 continue
             share = (time.perf_counter() - start) / len(found.studies)
             for study in found.studies:
                 yield from _study_jobs(
-                    study, input_path=shown, options=options, config=config,
-                    share_seconds=share, input_warnings=found.warnings,
+                    study,
+                    input_path=shown,
+                    options=options,
+                    config=config,
+                    share_seconds=share,
+                    input_warnings=found.warnings,
                     model_warnings=model_warnings,
                 )
 
@@ -275,15 +325,27 @@ def _prefetched(jobs: Iterator[_Job], depth: int) -> Iterator[_Job]:
 
 def _failure_row(job: _Job) -> ResultRow:
     return ResultRow(
-        path_to_study=job.location, study_uid=job.study_uid, series_uid=job.series_uid,
-        processing_status=FAILURE, time_of_processing=round(job.seconds, 3), error=job.error,
-        warnings=job.warnings, series_reason=job.reason, input_path=job.input_path,
+        path_to_study=job.location,
+        study_uid=job.study_uid,
+        series_uid=job.series_uid,
+        processing_status=FAILURE,
+        time_of_processing=round(job.seconds, 3),
+        error=job.error,
+        warnings=job.warnings,
+        series_reason=job.reason,
+        input_path=job.input_path,
     )
 
 
 def _rows_for(
-    job: _Job, logit: float, cam: np.ndarray, *, scorer: Scorer, options: PredictOptions,
-    threshold: float, model_seconds: float,
+    job: _Job,
+    logit: float,
+    cam: np.ndarray,
+    *,
+    scorer: Scorer,
+    options: PredictOptions,
+    threshold: float,
+    model_seconds: float,
 ) -> list[ResultRow]:
     probability = float(1.0 / (1.0 + np.exp(-logit)))
     label = int(probability >= threshold)
@@ -292,21 +354,31 @@ def _rows_for(
     box = localization_box(cam, volume) if (options.localize and label == 1) else None
     seconds = round(job.seconds + model_seconds, 3)
     common = dict(
-        path_to_study=job.location, study_uid=job.study_uid, series_uid=job.series_uid,
-        processing_status=SUCCESS, time_of_processing=seconds, warnings=job.warnings,
-        series_reason=job.reason, n_slices=volume.shape[0], input_path=job.input_path,
+        path_to_study=job.location,
+        study_uid=job.study_uid,
+        series_uid=job.series_uid,
+        processing_status=SUCCESS,
+        time_of_processing=seconds,
+        warnings=job.warnings,
+        series_reason=job.reason,
+        n_slices=volume.shape[0],
+        input_path=job.input_path,
     )
     if options.mode != "slice":
         return [
             ResultRow(
-                **common, probability_of_pathology=round(probability, 6), pathology=label,
+                **common,
+                probability_of_pathology=round(probability, 6),
+                pathology=label,
                 pathology_localization=box,
-                extras={k: round(v, 3) for k, v in (job.timings | {"model_s": model_seconds}).items()},
+                extras={
+                    k: round(v, 3) for k, v in (job.timings | {"model_s": model_seconds}).items()
+                },
             )
         ]
     scores = slice_scores(cam, scorer.bias, volume.shape[0])
     rows = []
-    for index, (ref, score) in enumerate(zip(volume.slices, scores)):
+    for index, (ref, score) in enumerate(zip(volume.slices, scores, strict=True)):
         rows.append(
             ResultRow(
                 **common,
@@ -405,8 +477,9 @@ def predict(
     start = time.perf_counter()
     rows: list[ResultRow] = []
     jobs = _prefetched(
-        iter_jobs(inputs, options=options, config=scorer.config,
-                  model_warnings=scorer.loaded.warnings),
+        iter_jobs(
+            inputs, options=options, config=scorer.config, model_warnings=scorer.loaded.warnings
+        ),
         options.prefetch,
     )
     for job in jobs:
@@ -420,19 +493,31 @@ def predict(
             model_seconds = time.perf_counter() - t0
             stats.model_seconds += model_seconds
             new_rows = _rows_for(
-                job, float(logits[0]), cams[0], scorer=scorer, options=options,
-                threshold=threshold, model_seconds=model_seconds,
+                job,
+                float(logits[0]),
+                cams[0],
+                scorer=scorer,
+                options=options,
+                threshold=threshold,
+                model_seconds=model_seconds,
             )
             if on_study is not None:
                 probability = float(1.0 / (1.0 + np.exp(-float(logits[0]))))
                 config = scorer.config
                 assert job.volume_meta is not None
-                on_study(StudyVisual(
-                    rows=tuple(new_rows), probability=probability,
-                    pathology=int(probability >= threshold), threshold=threshold,
-                    image=job.array, cam=cams[0], bias=scorer.bias, volume=job.volume_meta,
-                    window=(config.window_level, config.window_width),
-                ))
+                on_study(
+                    StudyVisual(
+                        rows=tuple(new_rows),
+                        probability=probability,
+                        pathology=int(probability >= threshold),
+                        threshold=threshold,
+                        image=job.array,
+                        cam=cams[0],
+                        bias=scorer.bias,
+                        volume=job.volume_meta,
+                        window=(config.window_level, config.window_width),
+                    )
+                )
         for row in new_rows:
             rows.append(row)
             if on_row is not None:

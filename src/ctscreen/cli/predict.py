@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
+from . import EXIT_OK, EXIT_PARTIAL
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +40,38 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="zip archive or folder")
     p.add_argument("--weights", "-w", type=Path, required=True, help="checkpoint file (.pth)")
     p.add_argument(
-        "-o", "--output", type=Path, default=Path("results.xlsx"),
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("results.xlsx"),
         help="result table; .xlsx (default), .csv or .json by suffix",
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--per-series", action="store_true", help="one row per eligible series")
-    mode.add_argument("--per-slice", action="store_true", help="one row per slice of the scored series")
-    p.add_argument("--threshold", type=probability, help="decision threshold (default: the model card's)")
+    mode.add_argument(
+        "--per-slice", action="store_true", help="one row per slice of the scored series"
+    )
+    p.add_argument(
+        "--threshold", type=probability, help="decision threshold (default: the model card's)"
+    )
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument(
-        "--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
         help="auto: bf16 where the hardware computes it natively, else fp32",
     )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "openvino"],
+        help="auto (default): OpenVINO on the CPU when installed, else PyTorch; "
+        "a backend that fails falls back to PyTorch with a warning",
+    )
     p.add_argument("--min-slices", type=positive_int, default=16, help="reject thinner series (16)")
-    p.add_argument("--no-localization", action="store_true", help="leave pathology_localization empty")
+    p.add_argument(
+        "--no-localization", action="store_true", help="leave pathology_localization empty"
+    )
     p.add_argument("--report", type=Path, metavar="DIR", help="also write an HTML report into DIR")
     p.set_defaults(func=run)
 
@@ -86,7 +104,12 @@ def run(args: argparse.Namespace) -> int:
         selection=SelectionConfig(min_slices=args.min_slices),
         localize=not args.no_localization,
     )
-    scorer = Scorer(loaded, device, precision)
+    scorer = Scorer(loaded, device, precision, backend=args.backend)
+    report = None
+    if args.report is not None:
+        from ..html_report import ReportWriter
+
+        report = ReportWriter(args.report)
     stats = RunStats()
     bar = tqdm(total=len(args.inputs), unit="input", disable=args.no_progress, file=sys.stderr)
     seen_inputs: set[str] = set()
@@ -99,7 +122,14 @@ def run(args: argparse.Namespace) -> int:
             bar.write(f"Failure: {row.path_to_study}: {row.error}", file=sys.stderr)
 
     try:
-        rows = predict(args.inputs, scorer=scorer, options=options, on_row=on_row, stats=stats)
+        rows = predict(
+            args.inputs,
+            scorer=scorer,
+            options=options,
+            on_row=on_row,
+            stats=stats,
+            on_study=None if report is None else report.add_study,
+        )
     finally:
         bar.close()
     threshold = loaded.card.threshold if args.threshold is None else args.threshold
@@ -111,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         "threshold_rule": loaded.card.threshold_rule if args.threshold is None else "--threshold",
         "preprocess": str(loaded.card.preprocess.to_dict()),
         "device": str(device),
-        "precision": precision,
+        "precision": scorer.engine.precision,
+        "backend": scorer.engine.name,
         "mode": mode,
         "inputs": len(args.inputs),
         "studies": stats.studies,
@@ -122,10 +153,8 @@ def run(args: argparse.Namespace) -> int:
     }
     frame = rows_to_frame(rows)
     output = write_table(frame, args.output, run_info=run_info)
-    if args.report is not None:
-        from ..html_report import write_report
-
-        write_report(rows, args.report, run_info=run_info)
+    if report is not None:
+        report.finish(rows, run_info=run_info)
     ok = stats.studies - stats.failures
     print(
         f"{ok} of {stats.studies} studies scored, {stats.failures} failed; "

@@ -1,0 +1,598 @@
+"""Ways to run the network: PyTorch, or OpenVINO on the CPU.
+
+Every backend takes one preprocessed input ``[B, 1, D, H, W]`` float32 and gives
+``(logits [B], cam [B, d', h', w'])`` from one forward pass, as
+:func:`ctscreen.model.forward_with_cam` does. The logit is always taken as
+``cam.mean() + bias`` computed in float64 on the host: the decomposition used for
+per-slice scores then holds exactly, and at reduced precision the logit keeps the
+accuracy of the averaged map instead of the rounding of a bf16 head output.
+
+* ``torch``: fp32, or bf16 autocast on a CPU with native bf16 (AVX512-BF16/AMX);
+  fp16/bf16 autocast on CUDA.
+* ``openvino`` (optional extra ``pip install 'ctscreen[openvino]'``): the network
+  with its activation-map output is converted once, saved as OpenVINO IR next to
+  the weights (or in the user cache when that folder is read-only) and compiled
+  for the CPU with the bf16 or f32 inference-precision hint. The saved graph is
+  keyed by the weight file's SHA-256, the input shape and the OpenVINO version,
+  written atomically and checked against its recorded hashes before every use;
+  a stale or damaged one is rebuilt.
+
+``auto`` picks OpenVINO on the CPU when it is installed, else PyTorch. A speed
+option never fails a run: when OpenVINO cannot convert, compile or run, the
+scorer logs one warning and goes on with PyTorch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: Names accepted by ``--backend``.
+BACKENDS: tuple[str, ...] = ("auto", "torch", "openvino")
+#: Bumped whenever the exported graph or the cache layout changes.
+EXPORT_FORMAT_VERSION = 1
+_MANIFEST = "manifest.json"
+_IR_XML = "model.xml"
+_IR_BIN = "model.bin"
+#: Input shape used to trace the network for conversion; the real shape is set after.
+_TRACE_SHAPE = (1, 1, 16, 32, 32)
+
+
+class Backend(Protocol):
+    """What the scorer needs of a way to run the network."""
+
+    name: str
+    precision: str
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits ``[B]`` and activation maps ``[B, d', h', w']`` for ``x [B, 1, D, H, W]``."""
+        ...
+
+
+def logits_from_cam(cam: np.ndarray, bias: float) -> np.ndarray:
+    """The logits ``[B]`` of activation maps ``[B, d', h', w']``: their mean plus the head bias."""
+    flat = np.asarray(cam, dtype=np.float64).reshape(cam.shape[0], -1)
+    return (flat.mean(axis=1) + float(bias)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- torch
+
+
+@dataclass
+class TorchBackend:
+    """PyTorch eager, fp32 or autocast.
+
+    Attributes:
+        model: an r3d_18 from :func:`ctscreen.model.build_model`, on ``device``, in eval mode.
+        device: where it runs.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; fp16 only on CUDA).
+    """
+
+    model: nn.Module
+    device: torch.device
+    precision: str = "fp32"
+    name: str = field(default="torch", init=False)
+
+    def __post_init__(self) -> None:
+        if self.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("fp16 runs only on a GPU; use --precision bf16 or fp32 on the CPU.")
+        self.bias = float(self.model.fc.bias.detach().float().cpu()[0])
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits ``[B]`` and activation maps ``[B, d', h', w']`` for ``x [B, 1, D, H, W]``."""
+        import torch
+
+        from .model import forward_with_cam
+
+        tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with torch.inference_mode():
+            if dtype is None:
+                _, cam = forward_with_cam(self.model, tensor)
+            else:
+                with torch.autocast(device_type=self.device.type, dtype=dtype):
+                    _, cam = forward_with_cam(self.model, tensor)
+        cam_np = cam.float().cpu().numpy()
+        return logits_from_cam(cam_np, self.bias), cam_np
+
+
+# --------------------------------------------------------------------------- openvino
+
+
+def openvino_version() -> str | None:
+    """The installed OpenVINO version, or None when it cannot be imported."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return str(openvino.__version__)
+
+
+def user_cache_dir() -> Path:
+    """``$CTSCREEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/ctscreen``, else ``~/.cache/ctscreen``."""
+    explicit = os.environ.get("CTSCREEN_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ctscreen"
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def export_cache_root(weights_path: Path | None) -> Path:
+    """Where exported graphs of ``weights_path`` are kept.
+
+    Args:
+        weights_path: the checkpoint file, or None for a model without one.
+
+    Returns:
+        ``<weights folder>/.ctscreen-export`` when that can be written, else
+        ``<user cache>/export``.
+
+    Raises:
+        ConfigError: neither folder can be written.
+    """
+    candidates = []
+    if weights_path is not None:
+        candidates.append(Path(weights_path).resolve().parent / ".ctscreen-export")
+    candidates.append(user_cache_dir() / "export")
+    for folder in candidates:
+        if _writable_dir(folder):
+            return folder
+    raise ConfigError(
+        f"cannot write an exported model to {' or '.join(map(str, candidates))}; "
+        "set CTSCREEN_CACHE_DIR to a writable folder or use --backend torch."
+    )
+
+
+def export_key(*, weights_sha256: str, shape: tuple[int, ...], backend_version: str) -> str:
+    """The cache entry name of one exported graph: what it was made from, hashed."""
+    text = json.dumps(
+        {
+            "format": EXPORT_FORMAT_VERSION,
+            "weights_sha256": weights_sha256,
+            "shape": list(shape),
+            "backend_version": backend_version,
+        },
+        sort_keys=True,
+    )
+    return f"openvino-{weights_sha256[:16]}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _entry_is_valid(entry: Path, key: str) -> bool:
+    """True when ``entry`` holds a complete export whose files match its manifest."""
+    try:
+        manifest = json.loads((entry / _MANIFEST).read_text())
+        return (
+            manifest.get("key") == key
+            and manifest.get(_IR_XML) == _sha256(entry / _IR_XML)
+            and manifest.get(_IR_BIN) == _sha256(entry / _IR_BIN)
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def cam_network(model: nn.Module) -> nn.Module:
+    """An ``nn.Module`` around ``model`` whose forward returns ``(logits, cam)``.
+
+    Args:
+        model: an r3d_18 from :func:`ctscreen.model.build_model`.
+
+    Returns:
+        The wrapper in eval mode; it shares ``model``'s parameters.
+    """
+    from torch import nn
+
+    from .model import forward_with_cam
+
+    class CamNetwork(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return forward_with_cam(self.inner, x)
+
+    return CamNetwork(model).eval()
+
+
+def block_converter_telemetry() -> None:
+    """Keep OpenVINO's model converter from sending usage telemetry.
+
+    ctscreen runs on hospital machines and must not contact anyone. The converter
+    imports the ``openvino_telemetry`` package when it can and otherwise uses its
+    own no-op stub; marking that package as unimportable selects the stub. It is
+    done only when the package has not been imported already by someone else.
+    """
+    if "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+
+
+def export_openvino(model: nn.Module, *, shape: tuple[int, int, int], out_dir: Path) -> None:
+    """Convert ``model`` with its activation-map output to OpenVINO IR (fp32 weights).
+
+    Args:
+        model: the r3d_18 (on the CPU, eval mode).
+        shape: the static input ``(D, H, W)``; the graph takes ``[1, 1, D, H, W]``.
+        out_dir: folder that receives ``model.xml`` and ``model.bin``.
+    """
+    block_converter_telemetry()
+    import openvino as ov
+    import torch
+
+    example = torch.zeros(_TRACE_SHAPE)
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracing is what OpenVINO's PyTorch frontend reads; its deprecation notice
+        # is of no use to a user, and skipping the trace check saves three forwards.
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(cam_network(model), example, check_trace=False)
+        converted = ov.convert_model(
+            traced, example_input=example, input=[ov.PartialShape([1, 1, *shape])]
+        )
+    ov.save_model(converted, str(out_dir / _IR_XML), compress_to_fp16=False)
+
+
+def cached_export(
+    model: nn.Module,
+    *,
+    weights_sha256: str,
+    shape: tuple[int, int, int],
+    cache_root: Path,
+    weights_path: Path | None = None,
+) -> tuple[Path, bool]:
+    """The IR of ``model`` from the cache, exported first when missing, stale or damaged.
+
+    The export is written into a temporary folder beside the entry and renamed
+    into place, so a reader never sees half an entry; the other entries of the
+    same weights or of the same weight file (older weights, older OpenVINO, other
+    shapes) are removed.
+
+    Args:
+        model: the r3d_18 (on the CPU, eval mode).
+        weights_sha256: SHA-256 of the checkpoint the weights came from.
+        shape: the static input ``(D, H, W)``.
+        cache_root: the cache folder (see :func:`export_cache_root`).
+        weights_path: the checkpoint file, recorded so that a later export of
+            new weights at the same path replaces this one.
+
+    Returns:
+        ``(path to model.xml, True when it came from the cache)``.
+    """
+    version = openvino_version() or "none"
+    key = export_key(weights_sha256=weights_sha256, shape=tuple(shape), backend_version=version)
+    entry = cache_root / key
+    if entry.exists():
+        if _entry_is_valid(entry, key):
+            log.debug("using the exported model %s", entry)
+            return entry / _IR_XML, True
+        log.warning("exported model %s is incomplete or damaged; exporting it again", entry)
+        shutil.rmtree(entry, ignore_errors=True)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_root))
+    try:
+        export_openvino(model, shape=shape, out_dir=staging)
+        manifest = {
+            "key": key,
+            "format": EXPORT_FORMAT_VERSION,
+            "weights_sha256": weights_sha256,
+            "weights_path": _path_text(weights_path),
+            "shape": list(shape),
+            "backend_version": version,
+            _IR_XML: _sha256(staging / _IR_XML),
+            _IR_BIN: _sha256(staging / _IR_BIN),
+        }
+        (staging / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+        staging.chmod(0o755)  # mkdtemp makes it private; others reading the weights may use it
+        try:
+            os.rename(staging, entry)
+        except OSError:  # another process finished the same export first
+            if not _entry_is_valid(entry, key):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _prune(cache_root, keep=key, weights_sha256=weights_sha256, weights_path=weights_path)
+    log.info("exported the model for OpenVINO %s to %s", version, entry)
+    return entry / _IR_XML, False
+
+
+def _path_text(path: Path | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
+def _prune(cache_root: Path, *, keep: str, weights_sha256: str, weights_path: Path | None) -> None:
+    """Remove the entries other than ``keep`` made from the same weights or weight file."""
+    same_file = _path_text(weights_path)
+    for old in cache_root.glob("openvino-*"):
+        if old.name == keep or not old.is_dir():
+            continue
+        try:
+            manifest = json.loads((old / _MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue  # not ours to judge: another process may be writing it
+        if not isinstance(manifest, dict):
+            continue
+        if manifest.get("weights_sha256") == weights_sha256 or (
+            same_file is not None and manifest.get("weights_path") == same_file
+        ):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class OpenVinoBackend:
+    """A compiled OpenVINO model on the CPU, static shape, batch 1.
+
+    Attributes:
+        compiled: the compiled model (outputs: logits, cam).
+        shape: the input ``(D, H, W)`` it was compiled for.
+        bias: the head bias (logits are ``cam.mean() + bias``).
+        precision: ``fp32`` or ``bf16`` (the inference-precision hint it was compiled with).
+        from_cache: the graph was read from the export cache, not converted now.
+    """
+
+    compiled: Any
+    shape: tuple[int, int, int]
+    bias: float
+    precision: str
+    from_cache: bool = False
+    name: str = field(default="openvino", init=False)
+
+    def __post_init__(self) -> None:
+        self._request = self.compiled.create_infer_request()
+        self._cam_output = self.compiled.output(1)
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits ``[B]`` and activation maps ``[B, d', h', w']`` for ``x [B, 1, D, H, W]``.
+
+        Raises:
+            ConfigError: ``x`` is not ``[B, 1, *shape]``.
+        """
+        if x.ndim != 5 or tuple(x.shape[1:]) != (1, *self.shape):
+            raise ConfigError(
+                f"the OpenVINO model takes [B, 1, {', '.join(map(str, self.shape))}] but got "
+                f"{list(x.shape)}; preprocess with the model card's settings."
+            )
+        cams = []
+        for item in np.ascontiguousarray(x, dtype=np.float32):
+            result = self._request.infer({0: item[None]})
+            cams.append(np.array(result[self._cam_output], dtype=np.float32, copy=True))
+        cam = np.concatenate(cams, axis=0)
+        return logits_from_cam(cam, self.bias), cam
+
+
+def openvino_hint(precision: str) -> str:
+    """The CPU inference-precision hint for ``precision``: bf16 only where the CPU has it.
+
+    Raises:
+        ConfigError: ``precision`` is fp16 (not run on the CPU).
+    """
+    from .inference import cpu_supports_bf16
+
+    if precision == "fp16":
+        raise ConfigError("fp16 runs only on a GPU; use --precision bf16 or fp32 on the CPU.")
+    if precision in ("bf16", "auto") and cpu_supports_bf16():
+        return "bf16"
+    return "f32"
+
+
+def load_openvino(
+    model: nn.Module,
+    *,
+    weights_sha256: str,
+    weights_path: Path | None,
+    shape: tuple[int, int, int],
+    precision: str,
+    cache_root: Path | None = None,
+) -> OpenVinoBackend:
+    """Export (or reuse) and compile ``model`` for the CPU with OpenVINO.
+
+    Args:
+        model: the r3d_18 (on the CPU, eval mode).
+        weights_sha256: SHA-256 of the checkpoint file (keys the export cache).
+        weights_path: the checkpoint file (the cache goes beside it when writable).
+        shape: the static input ``(D, H, W)`` of the model card.
+        precision: ``fp32``, ``bf16`` or ``auto``.
+        cache_root: cache folder; default :func:`export_cache_root` of ``weights_path``.
+
+    Returns:
+        The backend, ready to run.
+
+    Raises:
+        ImportError: OpenVINO is not installed.
+        ConfigError: ``precision`` is fp16, or no cache folder can be written.
+    """
+    import openvino as ov
+
+    hint = openvino_hint(precision)
+    root = cache_root if cache_root is not None else export_cache_root(weights_path)
+    xml, from_cache = cached_export(
+        model,
+        weights_sha256=weights_sha256,
+        shape=tuple(shape),
+        cache_root=root,
+        weights_path=weights_path,
+    )
+    core = ov.Core()
+    compiled = core.compile_model(
+        core.read_model(str(xml)),
+        "CPU",
+        {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"},
+    )
+    bias = float(model.fc.bias.detach().float().cpu()[0])
+    return OpenVinoBackend(
+        compiled=compiled,
+        shape=tuple(shape),
+        bias=bias,
+        precision="bf16" if hint == "bf16" else "fp32",
+        from_cache=from_cache,
+    )
+
+
+# --------------------------------------------------------------------------- choice
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """Turn ``auto`` into ``openvino`` (CPU, installed) or ``torch``.
+
+    Raises:
+        ConfigError: an unknown name, or ``openvino`` asked for a GPU device.
+    """
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    if name == "openvino" and device.type != "cpu":
+        raise ConfigError(
+            f"the OpenVINO backend runs on the CPU, not {device}; use --device cpu or "
+            "--backend torch."
+        )
+    if name != "auto":
+        return name
+    if device.type == "cpu" and openvino_version() is not None:
+        return "openvino"
+    return "torch"
+
+
+@dataclass
+class FallbackBackend:
+    """Runs ``primary``; on its first failure warns once and runs ``fallback()`` from then on.
+
+    Attributes:
+        primary: the fast backend.
+        fallback: makes the PyTorch backend when needed.
+    """
+
+    primary: Backend
+    fallback: Callable[[], Backend]
+    _active: Backend | None = field(default=None, init=False, repr=False)
+
+    @property
+    def active(self) -> Backend:
+        return self._active if self._active is not None else self.primary
+
+    @property
+    def name(self) -> str:
+        return self.active.name
+
+    @property
+    def precision(self) -> str:
+        return self.active.precision
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and activation maps from the active backend (see :class:`Backend`)."""
+        if self._active is not None:
+            return self._active.run(x)
+        try:
+            return self.primary.run(x)
+        except ConfigError:
+            raise
+        except Exception as exc:  # a speed option must never fail the run
+            log.warning(
+                "the %s backend failed (%s: %s); running with PyTorch from now on",
+                self.primary.name,
+                type(exc).__name__,
+                exc,
+            )
+            self._active = self.fallback()
+            return self._active.run(x)
+
+
+def make_backend(
+    model: nn.Module,
+    *,
+    device: torch.device,
+    backend: str = "auto",
+    precision: str = "fp32",
+    weights_sha256: str = "",
+    weights_path: Path | None = None,
+    shape: tuple[int, int, int],
+    cache_root: Path | None = None,
+) -> Backend:
+    """The backend that will run ``model``, falling back to PyTorch when the choice fails.
+
+    Args:
+        model: the r3d_18 on ``device``, eval mode.
+        device: where the network runs.
+        backend: ``auto``, ``torch`` or ``openvino``.
+        precision: a concrete precision (``fp32``, ``bf16``, ``fp16``) for ``device``.
+        weights_sha256: SHA-256 of the checkpoint (keys the export cache).
+        weights_path: the checkpoint file (the export cache goes beside it).
+        shape: the static input ``(D, H, W)`` of the model card.
+        cache_root: export cache folder; default beside the weights or in the user cache.
+
+    Returns:
+        A backend; OpenVINO ones are wrapped so that a failure at run time
+        switches to PyTorch with one warning.
+
+    Raises:
+        ConfigError: an unknown backend, OpenVINO asked for a GPU, or fp16 on the CPU.
+    """
+    chosen = resolve_backend(backend, device)
+
+    def torch_backend() -> Backend:
+        return TorchBackend(model, device, precision)
+
+    if chosen == "torch":
+        return torch_backend()
+    if precision == "fp16":
+        raise ConfigError("fp16 runs only on a GPU; use --precision bf16 or fp32 on the CPU.")
+    if openvino_version() is None:
+        log.warning(
+            "OpenVINO is not installed (pip install 'ctscreen[openvino]'); running with PyTorch"
+        )
+        return torch_backend()
+    try:
+        primary = load_openvino(
+            model,
+            weights_sha256=weights_sha256 or _model_digest(model),
+            weights_path=weights_path,
+            shape=shape,
+            precision=precision,
+            cache_root=cache_root,
+        )
+    except Exception as exc:  # a speed option must never fail the run
+        reason = exc.message if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+        log.warning("OpenVINO could not load the model (%s); running with PyTorch", reason)
+        return torch_backend()
+    log.info("running the network with OpenVINO %s (%s)", openvino_version(), primary.precision)
+    return FallbackBackend(primary, torch_backend)
+
+
+def _model_digest(model: nn.Module) -> str:
+    """SHA-256 of the model's tensors, for a model that came from no file."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,311 @@
+"""Backends give the fp32 answer, the OpenVINO export cache is safe, auto falls back."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ctscreen import backends
+from ctscreen.backends import FallbackBackend, TorchBackend, make_backend, resolve_backend
+from ctscreen.card import ModelCard
+from ctscreen.config import PreprocessConfig
+from ctscreen.errors import ConfigError
+from ctscreen.inference import Scorer
+from ctscreen.model import build_model, forward_with_cam
+from ctscreen.weights import load_checkpoint, save_checkpoint
+
+SHAPE = (16, 32, 32)
+CPU = torch.device("cpu")
+#: Stands for the hash of the weight file of the module's ``model`` fixture.
+MODEL_SHA = "ab" * 32
+
+
+def _model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model()
+    nn.init.normal_(model.fc.weight, 0.0, 0.2)  # a head that gives logits far from 0
+    nn.init.constant_(model.fc.bias, 0.3)
+    return model.eval()
+
+
+def _save(path: Path, seed: int) -> Path:
+    save_checkpoint(path, _model(seed), ModelCard(preprocess=PreprocessConfig(shape=SHAPE)))
+    return path
+
+
+def _inputs(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 1, *SHAPE), dtype=np.float32)
+
+
+def _reference(model: nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The plain fp32 forward: the model's own head output, and the fp32 map."""
+    with torch.inference_mode():
+        tensor = torch.from_numpy(x)
+        logits = model(tensor)[:, 0].numpy()
+        _, cam = forward_with_cam(model, tensor)
+    return logits, cam.numpy()
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    return _model(0)
+
+
+@pytest.fixture(scope="module")
+def batch() -> np.ndarray:
+    return _inputs(3)
+
+
+@pytest.fixture(scope="module")
+def ov_cache(model: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder holding the OpenVINO export of ``model`` (exported once per module)."""
+    pytest.importorskip("openvino")
+    root = tmp_path_factory.mktemp("ov-cache")
+    backends.cached_export(model, weights_sha256=MODEL_SHA, shape=SHAPE, cache_root=root)
+    return root
+
+
+@pytest.fixture()
+def no_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``import openvino`` fail, as on a machine without the extra."""
+    monkeypatch.setitem(sys.modules, "openvino", None)
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def test_torch_fp32_matches_the_model_and_bf16_stays_close(
+    model: nn.Module, batch: np.ndarray
+) -> None:
+    ref_logits, ref_cam = _reference(model, batch)
+    logits32, cam32 = TorchBackend(model, CPU, "fp32").run(batch)
+    logits16, cam16 = TorchBackend(model, CPU, "bf16").run(batch)
+    assert logits32.shape == (3,) and cam32.shape == (3, 2, 2, 2)
+    np.testing.assert_allclose(logits32, ref_logits, atol=1e-4)
+    np.testing.assert_allclose(cam32, ref_cam, atol=1e-4)
+    assert np.abs(logits16 - ref_logits).max() < 0.05
+    assert np.abs(cam16 - ref_cam).max() < 0.05 * np.abs(ref_cam).max() + 0.05
+    # the inputs differ enough for the logits to differ: the check above is not vacuous
+    assert np.ptp(ref_logits) > 10 * np.abs(logits16 - ref_logits).max()
+
+
+def test_torch_refuses_fp16_on_the_cpu(model: nn.Module) -> None:
+    with pytest.raises(ConfigError, match="fp16"):
+        TorchBackend(model, CPU, "fp16")
+
+
+# --------------------------------------------------------------------------- every backend
+
+
+@pytest.mark.parametrize(
+    ("name", "precision", "tolerance"),
+    [
+        ("torch", "fp32", 1e-4),
+        ("torch", "bf16", 0.05),
+        ("openvino", "fp32", 1e-4),
+        ("openvino", "bf16", 0.05),
+    ],
+)
+def test_every_backend_keeps_the_cam_decomposition(
+    name: str, precision: str, tolerance: float, model: nn.Module, batch: np.ndarray,
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = request.getfixturevalue("ov_cache") if name == "openvino" else None
+    exports = _count_exports(monkeypatch)
+    engine = make_backend(
+        model, device=CPU, backend=name, precision=precision, weights_sha256=MODEL_SHA,
+        shape=SHAPE, cache_root=cache,
+    )
+    assert engine.name == name and not exports  # the module's export is reused
+    logits, cam = engine.run(batch)
+    ref_logits, ref_cam = _reference(model, batch)
+    bias = float(model.fc.bias.detach()[0])
+    assert cam.shape == ref_cam.shape and cam.dtype == np.float32
+    np.testing.assert_allclose(cam.mean(axis=(1, 2, 3)) + bias, logits, atol=1e-5)
+    np.testing.assert_allclose(logits, ref_logits, atol=tolerance)
+    np.testing.assert_allclose(cam, ref_cam, atol=tolerance * max(1.0, np.abs(ref_cam).max()))
+
+
+# --------------------------------------------------------------------------- openvino cache
+
+
+def _count_exports(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    calls: list[Path] = []
+    real = backends.export_openvino
+
+    def counting(model: nn.Module, *, shape: tuple[int, int, int], out_dir: Path) -> None:
+        calls.append(out_dir)
+        real(model, shape=shape, out_dir=out_dir)
+
+    monkeypatch.setattr(backends, "export_openvino", counting)
+    return calls
+
+
+def test_openvino_export_is_cached_and_rebuilt_when_the_weights_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("openvino")
+    exports = _count_exports(monkeypatch)
+    weights = _save(tmp_path / "model.pth", seed=0)
+    x = _inputs(1, seed=5)[:, 0]
+
+    first = Scorer(load_checkpoint(weights), CPU, "fp32", backend="openvino")
+    entries = list((tmp_path / ".ctscreen-export").iterdir())
+    assert len(exports) == 1 and len(entries) == 1 and first.engine.name == "openvino"
+    bin_file = entries[0] / "model.bin"
+    stamp = bin_file.stat().st_mtime_ns
+    logits_a, _ = first.score(x)
+
+    second = Scorer(load_checkpoint(weights), CPU, "fp32", backend="openvino")
+    assert len(exports) == 1, "the second load must reuse the export"
+    assert bin_file.stat().st_mtime_ns == stamp
+    np.testing.assert_allclose(second.score(x)[0], logits_a, atol=1e-6)
+
+    _save(weights, seed=1)  # same path, new weights
+    third = Scorer(load_checkpoint(weights), CPU, "fp32", backend="openvino")
+    assert len(exports) == 2
+    remaining = list((tmp_path / ".ctscreen-export").iterdir())
+    assert len(remaining) == 1 and remaining[0] != entries[0]  # the stale entry is gone
+    logits_c, _ = third.score(x)
+    np.testing.assert_allclose(logits_c, _reference(_model(1), x[:, None])[0], atol=1e-4)
+    assert abs(float(logits_c[0]) - float(logits_a[0])) > 1e-3
+
+
+def test_openvino_damaged_export_is_rebuilt_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: nn.Module, ov_cache: Path
+) -> None:
+    shutil.copytree(ov_cache, tmp_path, dirs_exist_ok=True)
+    exports = _count_exports(monkeypatch)
+    kwargs = dict(weights_sha256=MODEL_SHA, weights_path=None, shape=SHAPE, precision="fp32",
+                  cache_root=tmp_path)
+    assert backends.load_openvino(model, **kwargs).from_cache and not exports
+    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    data = (entry / "model.bin").read_bytes()
+    (entry / "model.bin").write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
+
+    engine = backends.load_openvino(model, **kwargs)
+    assert len(exports) == 1 and not engine.from_cache
+    x = _inputs(1, seed=7)
+    np.testing.assert_allclose(engine.run(x)[0], _reference(model, x)[0], atol=1e-4)
+    assert backends.load_openvino(model, **kwargs).from_cache
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging left
+
+
+def test_openvino_runs_batch_one_of_the_static_shape_only(
+    model: nn.Module, ov_cache: Path
+) -> None:
+    engine = backends.load_openvino(
+        model, weights_sha256=MODEL_SHA, weights_path=None, shape=SHAPE, precision="fp32",
+        cache_root=ov_cache,
+    )
+    with pytest.raises(ConfigError, match="takes"):
+        engine.run(np.zeros((1, 1, 16, 32, 16), np.float32))
+    logits, cam = engine.run(_inputs(2))  # a batch runs as two batch-1 requests
+    assert logits.shape == (2,) and cam.shape == (2, 2, 2, 2)
+
+
+# --------------------------------------------------------------------------- choice, fallback
+
+
+def test_auto_picks_openvino_on_the_cpu_only_when_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    expected = "torch" if backends.openvino_version() is None else "openvino"
+    assert resolve_backend("auto", CPU) == expected
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(ConfigError, match="CPU"):
+        resolve_backend("openvino", torch.device("cuda"))
+    with pytest.raises(ConfigError, match="unknown backend"):
+        resolve_backend("tensorrt", CPU)
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert resolve_backend("auto", CPU) == "torch"
+
+
+def test_auto_falls_back_to_torch_without_openvino(
+    no_openvino: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    weights = _save(tmp_path / "model.pth", seed=0)
+    with caplog.at_level(logging.WARNING, logger="ctscreen.backends"):
+        auto = Scorer(load_checkpoint(weights), CPU, "fp32", backend="auto")
+    assert auto.engine.name == "torch" and not caplog.records  # auto: silent
+    with caplog.at_level(logging.WARNING, logger="ctscreen.backends"):
+        asked = Scorer(load_checkpoint(weights), CPU, "fp32", backend="openvino")
+    assert asked.engine.name == "torch"
+    assert len(caplog.records) == 1 and "not installed" in caplog.records[0].getMessage()
+    x = _inputs(1)[:, 0]
+    np.testing.assert_allclose(asked.score(x)[0], _reference(_model(0), x[:, None])[0], atol=1e-4)
+    assert not (tmp_path / ".ctscreen-export").exists()
+
+
+def test_a_backend_that_fails_to_load_falls_back_with_one_warning(
+    model: nn.Module, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(backends, "openvino_version", lambda: "0.0-test")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("compile failed")
+
+    monkeypatch.setattr(backends, "load_openvino", broken)
+    with caplog.at_level(logging.WARNING, logger="ctscreen.backends"):
+        engine = make_backend(model, device=CPU, backend="auto", precision="fp32", shape=SHAPE)
+    assert engine.name == "torch"
+    assert len(caplog.records) == 1 and "compile failed" in caplog.records[0].getMessage()
+
+
+class _FailingRun:
+    name = "openvino"
+    precision = "bf16"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.calls += 1
+        raise RuntimeError("infer request failed")
+
+
+def test_a_backend_that_fails_to_run_switches_to_torch_once(
+    model: nn.Module, caplog: pytest.LogCaptureFixture
+) -> None:
+    primary = _FailingRun()
+    made: list[TorchBackend] = []
+
+    def fallback() -> TorchBackend:
+        made.append(TorchBackend(model, CPU, "fp32"))
+        return made[-1]
+
+    engine = FallbackBackend(primary, fallback)
+    x = _inputs(1)
+    with caplog.at_level(logging.WARNING, logger="ctscreen.backends"):
+        first = engine.run(x)
+        second = engine.run(x)
+    assert primary.calls == 1 and len(made) == 1 and engine.name == "torch"
+    assert engine.precision == "fp32" and len(caplog.records) == 1
+    np.testing.assert_allclose(first[0], _reference(model, x)[0], atol=1e-4)
+    np.testing.assert_array_equal(first[0], second[0])
+
+
+def test_scorer_checks_the_input_shape(tmp_path: Path) -> None:
+    scorer = Scorer(load_checkpoint(_save(tmp_path / "m.pth", seed=0)), CPU, "fp32")
+    with pytest.raises(ConfigError, match="16, 32, 32"):
+        scorer.score(np.zeros((1, 16, 32, 30), np.float32))
+
+
+def test_export_cache_goes_to_the_user_cache_without_a_weights_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CTSCREEN_CACHE_DIR", str(tmp_path / "cache"))
+    assert backends.export_cache_root(None) == tmp_path / "cache" / "export"
+    (tmp_path / "w").mkdir()
+    weights = _save(tmp_path / "w" / "m.pth", seed=0)
+    assert backends.export_cache_root(weights) == tmp_path / "w" / ".ctscreen-export"
+    beside = tmp_path / "w" / ".ctscreen-export"
+    monkeypatch.setattr(backends, "_writable_dir", lambda p: p != beside)  # read-only folder
+    assert backends.export_cache_root(weights) == tmp_path / "cache" / "export"
