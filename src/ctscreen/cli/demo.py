@@ -31,12 +31,12 @@ def add_parser(subparsers: Any) -> None:
         "--out", type=Path, default=Path("ctscreen-demo"), help="output folder (./ctscreen-demo)"
     )
     p.add_argument(
-        "--studies", type=_positive, default=96, help="training + validation studies (96)"
+        "--studies", type=_positive, default=160, help="training + validation studies (160)"
     )
     p.add_argument(
-        "--holdout", type=_positive, default=16, help="held-out archives for predict (16)"
+        "--holdout", type=_positive, default=24, help="held-out archives for predict (24)"
     )
-    p.add_argument("--epochs", type=_positive, default=12, help="training epochs (12)")
+    p.add_argument("--epochs", type=_positive, default=6, help="training epochs (6)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, split and training (0)")
     p.set_defaults(func=run)
 
