@@ -7,7 +7,7 @@ is that of the measured work alone:
 * floor: ``pydicom.dcmread(f).pixel_array`` for every file (nothing else);
 * ctscreen: discover (headers) -> select -> build_volume (HU, canonical) -> preprocess.
 
-Peak memory is the rise of the process's peak RSS over its RSS after imports,
+Peak memory is the rise of the process's peak RSS (VmHWM) over its RSS after imports,
 compared with the raw int16 size of the series (300 x 512 x 512 x 2 bytes = 150 MiB).
 
     python benchmarks/bench_read.py [--slices 300] [--matrix 512] [--repeat 3] [--cache DIR]
@@ -17,23 +17,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
+def _rss_mib() -> float:
+    return _status_mib("VmRSS")
+
+
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: a child's ru_maxrss can carry its parent's peak.
+    return _status_mib("VmHWM")
 
 
 def measure(kind: str, folder: Path) -> dict[str, float]:

@@ -175,3 +175,34 @@ def test_folder_of_junk_is_no_dicom(tmp_path: Path) -> None:
     (junk / "DICOMDIR").write_bytes(b"\0" * 200)
     with pytest.raises(NoDicomError, match="none of them DICOM"):
         discover(junk, work_dir=tmp_path / "work")
+
+
+@pytest.mark.parametrize(
+    "folder", ["chest-lidc-idri-0001", "chest-lung-pet-ct-dx-a0001", "chest-lung-pet-ct-dx-a0002"]
+)
+def test_direct_pixel_read_equals_pydicom(tmp_path: Path, folder: str) -> None:
+    import pydicom
+
+    from ctscreen.dicom.volume import _file_frames
+
+    _, study = _study(folder, tmp_path)
+    headers = study.series[0].instances
+    assert all(h.native_pixels is not None for h in headers)
+    for header in headers[:: max(1, len(headers) // 5)]:
+        ((_, fast),) = list(_file_frames(header, {None}))
+        np.testing.assert_array_equal(fast, pydicom.dcmread(header.path).pixel_array)
+
+
+def test_truncated_uncompressed_file_is_a_decode_error(tmp_path: Path) -> None:
+    import shutil
+
+    from ctscreen.errors import DecodeError
+
+    source = REAL / "chest-lung-pet-ct-dx-a0002" / "ct-series3-8mm-B40f"
+    copy = tmp_path / "series"
+    shutil.copytree(source, copy)
+    victim = sorted(copy.iterdir())[5]
+    victim.write_bytes(victim.read_bytes()[:-1000])
+    found = discover(copy, work_dir=tmp_path / "work")
+    with pytest.raises(DecodeError, match=victim.name):
+        build_volume(select_series(found.studies[0].series).best.series)

@@ -16,12 +16,10 @@ from .config import PreprocessConfig
 from .volume import Volume
 
 
-def window_to_unit(hu: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """Map HU to float32 in [0, 1] through the configured window (new array)."""
-    out = np.asarray(hu, dtype=np.float32) - np.float32(config.hu_min)
-    out *= np.float32(1.0 / config.window_width)
-    np.clip(out, 0.0, 1.0, out=out)
-    return out
+def window_to_unit(hu: np.ndarray, config: PreprocessConfig) -> torch.Tensor:
+    """Map HU to float32 in [0, 1] through the configured window (new tensor)."""
+    source = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))
+    return source.sub(config.hu_min).mul_(1.0 / config.window_width).clamp_(0.0, 1.0)
 
 
 def _resize_axis(x: torch.Tensor, axis: int, size: int) -> torch.Tensor:
@@ -31,10 +29,19 @@ def _resize_axis(x: torch.Tensor, axis: int, size: int) -> torch.Tensor:
     moved = x.movedim(axis, -1)
     lead = moved.shape[:-1]
     flat = moved.reshape(1, -1, moved.shape[-1])  # [1, C, L] treats other axes as channels
-    mode = "area" if size < flat.shape[-1] else "linear"
-    kwargs = {} if mode == "area" else {"align_corners": False}
-    resized = F.interpolate(flat, size=size, mode=mode, **kwargs)
+    if size < flat.shape[-1]:
+        resized = F.interpolate(flat, size=size, mode="area")
+    else:
+        resized = F.interpolate(flat, size=size, mode="linear", align_corners=False)
     return resized.reshape(*lead, size).movedim(-1, axis)
+
+
+def _resize_planes(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize the two in-plane axes of ``[N, H, W]``; one 2D area pass when both shrink
+    (area averaging is separable, so this equals two 1D passes, only faster)."""
+    if height < x.shape[1] and width < x.shape[2]:
+        return F.adaptive_avg_pool2d(x, (height, width))
+    return _resize_axis(_resize_axis(x, 1, height), 2, width)
 
 
 def resize_volume(x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -47,8 +54,19 @@ def resize_volume(x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return np.ascontiguousarray(t.numpy(), dtype=np.float32)
 
 
+def _resize_depth(planes: torch.Tensor, depth: int) -> torch.Tensor:
+    """Resize axis 0 of ``[N, H, W]`` without copying the planes first."""
+    if planes.shape[0] == depth:
+        return planes
+    x = planes[None, None]  # [1, 1, N, H, W]; H and W keep their size
+    size = (depth, planes.shape[1], planes.shape[2])
+    if depth < planes.shape[0]:
+        return F.adaptive_avg_pool3d(x, size)[0, 0]
+    return F.interpolate(x, size=size, mode="trilinear", align_corners=False)[0, 0]
+
+
 def preprocess_array(
-    hu: np.ndarray, config: PreprocessConfig, *, chunk_slices: int = 32
+    hu: np.ndarray, config: PreprocessConfig, *, chunk_slices: int = 8
 ) -> np.ndarray:
     """Window and resize a canonical HU array; returns float32 ``config.shape`` in [0, 1].
 
@@ -57,15 +75,13 @@ def preprocess_array(
     """
     if hu.ndim != 3:
         raise ValueError(f"expected a 3D [D, H, W] array, got shape {hu.shape}")
-    depth, height, width = config.shape
-    planes = np.empty((hu.shape[0], height, width), dtype=np.float32)
+    _, height, width = config.shape
+    planes = torch.empty((hu.shape[0], height, width), dtype=torch.float32)
     for start in range(0, hu.shape[0], chunk_slices):
-        chunk = torch.from_numpy(window_to_unit(hu[start : start + chunk_slices], config))
-        chunk = _resize_axis(_resize_axis(chunk, 1, height), 2, width)
-        planes[start : start + chunk_slices] = chunk.numpy()
-    out = resize_volume(planes, config.shape)
-    np.clip(out, 0.0, 1.0, out=out)
-    return out
+        chunk = window_to_unit(hu[start : start + chunk_slices], config)
+        planes[start : start + chunk_slices] = _resize_planes(chunk, height, width)
+    out = _resize_depth(planes, config.shape[0]).clamp_(0.0, 1.0)
+    return np.ascontiguousarray(out.numpy(), dtype=np.float32)
 
 
 def preprocess(volume: Volume, config: PreprocessConfig) -> np.ndarray:

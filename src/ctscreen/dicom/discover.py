@@ -68,6 +68,22 @@ class FrameGeometry:
 
 
 @dataclass(frozen=True)
+class NativePixels:
+    """Where an uncompressed little-endian single-frame image lies in its file.
+
+    Found during the header pass, it lets the volume builder read the pixels
+    straight from disk (``numpy.fromfile``) instead of parsing the file again.
+    """
+
+    offset: int
+    dtype: str  # numpy dtype string, e.g. "<i2"
+
+
+#: Transfer syntaxes whose pixel data is a plain little-endian array.
+_NATIVE_LITTLE_ENDIAN = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
+
+
+@dataclass(frozen=True)
 class InstanceHeader:
     """What ctscreen needs from one DICOM file, read without its pixel data."""
 
@@ -91,6 +107,7 @@ class InstanceHeader:
     frames: tuple[FrameGeometry, ...]
     folder: str
     notes: tuple[str, ...] = ()
+    native_pixels: NativePixels | None = None
 
     @property
     def number_of_frames(self) -> int:
@@ -246,6 +263,31 @@ def _image_type(ds: Dataset) -> tuple[str, ...]:
     return tuple(str(v).strip().upper() for v in value)
 
 
+def _native_pixels(ds: Dataset, transfer_syntax: str) -> NativePixels | None:
+    """The location of plain pixel data when a direct read is exactly what pydicom
+    would decode: one frame, one sample, 8 or 16 bits all used or unsigned."""
+    raw = ds._dict.get(0x7FE00010)  # the deferred element, never loaded here
+    if raw is None or getattr(raw, "value", b"") is not None:
+        return None
+    if (
+        transfer_syntax not in _NATIVE_LITTLE_ENDIAN
+        or (_int_or_none(ds, "NumberOfFrames") or 1) != 1
+    ):
+        return None
+    bits = _int_or_none(ds, "BitsAllocated")
+    stored = _int_or_none(ds, "BitsStored")
+    signed = _int_or_none(ds, "PixelRepresentation") == 1
+    rows, cols = _int_or_none(ds, "Rows") or 0, _int_or_none(ds, "Columns") or 0
+    if (_int_or_none(ds, "SamplesPerPixel") or 1) != 1 or bits not in (8, 16):
+        return None
+    if signed and stored != bits:  # pydicom sign-extends such values; leave it to pydicom
+        return None
+    if raw.length != rows * cols * bits // 8 or raw.value_tell is None:
+        return None
+    dtype = ("<i" if signed else "<u") + str(bits // 8)
+    return NativePixels(offset=int(raw.value_tell), dtype=dtype)
+
+
 def header_from_dataset(
     ds: Dataset, *, path: Path, display_path: str, folder: str
 ) -> InstanceHeader:
@@ -283,6 +325,7 @@ def header_from_dataset(
         frames=_frame_geometries(ds),
         folder=folder,
         notes=tuple(notes),
+        native_pixels=_native_pixels(ds, transfer_syntax),
     )
 
 

@@ -231,6 +231,14 @@ def _file_frames(
 ) -> Iterator[tuple[int | None, np.ndarray]]:
     """Decode the frames of one file that are in ``wanted``, one at a time."""
     try:
+        native = header.native_pixels
+        if native is not None:
+            count = header.rows * header.columns
+            arr = np.fromfile(header.path, dtype=native.dtype, count=count, offset=native.offset)
+            if arr.size != count:
+                raise ValueError(f"file ends after {arr.size} of {count} pixels")
+            yield header.frames[0].frame, arr.reshape(header.rows, header.columns)
+            return
         if header.number_of_frames == 1:
             try:
                 arr = pixel_array(header.path)
