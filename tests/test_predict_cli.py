@@ -7,6 +7,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pydicom
 import pytest
@@ -318,3 +319,39 @@ def test_real_chest_series_scores(dicom_root: Path, tmp_path: Path, weights: Pat
     assert first["series_uid"].endswith("179049373636438705059720603192")
     assert first["n_slices"] == 133
     assert set(table.iloc[1:]["processing_status"]) == {"Failure"}
+
+
+def test_per_slice_scores_follow_the_slices_for_feet_first_and_shuffled_copies(
+    make_series, tmp_path: Path, weights: Path
+) -> None:
+    common = dict(
+        seed=21, study_uid="1.2.826.0.1.3680043.10.5", series_uid="1.2.826.0.1.3680043.10.5.1"
+    )
+    hfs, phantom = make_series(name="hfs", **common)
+    shuffled, _ = make_series(name="shuffled", shuffle_names=True, extensionless=True, **common)
+    ffs, _ = make_series(name="ffs", patient_position="FFS", **common)
+    code, table = _predict(
+        tmp_path, weights, hfs[0].parent, shuffled[0].parent, ffs[0].parent, extra=("--per-slice",)
+    )
+    assert code == 0
+    n = phantom.hu.shape[0]
+    assert len(table) == 3 * n
+    by_input = {name: part for name, part in table.groupby("input_path", sort=False)}
+    first, second, third = (by_input[str(p[0].parent)] for p in (hfs, shuffled, ffs))
+    # the same instances (same SOPInstanceUIDs) keep the same score, whatever the file order
+    scores = dict(zip(first["sop_instance_uid"], first["probability_of_pathology"], strict=True))
+    pairs = zip(second["sop_instance_uid"], second["probability_of_pathology"], strict=True)
+    for uid, score in pairs:
+        assert score == pytest.approx(scores[uid], abs=1e-5)
+    # feet-first: other files, same anatomy; slice k from the feet scores the same
+    np.testing.assert_allclose(
+        first.sort_values("slice_index")["probability_of_pathology"].to_numpy(),
+        third.sort_values("slice_index")["probability_of_pathology"].to_numpy(),
+        atol=1e-5,
+    )
+    # slice_index 0 is the most inferior slice: instance 1 for feet-first, the last for head-first
+    assert third.set_index("slice_index").loc[0, "instance_number"] == 1
+    assert first.set_index("slice_index").loc[0, "instance_number"] == n
+    # the study probability is the same on every row of a series
+    assert first["study_probability"].nunique() == 1
+    assert set(first["processing_status"]) == {"Success"}

@@ -124,3 +124,38 @@ def test_duplicate_files_are_dropped_and_said(make_series, tmp_path: Path) -> No
     volume = build_volume(doubled)
     assert volume.shape == phantom.hu.shape
     assert "3 duplicate copies of the same instance were ignored" in volume.warnings
+
+
+def test_parallel_decode_matches_serial_and_names_a_damaged_file(
+    make_series, tmp_path: Path
+) -> None:
+    from ctscreen.errors import DecodeError
+
+    paths, phantom = make_series(seed=12, transfer_syntax=JPEG2000Lossless)
+    assert len(paths) >= 24  # enough compressed files for the worker pool
+    found = discover(paths[0].parent, work_dir=tmp_path / "w")
+    series = found.studies[0].series[0]
+    parallel = build_volume(series, decode_workers=2)
+    serial = build_volume(series, decode_workers=1)
+    np.testing.assert_array_equal(parallel.hu, serial.hu)
+    np.testing.assert_allclose(parallel.hu, phantom.hu, atol=0.5)
+    victim = sorted(paths)[7]
+    data = victim.read_bytes()
+    start = data.index(b"\xff\x4f\xff\x51")  # J2K start of codestream + SIZ marker
+    victim.write_bytes(data[:start] + b"\0" * 4 + data[start + 4 :])
+    broken = discover(paths[0].parent, work_dir=tmp_path / "w3").studies[0].series[0]
+    with pytest.raises(DecodeError, match=rf"{victim.name}.*JPEG 2000"):
+        build_volume(broken, decode_workers=2)
+
+
+def test_truncated_file_is_skipped_as_damaged_and_leaves_a_gap(make_series, tmp_path: Path) -> None:
+    paths, phantom = make_series(seed=12, transfer_syntax=JPEG2000Lossless)
+    victim = sorted(paths, key=lambda p: p.name)[7]
+    victim.write_bytes(victim.read_bytes()[:-8])  # the end marker of the pixel data is gone
+    found = discover(paths[0].parent, work_dir=tmp_path / "w")
+    assert any(
+        w.startswith("skipped 1 damaged DICOM file(s)") and victim.name in w for w in found.warnings
+    )
+    volume = build_volume(found.studies[0].series[0])
+    assert volume.shape[0] == phantom.hu.shape[0] - 1
+    assert any(w.startswith("gap in the slices") for w in volume.warnings)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import warnings
 import zipfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -345,15 +346,33 @@ def looks_like_dicom(path: Path) -> bool:
     return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3:4] == b"\x00"
 
 
+class DamagedFileError(InputError):
+    """A file starts like DICOM but cannot be parsed (truncated or corrupt)."""
+
+    code = "DAMAGED_FILE"
+
+
 def read_header(path: Path) -> Dataset | None:
-    """Read a file's header without loading pixel data; None if it is not DICOM."""
+    """Read a file's header without loading pixel data.
+
+    Returns:
+        The dataset, or None when the file is not DICOM at all.
+
+    Raises:
+        DamagedFileError: the file starts like DICOM but cannot be parsed.
+    """
     if not looks_like_dicom(path):
         return None
     try:
-        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=True)
     except _PARSE_ERRORS as exc:
-        log.debug("%s: not readable as DICOM: %s", path, exc)
-        return None
+        raise DamagedFileError(f"{path.name} is a damaged DICOM file ({exc})") from exc
+    # A cut file may still parse, into a dataset that lost its tail: refuse it.
+    ends_early = [w for w in caught if "End of file reached" in str(w.message)]
+    if ends_early:
+        raise DamagedFileError(f"{path.name} is truncated ({ends_early[0].message})")
     if not any(k in ds for k in ("SOPClassUID", "StudyInstanceUID", "Modality")) and not (
         getattr(ds, "file_meta", None) and "MediaStorageSOPClassUID" in ds.file_meta
     ):
@@ -466,9 +485,10 @@ def group_headers(headers: Sequence[InstanceHeader], *, location_root: str) -> t
 
 def _headers_from_files(
     files: Iterable[Path], *, root: Path, display_root: str
-) -> tuple[list[InstanceHeader], list[str], int]:
+) -> tuple[list[InstanceHeader], list[str], list[str], int]:
     headers: list[InstanceHeader] = []
     skipped: list[str] = []
+    damaged: list[str] = []
     n = 0
     for path in files:
         n += 1
@@ -479,7 +499,11 @@ def _headers_from_files(
         if path.suffix.lower() == ".zip" and zipfile.is_zipfile(path):
             skipped.append(f"{rel.as_posix()} (a zip inside the input; pass it as its own input)")
             continue
-        ds = read_header(path)
+        try:
+            ds = read_header(path)
+        except DamagedFileError:
+            damaged.append(rel.as_posix())
+            continue
         if ds is None:
             skipped.append(rel.as_posix())
             continue
@@ -489,7 +513,7 @@ def _headers_from_files(
         if header.sop_class_uid == MEDIA_STORAGE_DIRECTORY:
             continue
         headers.append(header)
-    return headers, skipped, n
+    return headers, skipped, damaged, n
 
 
 def discover(
@@ -511,11 +535,11 @@ def discover(
     input_path = Path(input_path)
     if not input_path.exists():
         raise InputError(f"{input_path} does not exist; check the path.")
-    warnings: list[str] = []
+    notes: list[str] = []
     if input_path.is_file() and looks_like_zip(input_path):
         work_dir.mkdir(parents=True, exist_ok=True)
         files, archive_warnings = extract_zip(input_path, work_dir, limits=limits)
-        warnings.extend(archive_warnings)
+        notes.extend(archive_warnings)
         root, display_root = work_dir, str(input_path)
         files = sorted(files)
     elif input_path.is_dir():
@@ -526,11 +550,24 @@ def discover(
         files = [input_path]
     else:
         raise InputError(f"{input_path} is neither a folder, a zip archive nor a file.")
-    headers, skipped, n_files = _headers_from_files(files, root=root, display_root=display_root)
+    headers, skipped, damaged, n_files = _headers_from_files(
+        files, root=root, display_root=display_root
+    )
     if skipped:
         shown = ", ".join(skipped[:3]) + (" …" if len(skipped) > 3 else "")
-        warnings.append(f"skipped {len(skipped)} file(s) that are not DICOM: {shown}")
-        log.warning("%s: %s", input_path.name, warnings[-1])
+        notes.append(f"skipped {len(skipped)} file(s) that are not DICOM: {shown}")
+        log.warning("%s: %s", input_path.name, notes[-1])
+    if damaged:
+        shown = ", ".join(damaged[:3]) + (" …" if len(damaged) > 3 else "")
+        notes.append(
+            f"skipped {len(damaged)} damaged DICOM file(s) (truncated or corrupt): {shown}"
+        )
+        log.warning("%s: %s", input_path.name, notes[-1])
+    if not headers and damaged:
+        raise NoDicomError(
+            f"{input_path.name} holds {len(damaged)} DICOM file(s), all damaged (truncated or "
+            "corrupt); copy or export the study again."
+        )
     if not headers:
         what = "no files at all" if n_files == 0 else f"{n_files} file(s), none of them DICOM"
         raise NoDicomError(
@@ -540,7 +577,7 @@ def discover(
     return Discovery(
         input_path=input_path,
         studies=studies,
-        warnings=tuple(warnings),
+        warnings=tuple(notes),
         n_files=n_files,
         n_skipped=len(skipped),
     )

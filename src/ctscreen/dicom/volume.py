@@ -19,9 +19,13 @@ the functional groups, for enhanced multi-frame CT).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import multiprocessing
+import os
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +50,7 @@ ORIENTATION_TOLERANCE = 1e-3  # max difference between direction cosines of one 
 GAP_FACTOR = 1.5  # a step longer than this many median steps is a gap
 UNIFORM_TOLERANCE = 0.05  # relative deviation of a step from the median that is reported
 TILT_REPORT_DEG = 0.5
+PARALLEL_MIN_FILES = 24  # fewer compressed files decode faster than workers start
 
 
 @dataclass(frozen=True)
@@ -226,6 +231,49 @@ def _decode_error(header: InstanceHeader, exc: Exception) -> DecodeError:
     )
 
 
+def decode_single_frame(path: str) -> np.ndarray:
+    """Decode a single-frame file with pydicom (a top-level function, so that
+    worker processes can run it)."""
+    try:
+        return pixel_array(path)
+    except (AttributeError, KeyError, ValueError, pydicom.errors.InvalidDicomError):
+        # no preamble/file meta: let dcmread guess the encoding
+        return pydicom.dcmread(path, force=True).pixel_array
+
+
+def default_decode_workers() -> int:
+    """Processes for decoding compressed slices: the CPUs this process may use, at most 4."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+def _parallel_decode(
+    headers: list[InstanceHeader], workers: int
+) -> Iterator[tuple[InstanceHeader, np.ndarray]]:
+    """Decode compressed single-frame files in worker processes, in order.
+
+    Decoders such as OpenJPEG hold the GIL, so threads do not help; processes
+    do. Should any file fail, the rest is decoded here, one by one, so that the
+    error names the file and its transfer syntax.
+    """
+    done = 0
+    context = multiprocessing.get_context("spawn")  # safe beside the reader thread
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            results = pool.map(decode_single_frame, [str(h.path) for h in headers], chunksize=8)
+            for header, arr in zip(headers, results, strict=True):
+                yield header, arr
+                done += 1
+    except Exception as exc:  # noqa: BLE001 - any worker failure is retried serially below
+        log.debug("parallel decode stopped after %d files: %s", done, exc)
+    for header in headers[done:]:
+        for _, arr in _file_frames(header, {header.frames[0].frame}):
+            yield header, arr
+
+
 def _file_frames(
     header: InstanceHeader, wanted: set[int | None]
 ) -> Iterator[tuple[int | None, np.ndarray]]:
@@ -240,12 +288,7 @@ def _file_frames(
             yield header.frames[0].frame, arr.reshape(header.rows, header.columns)
             return
         if header.number_of_frames == 1:
-            try:
-                arr = pixel_array(header.path)
-            except (AttributeError, KeyError, ValueError, pydicom.errors.InvalidDicomError):
-                # no preamble/file meta: let dcmread guess the encoding
-                arr = pydicom.dcmread(header.path, force=True).pixel_array
-            yield header.frames[0].frame, arr
+            yield header.frames[0].frame, decode_single_frame(str(header.path))
             return
         indices = sorted(k - 1 for k in wanted if k is not None)
         for k, arr in zip(indices, iter_pixels(header.path, indices=indices), strict=True):
@@ -254,12 +297,26 @@ def _file_frames(
         raise _decode_error(header, exc) from exc
 
 
-def build_volume(series: Series) -> Volume:
+def _frames_of_files(
+    headers: list[InstanceHeader], wanted_by_file: dict[Path, set[int | None]]
+) -> Iterator[tuple[Path, int | None, np.ndarray]]:
+    for header in headers:
+        for frame, arr in _file_frames(header, wanted_by_file[header.path]):
+            yield header.path, frame, arr
+
+
+def build_volume(series: Series, *, decode_workers: int | None = None) -> Volume:
     """Decode and stack one series into a canonical HU :class:`~ctscreen.volume.Volume`.
 
     For the usual case (slices become the depth axis) each decoded slice is
     flipped in-plane as needed and written straight into its canonical depth
     index, so no second full-size copy is ever made.
+
+    Args:
+        series: the series to stack.
+        decode_workers: processes that decode compressed single-frame files
+            (None: :func:`default_decode_workers`; 1 decodes here). Used only when
+            at least ``PARALLEL_MIN_FILES`` such files need decoding.
 
     Raises:
         VolumeError: the geometry makes a volume impossible.
@@ -291,21 +348,35 @@ def build_volume(series: Series) -> Volume:
     for s in geometry.slices:
         wanted_by_file.setdefault(s.header.path, set()).add(s.frame.frame)
         header_of[s.header.path] = s.header
-    for path, wanted in wanted_by_file.items():
+    workers = default_decode_workers() if decode_workers is None else decode_workers
+    compressed = [
+        h for h in header_of.values() if h.native_pixels is None and h.number_of_frames == 1
+    ]
+    decoded: Iterator[tuple[Path, int | None, np.ndarray]]
+    if workers > 1 and len(compressed) >= PARALLEL_MIN_FILES:
+        in_pool = set(compressed)
+        rest = [h for h in header_of.values() if h not in in_pool]
+        decoded = itertools.chain(
+            ((h.path, h.frames[0].frame, a) for h, a in _parallel_decode(compressed, workers)),
+            _frames_of_files(rest, wanted_by_file),
+        )
+    else:
+        decoded = _frames_of_files(list(header_of.values()), wanted_by_file)
+    for path, frame, arr in decoded:
+        wanted = wanted_by_file[path]
         header = header_of[path]
-        for frame, arr in _file_frames(header, wanted):
-            if frame not in wanted:
-                continue
-            if arr.shape != (rows, cols):
-                raise VolumeError(
-                    f"{header.display_path} decodes to shape {arr.shape}, expected "
-                    f"{(rows, cols)} (colour or damaged data); it cannot join the volume."
-                )
-            i = index_of[(path, frame)]
-            g = geometry.slices[i].frame
-            j, plane_arr = place(i, arr)
-            np.multiply(plane_arr, np.float32(g.slope), out=hu[j], casting="unsafe")
-            hu[j] += np.float32(g.intercept)
+        if frame not in wanted:
+            continue
+        if arr.shape != (rows, cols):
+            raise VolumeError(
+                f"{header.display_path} decodes to shape {arr.shape}, expected "
+                f"{(rows, cols)} (colour or damaged data); it cannot join the volume."
+            )
+        i = index_of[(path, frame)]
+        g = geometry.slices[i].frame
+        j, plane_arr = place(i, arr)
+        np.multiply(plane_arr, np.float32(g.slope), out=hu[j], casting="unsafe")
+        hu[j] += np.float32(g.intercept)
 
     new_affine = reorient_affine(affine, (n, rows, cols), perm, flips)
     warnings = list(geometry.warnings)
