@@ -23,8 +23,6 @@ import datetime as _dt
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data.dataset import StudyDataset, select_rows
 from .errors import CtscreenError, DatasetError
+from .fileio import json_safe, write_text_atomic
 from .train import metrics as metrics_lib
 from .train import plots
 
@@ -150,28 +149,6 @@ def format_metrics_table(
     return "\n".join(lines)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def evaluate(
     *,
     weights: Path | str,
@@ -269,7 +246,7 @@ def evaluate(
         }
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(out_dir / "predictions.csv", predictions.to_csv(index=False))
+    write_text_atomic(out_dir / "predictions.csv", predictions.to_csv(index=False))
     summary: dict[str, Any] = {
         "weights": str(loaded.path),
         "sha256": loaded.sha256,
@@ -291,8 +268,8 @@ def evaluate(
             "the threshold was chosen on these same studies, so the threshold-dependent "
             "metrics are optimistic; confirm them on held-out data."
         )
-    _write_text(
-        out_dir / "metrics.json", json.dumps(_json_safe(summary), indent=2, ensure_ascii=False)
+    write_text_atomic(
+        out_dir / "metrics.json", json.dumps(json_safe(summary), indent=2, ensure_ascii=False)
     )
     sens, spec = values["sensitivity"]["value"], values["specificity"]["value"]
     op = (1.0 - spec, sens) if math.isfinite(sens) and math.isfinite(spec) else None
@@ -317,7 +294,7 @@ def evaluate(
             threshold_rule=rule,
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             validation_metrics={
-                **_json_safe(values),
+                **json_safe(values),
                 "n": int(ok.sum()),
                 "n_with_pathology": int(y.sum()),
             },

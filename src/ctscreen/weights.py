@@ -53,7 +53,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.")
 #: Keys older torch versions did not write; their absence is harmless.
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)
 #: Everything ``torch.load`` is seen to raise on a damaged or foreign file.
-_LOAD_ERRORS = (
+TORCH_LOAD_ERRORS = (
     pickle.UnpicklingError,
     RuntimeError,
     EOFError,
@@ -296,7 +296,7 @@ def read_torch_file(path: Path, *, what: str = "weight file", hint: str = _CHECK
         ) from exc
     except OSError as exc:
         raise WeightsError(f"cannot read {what} {path} ({exc.strerror}).") from exc
-    except _LOAD_ERRORS as exc:
+    except TORCH_LOAD_ERRORS as exc:
         raise WeightsError(
             f"{what} {path} is damaged, truncated or not a PyTorch checkpoint "
             f"({type(exc).__name__}); copy the checkpoint again."

@@ -13,28 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import EXIT_OK, EXIT_PARTIAL
-
-
-def positive_int(text: str) -> int:
-    """argparse type for an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type for a number > 0."""
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
-    return value
+from .types import positive_float, positive_int
 
 
 def add_preprocess_arguments(p: argparse.ArgumentParser) -> None:

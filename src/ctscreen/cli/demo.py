@@ -7,13 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import EXIT_OK
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+from .types import positive_int
 
 
 def add_parser(subparsers: Any) -> None:
@@ -31,12 +25,12 @@ def add_parser(subparsers: Any) -> None:
         "--out", type=Path, default=Path("ctscreen-demo"), help="output folder (./ctscreen-demo)"
     )
     p.add_argument(
-        "--studies", type=_positive, default=160, help="training + validation studies (160)"
+        "--studies", type=positive_int, default=160, help="training + validation studies (160)"
     )
     p.add_argument(
-        "--holdout", type=_positive, default=24, help="held-out archives for predict (24)"
+        "--holdout", type=positive_int, default=24, help="held-out archives for predict (24)"
     )
-    p.add_argument("--epochs", type=_positive, default=6, help="training epochs (6)")
+    p.add_argument("--epochs", type=positive_int, default=6, help="training epochs (6)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, split and training (0)")
     p.set_defaults(func=run)
 

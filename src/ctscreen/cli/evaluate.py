@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import EXIT_OK, EXIT_PARTIAL
-from .cache import positive_int
+from .types import positive_int
 
 
 def sensitivity_target(text: str) -> float:

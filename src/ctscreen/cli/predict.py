@@ -9,22 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from . import EXIT_OK, EXIT_PARTIAL
+from .types import positive_int, probability
 
 log = logging.getLogger(__name__)
-
-
-def probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def add_parser(subparsers: Any) -> None:

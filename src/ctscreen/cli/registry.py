@@ -53,8 +53,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "of study folders/zips). Nothing is downloaded: pass the folder you downloaded."
         ),
     )
-    b.add_argument("source", choices=SOURCE_NAMES, metavar="SOURCE",
-                   help=f"dataset layout: {', '.join(SOURCE_NAMES)}")
+    b.add_argument(
+        "source",
+        choices=SOURCE_NAMES,
+        metavar="SOURCE",
+        help=f"dataset layout: {', '.join(SOURCE_NAMES)}",
+    )
     b.add_argument("root", type=Path, metavar="ROOT", help="dataset root folder")
     b.add_argument("-o", "--output", type=Path, required=True, help="registry CSV to write")
     b.add_argument(
@@ -73,12 +77,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--positive-values",
         help="mosmed_vii: comma-separated label values meaning pathology (others are 0)",
     )
-    b.add_argument("--registry-file", type=Path,
-                   help="mosmed_vii: the dataset's registry table if not found in ROOT")
-    b.add_argument("--default-label", type=label_value,
-                   help="mosmed_vii without a registry table: label of every study (0 or 1)")
-    b.add_argument("--dataset-name",
-                   help="custom: value of the dataset column and key prefix (default custom)")
+    b.add_argument(
+        "--registry-file",
+        type=Path,
+        help="mosmed_vii: the dataset's registry table if not found in ROOT",
+    )
+    b.add_argument(
+        "--default-label",
+        type=label_value,
+        help="mosmed_vii without a registry table: label of every study (0 or 1)",
+    )
+    b.add_argument(
+        "--dataset-name", help="custom: value of the dataset column and key prefix (default custom)"
+    )
     b.set_defaults(func=run)
 
     m = sub.add_parser(
@@ -92,8 +103,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     m.add_argument("inputs", type=Path, nargs="+", metavar="CSV", help="registry CSVs")
     m.add_argument("-o", "--output", type=Path, required=True, help="merged CSV to write")
-    m.add_argument("--on-conflict", choices=("drop", "error"), default="drop",
-                   help="what to do with a study listed with two labels (default drop)")
+    m.add_argument(
+        "--on-conflict",
+        choices=("drop", "error"),
+        default="drop",
+        help="what to do with a study listed with two labels (default drop)",
+    )
     m.set_defaults(func=run)
     return p
 
@@ -127,8 +142,9 @@ def _build_options(args: argparse.Namespace) -> dict[str, Any]:
             args.column_map, what="--column-map", example="study=StudyID,label=Class"
         )
     if args.positive_values:
-        options["positive_values"] = [v.strip() for v in args.positive_values.split(",")
-                                      if v.strip()]
+        options["positive_values"] = [
+            v.strip() for v in args.positive_values.split(",") if v.strip()
+        ]
     options["registry"] = args.registry_file
     options["default_label"] = args.default_label
     options["dataset"] = args.dataset_name
@@ -145,8 +161,10 @@ def _run_build(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     if result.missing:
         _warn_list("studies listed by the dataset but missing on disk", result.missing)
-    print(f"{args.output}: {len(result.rows)} studies  {_label_counts(result.rows)}"
-          + (f"  ({len(result.missing)} missing)" if result.missing else ""))
+    print(
+        f"{args.output}: {len(result.rows)} studies  {_label_counts(result.rows)}"
+        + (f"  ({len(result.missing)} missing)" if result.missing else "")
+    )
     return EXIT_PARTIAL if result.missing else EXIT_OK
 
 
@@ -163,8 +181,10 @@ def _run_merge(args: argparse.Namespace) -> int:
     if conflicts:
         _warn_list("studies with conflicting labels dropped", conflicts)
     total = sum(len(f) for f in frames)
-    print(f"{args.output}: {len(merged)} studies from {total} rows in {len(frames)} file(s)  "
-          f"{_label_counts(merged)}")
+    print(
+        f"{args.output}: {len(merged)} studies from {total} rows in {len(frames)} file(s)  "
+        f"{_label_counts(merged)}"
+    )
     return EXIT_PARTIAL if conflicts else EXIT_OK
 
 

@@ -45,10 +45,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("registry", type=Path, metavar="REGISTRY", help="registry CSV")
-    p.add_argument("--out-dir", type=Path, required=True,
-                   help=f"folder for {TRAIN_KEYS}, {VAL_KEYS} and {SUMMARY}")
-    p.add_argument("--val-fraction", type=fraction, default=0.2,
-                   help="share of studies for validation (default 0.2)")
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        required=True,
+        help=f"folder for {TRAIN_KEYS}, {VAL_KEYS} and {SUMMARY}",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=fraction,
+        default=0.2,
+        help="share of studies for validation (default 0.2)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=run)
     return p

@@ -7,26 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import EXIT_OK
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from exc
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
+from .types import positive_int, probability
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -42,17 +23,32 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("out", type=Path, metavar="OUT", help="output folder")
-    p.add_argument("--studies", type=_positive_int, default=20,
-                   help="number of studies (default: 20)")
+    p.add_argument(
+        "--studies", type=positive_int, default=20, help="number of studies (default: 20)"
+    )
     p.add_argument("--seed", type=int, default=0, help="master seed (default: 0)")
-    p.add_argument("--zip", action="store_true",
-                   help="write archives/<study>.zip (one top folder each) instead of folders")
-    p.add_argument("--matrix", choices=["tiny", "small", "full"], default="small",
-                   help="in-plane size: tiny 48-64, small 96-192, full 512 (default: small)")
-    p.add_argument("--pathology-fraction", type=_fraction, default=0.5,
-                   help="share of studies with pathology (default: 0.5)")
-    p.add_argument("--no-variety", action="store_true",
-                   help="plain head-first uncompressed single-frame series only")
+    p.add_argument(
+        "--zip",
+        action="store_true",
+        help="write archives/<study>.zip (one top folder each) instead of folders",
+    )
+    p.add_argument(
+        "--matrix",
+        choices=["tiny", "small", "full"],
+        default="small",
+        help="in-plane size: tiny 48-64, small 96-192, full 512 (default: small)",
+    )
+    p.add_argument(
+        "--pathology-fraction",
+        type=probability,
+        default=0.5,
+        help="share of studies with pathology (default: 0.5)",
+    )
+    p.add_argument(
+        "--no-variety",
+        action="store_true",
+        help="plain head-first uncompressed single-frame series only",
+    )
     p.set_defaults(func=run)
     return p
 

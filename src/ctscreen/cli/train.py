@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from . import EXIT_OK
-from .cache import add_preprocess_arguments, positive_float, positive_int
+from .cache import add_preprocess_arguments
+from .types import positive_float, positive_int
 
 BALANCE_CHOICES = ("none", "loss", "sampler", "both")
 

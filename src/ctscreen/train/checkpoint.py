@@ -11,7 +11,6 @@ Inference checkpoints (``weights.pth``, ``best.pth``) are written by
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import shutil
 import tempfile
@@ -22,22 +21,12 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..weights import TORCH_LOAD_ERRORS
 
 STATE_FORMAT = "ctscreen-train-state"
 STATE_FORMAT_VERSION = 1
 #: What ``torch.load`` raises on a damaged, truncated or foreign file.
-_LOAD_ERRORS = (
-    pickle.UnpicklingError,
-    RuntimeError,
-    EOFError,
-    OSError,
-    KeyError,
-    ValueError,
-    TypeError,
-    AttributeError,
-    IndexError,
-    UnicodeDecodeError,
-)
+_LOAD_ERRORS = (*TORCH_LOAD_ERRORS, OSError)
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -29,9 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +46,7 @@ from ..card import CLASS_NAMES, ModelCard
 from ..data import cache as cache_lib
 from ..data.dataset import StudyDataset, select_rows
 from ..errors import ConfigError, DatasetError
+from ..fileio import json_safe, write_text_atomic
 from . import metrics as metrics_lib
 from . import plots
 from .augment import augment_volume
@@ -127,29 +126,6 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (int(seed) * 1_000_003 + int(epoch)) % (2**63 - 1)
 
 
-def _json_safe(value: Any) -> Any:
-    """Replace nan/inf floats by None (JSON has no NaN), recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_history(out_dir: Path, history: Sequence[dict[str, float]]) -> None:
     """Write metrics.csv (empty cell = undefined) and metrics.jsonl (null) from the history."""
     lines = [",".join(METRICS_COLUMNS)]
@@ -164,9 +140,9 @@ def write_history(out_dir: Path, history: Sequence[dict[str, float]]) -> None:
             else:
                 cells.append(repr(float(value)))
         lines.append(",".join(cells))
-    _write_text_atomic(out_dir / "metrics.csv", "\n".join(lines) + "\n")
-    jsonl = "".join(json.dumps(_json_safe(dict(row))) + "\n" for row in history)
-    _write_text_atomic(out_dir / "metrics.jsonl", jsonl)
+    write_text_atomic(out_dir / "metrics.csv", "\n".join(lines) + "\n")
+    jsonl = "".join(json.dumps(json_safe(dict(row))) + "\n" for row in history)
+    write_text_atomic(out_dir / "metrics.jsonl", jsonl)
 
 
 def _open_tensorboard(out_dir: Path) -> Any:
@@ -329,7 +305,7 @@ def _write_split_outputs(
         f"ROC-AUC {values['roc_auc']:.4f}  PR-AUC {values['pr_auc']:.4f}  "
         f"sensitivity {values['sensitivity']:.4f}  specificity {values['specificity']:.4f}\n\n"
     )
-    _write_text_atomic(folder / f"{split}_report.txt", header + report)
+    write_text_atomic(folder / f"{split}_report.txt", header + report)
     return values
 
 
@@ -487,7 +463,7 @@ def train(
         best_epoch = state["best_epoch"]
         start_epoch = int(state["epoch"]) + 1
         log.info("resuming %s at epoch %d", out_dir, start_epoch)
-    _write_text_atomic(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+    write_text_atomic(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
     transform = augment_volume if config.augment else None
     train_set = StudyDataset(
