@@ -24,6 +24,7 @@ import logging
 import math
 import multiprocessing
 import os
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -250,6 +251,12 @@ def default_decode_workers() -> int:
     return max(1, min(4, cpus))
 
 
+def _main_module_importable() -> bool:
+    """Spawned workers re-import ``__main__``; that fails for code piped on stdin."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main_file is None or os.path.exists(main_file)
+
+
 def _parallel_decode(
     headers: list[InstanceHeader], workers: int
 ) -> Iterator[tuple[InstanceHeader, np.ndarray]]:
@@ -349,6 +356,8 @@ def build_volume(series: Series, *, decode_workers: int | None = None) -> Volume
         wanted_by_file.setdefault(s.header.path, set()).add(s.frame.frame)
         header_of[s.header.path] = s.header
     workers = default_decode_workers() if decode_workers is None else decode_workers
+    if workers > 1 and not _main_module_importable():
+        workers = 1
     compressed = [
         h for h in header_of.values() if h.native_pixels is None and h.number_of_frames == 1
     ]
