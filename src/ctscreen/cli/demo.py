@@ -16,7 +16,7 @@ def add_parser(subparsers: Any) -> None:
         help="generate synthetic studies, train, evaluate and predict, all in one folder",
         description=(
             "Run the whole path on built-in synthetic chest CT: generate studies, build the "
-            "registry, split by patient, train a small model, evaluate it with 95%% CIs, "
+            "registry, split by patient, train a small model, evaluate it with 95% CIs, "
             "and score held-out zip archives into an Excel table. Needs no data, no GPU "
             "and no network; takes a few minutes on two CPU cores."
         ),

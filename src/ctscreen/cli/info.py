@@ -17,7 +17,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="show the model card of a checkpoint",
         description=(
             "Print the model card stored in a checkpoint: architecture, preprocessing, "
-            "threshold and how it was chosen, classes, validation metrics with 95%% "
+            "threshold and how it was chosen, classes, validation metrics with 95% "
             "confidence intervals, training data, version and the file's SHA-256. "
             "Checkpoints of the original implementation are shown with the defaults "
             "ctscreen assumes for them."
