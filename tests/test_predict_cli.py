@@ -355,3 +355,24 @@ def test_per_slice_scores_follow_the_slices_for_feet_first_and_shuffled_copies(
     # the study probability is the same on every row of a series
     assert first["study_probability"].nunique() == 1
     assert set(first["processing_status"]) == {"Success"}
+
+
+def test_an_unforeseen_error_in_one_study_is_a_failure_row_not_a_crash(
+    make_series, tmp_path: Path, weights: Path, monkeypatch
+) -> None:
+    import ctscreen.inference as inference
+
+    bad, _ = make_series(seed=4, name="bad", study_uid="1.2.826.0.1.3680043.10.6")
+    good, _ = make_series(seed=5, name="good", study_uid="1.2.826.0.1.3680043.10.7")
+    real_build = inference.build_volume
+
+    def flaky_build(series, **kwargs):
+        if series.first.study_uid == "1.2.826.0.1.3680043.10.6":
+            raise IndexError("index 3 is out of bounds")
+        return real_build(series, **kwargs)
+
+    monkeypatch.setattr(inference, "build_volume", flaky_build)
+    code, table = _predict(tmp_path, weights, bad[0].parent, good[0].parent)
+    assert code == 1
+    assert list(table["processing_status"]) == ["Failure", "Success"]
+    assert table.loc[0, "error"].startswith("unexpected error while reading this study (IndexError")

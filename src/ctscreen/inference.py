@@ -125,6 +125,33 @@ class Scorer:
 
 # --------------------------------------------------------------------------- jobs
 
+#: Failures no rule foresaw (odd DICOM reaching a library bug, a full disk while
+#: unzipping, memory). They end that study with a Failure row, never the run.
+_UNEXPECTED = (
+    ArithmeticError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    LookupError,
+    MemoryError,
+    OSError,
+    RuntimeError,
+    TypeError,
+    ValueError,
+)
+
+
+def error_sentence(exc: BaseException, where: str) -> str:
+    """The Failure text for ``exc``: the library's own sentence, or one that says
+    what happened and what to do for an error nobody foresaw."""
+    if isinstance(exc, CtscreenError):
+        return exc.message
+    log.error("unexpected error on %s", where, exc_info=exc)
+    return (
+        f"unexpected error while reading this study ({type(exc).__name__}: {exc}); the other "
+        "studies were processed; please report it with the log (--log-level DEBUG)."
+    )
+
 
 @dataclass(frozen=True)
 class PredictOptions:
@@ -214,13 +241,13 @@ def _study_jobs(
             t1 = time.perf_counter()
             array = preprocess(volume, config)
             t2 = time.perf_counter()
-        except CtscreenError as exc:
+        except (CtscreenError, *_UNEXPECTED) as exc:
             yield _Job(
                 **base,
                 series_uid=candidate.series_uid,
                 reason=reason,
                 warnings=notes,
-                error=exc.message,
+                error=error_sentence(exc, study.location),
                 seconds=share_seconds + time.perf_counter() - start,
             )
             continue
@@ -253,12 +280,12 @@ def iter_jobs(
         with tempfile.TemporaryDirectory(prefix="ctscreen-") as tmp:
             try:
                 found = discover(input_path, work_dir=Path(tmp) / "extract")
-            except CtscreenError as exc:
+            except (CtscreenError, *_UNEXPECTED) as exc:
                 yield _Job(
                     input_path=shown,
                     location=shown,
                     study_uid="",
-                    error=exc.message,
+                    error=error_sentence(exc, shown),
                     warnings=model_warnings,
                     seconds=time.perf_counter() - start,
                 )
