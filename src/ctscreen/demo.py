@@ -43,7 +43,7 @@ class DemoConfig:
         matrix: in-plane size preset of the synthetic studies (see ``ctscreen synth``).
         pathologies: the synthetic findings of the pathological studies. The
             default keeps the large ones (consolidation, effusion, pneumothorax)
-            that a network trained from scratch for two minutes can learn;
+            that a network trained from scratch for three minutes can learn;
             small nodules and faint ground glass need far more data and time.
         workers: processes that build the preprocessing cache.
     """
@@ -51,7 +51,7 @@ class DemoConfig:
     out: Path = Path("ctscreen-demo")
     train_studies: int = 160
     holdout_studies: int = 24
-    epochs: int = 6
+    epochs: int = 8
     shape: tuple[int, int, int] = (16, 48, 48)
     matrix: str = "tiny"
     pathologies: tuple[str, ...] = DEMO_PATHOLOGIES
@@ -144,7 +144,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
         amp=False,
         # A few epochs from scratch: augmentation would only slow the first signal down.
         augment=False,
-        lr_schedule="constant",
+        lr_schedule="cosine",
     )
     result = train(
         registry=registry,

@@ -30,7 +30,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--holdout", type=positive_int, default=24, help="held-out archives for predict (24)"
     )
-    p.add_argument("--epochs", type=positive_int, default=6, help="training epochs (6)")
+    p.add_argument("--epochs", type=positive_int, default=8, help="training epochs (8)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, split and training (0)")
     p.set_defaults(func=run)
 
