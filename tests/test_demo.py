@@ -15,7 +15,15 @@ from ctscreen.weights import load_checkpoint
 def test_demo_writes_every_artefact_and_a_table_for_each_holdout_archive(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     config = DemoConfig(
-        out=out, train_studies=16, holdout_studies=4, epochs=1, shape=(8, 16, 16), batch_size=4
+        out=out,
+        train_studies=16,
+        holdout_studies=4,
+        epochs=1,
+        shape=(8, 16, 16),
+        batch_size=4,
+        # In-process: forking DataLoader workers from a test process in which other
+        # tests already started OpenVINO's thread pool crashed that process later.
+        workers=0,
     )
     result = run_demo(config, progress=False)
     for name in ("registry.csv", "train_keys.txt", "val_keys.txt", "holdout_metrics.json"):
