@@ -14,20 +14,9 @@ from typing import Any
 
 from . import EXIT_OK
 from .cache import add_preprocess_arguments
-from .types import positive_float, positive_int
+from .types import non_negative_int, positive_float, positive_int
 
 BALANCE_CHOICES = ("none", "loss", "sampler", "both")
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type for an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -53,6 +53,19 @@ MATRIX_PRESETS: dict[str, tuple[int, ...]] = {
 #: Most slices a study gets per preset (the covered length shrinks to fit).
 MAX_SLICES: dict[str, int] = {"tiny": 32, "small": 96, "full": 160}
 
+#: Centre and box of a study's largest lesion, LPS mm (empty for normal studies).
+LESION_COLUMNS: tuple[str, ...] = (
+    "lesion_center_x",
+    "lesion_center_y",
+    "lesion_center_z",
+    "lesion_x_min",
+    "lesion_x_max",
+    "lesion_y_min",
+    "lesion_y_max",
+    "lesion_z_min",
+    "lesion_z_max",
+)
+
 LABEL_COLUMNS: tuple[str, ...] = (
     "study_id",
     "label",
@@ -70,15 +83,7 @@ LABEL_COLUMNS: tuple[str, ...] = (
     "multiframe",
     "n_series",
     "n_lesions",
-    "lesion_center_x",
-    "lesion_center_y",
-    "lesion_center_z",
-    "lesion_x_min",
-    "lesion_x_max",
-    "lesion_y_min",
-    "lesion_y_max",
-    "lesion_z_min",
-    "lesion_z_max",
+    *LESION_COLUMNS,
 )
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)
 
@@ -324,17 +329,7 @@ def write_study(spec: StudySpec, folder: Path) -> dict[str, str]:
 
 
 def _lesion_columns(phantom: Phantom, origin: tuple[float, float, float]) -> dict[str, str]:
-    keys = (
-        "lesion_center_x",
-        "lesion_center_y",
-        "lesion_center_z",
-        "lesion_x_min",
-        "lesion_x_max",
-        "lesion_y_min",
-        "lesion_y_max",
-        "lesion_z_min",
-        "lesion_z_max",
-    )
+    keys = LESION_COLUMNS
     if not phantom.lesions:
         return dict.fromkeys(keys, "")
     largest = max(phantom.lesions, key=lambda les: les.volume_ml)
