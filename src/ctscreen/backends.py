@@ -8,7 +8,8 @@ per-slice scores then holds exactly, and at reduced precision the logit keeps th
 accuracy of the averaged map instead of the rounding of a bf16 head output.
 
 * ``torch``: fp32, or bf16 autocast on a CPU with native bf16 (AVX512-BF16/AMX);
-  fp16/bf16 autocast on CUDA.
+  fp16/bf16 autocast on CUDA. At reduced precision the stem stays fp32
+  (:func:`ctscreen.model.stem_features` says why).
 * ``openvino`` (optional extra ``pip install 'ctscreen[openvino]'``): the network
   with its activation-map output is converted once, saved as OpenVINO IR next to
   the weights (or in the user cache when that folder is read-only) and compiled
@@ -107,11 +108,7 @@ class TorchBackend:
         tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         with torch.inference_mode():
-            if dtype is None:
-                _, cam = forward_with_cam(self.model, tensor)
-            else:
-                with torch.autocast(device_type=self.device.type, dtype=dtype):
-                    _, cam = forward_with_cam(self.model, tensor)
+            _, cam = forward_with_cam(self.model, tensor, reduced=dtype)
         cam_np = cam.float().cpu().numpy()
         return logits_from_cam(cam_np, self.bias), cam_np
 
