@@ -207,6 +207,38 @@ def test_bad_inputs_each_give_a_failure_row_and_the_run_goes_on(
     assert pd.isna(table.loc[0, "probability_of_pathology"])
 
 
+def test_batches_of_studies_keep_order_failures_and_probabilities(
+    make_series, tmp_path: Path, weights: Path
+) -> None:
+    good = [
+        make_series(seed=s, name=f"good{s}", pathology=p)[0][0].parent
+        for s, p in ((1, None), (2, "nodule"), (3, None), (4, "effusion"), (5, None))
+    ]
+    bad = _bad_inputs(tmp_path, good[0] / sorted(p.name for p in good[0].iterdir())[0])
+    inputs = (good[0], bad["junk"], good[1], good[2], bad["truncated"], good[3], good[4])
+    code1, one = _predict(tmp_path, weights, *inputs, extra=("--batch-size", "1"))
+    code3, three = _predict(tmp_path, weights, *inputs, extra=("--batch-size", "3"))
+    assert code1 == code3 == 1
+    assert list(three["path_to_study"]) == list(one["path_to_study"])
+    assert list(three["processing_status"]) == [
+        "Success",
+        "Failure",
+        "Success",
+        "Success",
+        "Failure",
+        "Success",
+        "Success",
+    ]
+    scored = three["processing_status"] == "Success"
+    np.testing.assert_allclose(
+        three.loc[scored, "probability_of_pathology"],
+        one.loc[scored, "probability_of_pathology"],
+        atol=2e-6,
+    )
+    assert three.loc[scored, "probability_of_pathology"].nunique() == 5
+    assert list(three["error"].fillna("")) == list(one["error"].fillna(""))
+
+
 def test_two_studies_in_one_archive_give_two_rows(
     make_series, tmp_path: Path, weights: Path
 ) -> None:

@@ -55,6 +55,11 @@ def add_parser(subparsers: Any) -> None:
         help="auto (default): OpenVINO on the CPU when installed, else PyTorch; "
         "a backend that fails falls back to PyTorch with a warning",
     )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        help="studies per forward pass (default: 1 on the CPU, 4 on a GPU)",
+    )
     p.add_argument("--min-slices", type=positive_int, default=16, help="reject thinner series (16)")
     p.add_argument(
         "--no-localization", action="store_true", help="leave pathology_localization empty"
@@ -69,7 +74,14 @@ def run(args: argparse.Namespace) -> int:
     from .. import __version__
     from ..config import SelectionConfig
     from ..errors import ConfigError
-    from ..inference import PredictOptions, RunStats, Scorer, predict, resolve_precision
+    from ..inference import (
+        PredictOptions,
+        RunStats,
+        Scorer,
+        default_batch_size,
+        predict,
+        resolve_precision,
+    )
     from ..model import select_device
     from ..report import FAILURE, rows_to_frame, write_table
     from ..weights import load_checkpoint
@@ -90,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         selection=SelectionConfig(min_slices=args.min_slices),
         localize=not args.no_localization,
+        batch_size=args.batch_size or default_batch_size(device),
     )
     scorer = Scorer(loaded, device, precision, backend=args.backend)
     report = None
@@ -131,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         "precision": scorer.engine.precision,
         "backend": scorer.engine.name,
         "mode": mode,
+        "batch_size": options.batch_size,
         "inputs": len(args.inputs),
         "studies": stats.studies,
         "failures": stats.failures,
