@@ -193,16 +193,21 @@ def test_direct_pixel_read_equals_pydicom(tmp_path: Path, folder: str) -> None:
         np.testing.assert_array_equal(fast, pydicom.dcmread(header.path).pixel_array)
 
 
-def test_truncated_uncompressed_file_is_a_decode_error(tmp_path: Path) -> None:
+def test_truncated_uncompressed_files_are_skipped_as_damaged(tmp_path: Path) -> None:
     import shutil
-
-    from ctscreen.errors import DecodeError
 
     source = REAL / "chest-lung-pet-ct-dx-a0002" / "ct-series3-8mm-B40f"
     copy = tmp_path / "series"
     shutil.copytree(source, copy)
-    victim = sorted(copy.iterdir())[5]
-    victim.write_bytes(victim.read_bytes()[:-1000])
+    files = sorted(copy.iterdir())
+    cut_pixels, cut_header = files[5], files[9]
+    cut_pixels.write_bytes(cut_pixels.read_bytes()[:-1000])  # pydicom defers it: no complaint
+    cut_header.write_bytes(cut_header.read_bytes()[:600])  # parses into a UID-less fragment
     found = discover(copy, work_dir=tmp_path / "work")
-    with pytest.raises(DecodeError, match=victim.name):
-        build_volume(select_series(found.studies[0].series).best.series)
+    assert len(found.studies) == 1  # the fragment did not become a study of its own
+    [note] = [w for w in found.warnings if "damaged" in w]
+    assert note.startswith("skipped 2 damaged DICOM file(s)")
+    assert cut_pixels.name in note and cut_header.name in note
+    volume = build_volume(select_series(found.studies[0].series).best.series)
+    assert volume.shape[0] == len(files) - 2
+    assert any(w.startswith("gap in the slices") for w in volume.warnings)

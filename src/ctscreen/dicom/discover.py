@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 import warnings
 import zipfile
 from collections import defaultdict
@@ -346,6 +347,11 @@ def looks_like_dicom(path: Path) -> bool:
     return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3:4] == b"\x00"
 
 
+#: ``warnings.catch_warnings`` swaps process-wide state; header reads in several
+#: reader threads take turns so that each file's warnings are its own.
+_HEADER_LOCK = threading.Lock()
+
+
 class DamagedFileError(InputError):
     """A file starts like DICOM but cannot be parsed (truncated or corrupt)."""
 
@@ -364,7 +370,7 @@ def read_header(path: Path) -> Dataset | None:
     if not looks_like_dicom(path):
         return None
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with _HEADER_LOCK, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=True)
     except _PARSE_ERRORS as exc:
@@ -373,11 +379,50 @@ def read_header(path: Path) -> Dataset | None:
     ends_early = [w for w in caught if "End of file reached" in str(w.message)]
     if ends_early:
         raise DamagedFileError(f"{path.name} is truncated ({ends_early[0].message})")
+    cut = truncation(ds, path.stat().st_size)
+    if cut:
+        raise DamagedFileError(f"{path.name} is truncated ({cut})")
     if not any(k in ds for k in ("SOPClassUID", "StudyInstanceUID", "Modality")) and not (
         getattr(ds, "file_meta", None) and "MediaStorageSOPClassUID" in ds.file_meta
     ):
         return None
     return ds
+
+
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+#: CT Image Storage and Enhanced CT Image Storage: objects that must carry pixels.
+_CT_IMAGE_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"})
+
+
+def truncation(ds: Dataset, file_size: int) -> str | None:
+    """Why a dataset that parsed without complaint still lost its tail, or None.
+
+    pydicom stops quietly when a file ends between two elements, and a deferred
+    pixel element is not read at all, so a cut copy can look whole: a CT image
+    without pixel data, or pixel data longer than what is left of the file.
+    """
+    raw = ds._dict.get(0x7FE00010)  # as read: deferred (value None) or raw bytes
+    if raw is None:
+        meta = getattr(ds, "file_meta", None)
+        sop_class = str(
+            ds.get("SOPClassUID", "") or (meta or {}).get("MediaStorageSOPClassUID", "")
+        )
+        if sop_class in _CT_IMAGE_CLASSES:
+            return "a CT image whose file ends before its pixel data"
+        return None
+    length = getattr(raw, "length", None)
+    if length is None or length == 0xFFFFFFFF:  # encapsulated: the codec finds a cut
+        return None
+    value = getattr(raw, "value", None)
+    start = getattr(raw, "value_tell", None)
+    meta = getattr(ds, "file_meta", None)
+    deflated = str((meta or {}).get("TransferSyntaxUID", "")) == _DEFLATED
+    # In a deflated file, positions count bytes of the inflated stream, not of the file.
+    if value is None and start is not None and not deflated and start + length > file_size:
+        return f"its pixel data needs {length} bytes but only {max(file_size - start, 0)} remain"
+    if isinstance(value, bytes) and len(value) < length:
+        return f"its pixel data needs {length} bytes but only {len(value)} remain"
+    return None
 
 
 def looks_like_zip(path: Path) -> bool:
