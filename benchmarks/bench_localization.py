@@ -90,8 +90,9 @@ def evaluate_study(visual, label: dict[str, str]) -> StudyResult:  # noqa: ANN00
     n_slices, height, width = volume.shape
     scores = slice_scores(visual.cam, visual.bias, n_slices)
     top = int(np.argmax(scores))
-    centres = (affine @ np.array([[i, (height - 1) / 2, (width - 1) / 2, 1.0]
-                                  for i in range(n_slices)]).T).T[:, :3]
+    centres = (
+        affine @ np.array([[i, (height - 1) / 2, (width - 1) / 2, 1.0] for i in range(n_slices)]).T
+    ).T[:, :3]
     half = 0.5 * abs(float(volume.spacing[0]))
     z_lo = float(label["lesion_z_min"]) - half
     z_hi = float(label["lesion_z_max"]) + half
@@ -112,16 +113,23 @@ def evaluate_study(visual, label: dict[str, str]) -> StudyResult:  # noqa: ANN00
     peak_index = (peak + 0.5) / np.array(cam.shape) * np.array(volume.shape) - 0.5
     peak_world = (affine @ np.append(peak_index, 1.0))[:3]
     voxel = np.abs(affine[:3, :3]).sum(axis=1) / 2  # half a voxel along x, y, z (mm)
-    lesion = np.array([[float(label[f"lesion_{a}_min"]), float(label[f"lesion_{a}_max"])]
-                       for a in "xyz"])
+    lesion = np.array(
+        [[float(label[f"lesion_{a}_min"]), float(label[f"lesion_{a}_max"])] for a in "xyz"]
+    )
     lesion_wide = lesion + np.stack([-voxel, voxel], axis=1)
     peak_hit = bool(np.all((peak_world >= lesion_wide[:, 0]) & (peak_world <= lesion_wide[:, 1])))
     return StudyResult(
-        study_uid=label["study_uid"], probability=float(visual.probability),
-        called_pathology=int(visual.pathology), top_slice=top,
-        top_slice_z=round(float(centres[top, 2]), 2), slice_hit=bool(in_range[top]),
-        slice_chance=float(in_range.mean()), box_hit=box_hit, box_chance=box_chance,
-        peak_hit=peak_hit, peak_chance=box_share(lesion_wide, bounds),
+        study_uid=label["study_uid"],
+        probability=float(visual.probability),
+        called_pathology=int(visual.pathology),
+        top_slice=top,
+        top_slice_z=round(float(centres[top, 2]), 2),
+        slice_hit=bool(in_range[top]),
+        slice_chance=float(in_range.mean()),
+        box_hit=box_hit,
+        box_chance=box_chance,
+        peak_hit=peak_hit,
+        peak_chance=box_share(lesion_wide, bounds),
     )
 
 
@@ -136,10 +144,14 @@ def summarise(results: list[StudyResult]) -> dict[str, dict[str, float]]:
         sd = float(np.sqrt((chances * (1 - chances)).sum()))
         low, high = wilson(hits, n)
         out[name] = {
-            "hits": hits, "n": n, "rate": hits / n if n else float("nan"),
-            "ci_low": low, "ci_high": high,
+            "hits": hits,
+            "n": n,
+            "rate": hits / n if n else float("nan"),
+            "ci_low": low,
+            "ci_high": high,
             "chance_rate": float(chances.mean()) if n else float("nan"),
-            "expected_hits": expected, "z": (hits - expected) / sd if sd > 0 else float("nan"),
+            "expected_hits": expected,
+            "z": (hits - expected) / sd if sd > 0 else float("nan"),
         }
     return out
 
@@ -147,8 +159,12 @@ def summarise(results: list[StudyResult]) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, required=True, help="checkpoint (.pth)")
-    parser.add_argument("--data", type=Path, required=True,
-                        help="folder made by `ctscreen synth` (labels.csv inside)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="folder made by `ctscreen synth` (labels.csv inside)",
+    )
     parser.add_argument("--limit", type=int, default=0, help="at most this many lesion studies")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="also write per-study results and the summary")
@@ -179,14 +195,20 @@ def main(argv: list[str] | None = None) -> int:
             results.append(evaluate_study(visual, label))
 
     start = time.perf_counter()
-    rows = predict([args.data / row["path"] for row in labels], scorer=scorer,
-                   options=PredictOptions(), on_study=on_study)
+    rows = predict(
+        [args.data / row["path"] for row in labels],
+        scorer=scorer,
+        options=PredictOptions(),
+        on_study=on_study,
+    )
     seconds = time.perf_counter() - start
     failures = sum(r.processing_status == "Failure" for r in rows)
     summary = summarise(results)
     print(f"weights {args.weights} (sha256 {loaded.sha256[:12]}), device {device}")
-    print(f"{len(results)} lesion studies scored, {failures} failed, {seconds:.1f} s; "
-          f"{sum(r.called_pathology for r in results)} called pathology")
+    print(
+        f"{len(results)} lesion studies scored, {failures} failed, {seconds:.1f} s; "
+        f"{sum(r.called_pathology for r in results)} called pathology"
+    )
     print(f"{'measure':<34}{'hits':>9}{'rate':>8}{'95% CI':>16}{'chance':>9}{'z':>7}")
     names = {
         "slice": "top slice in lesion z-range",
@@ -196,14 +218,27 @@ def main(argv: list[str] | None = None) -> int:
     for key, text in names.items():
         s = summary[key]
         interval = f"[{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
-        print(f"{text:<34}{s['hits']:>4}/{s['n']:<4}{s['rate']:>8.3f}{interval:>16}"
-              f"{s['chance_rate']:>9.3f}{s['z']:>7.1f}")
+        print(
+            f"{text:<34}{s['hits']:>4}/{s['n']:<4}{s['rate']:>8.3f}{interval:>16}"
+            f"{s['chance_rate']:>9.3f}{s['z']:>7.1f}"
+        )
     if args.json:
-        args.json.write_text(json.dumps({
-            "weights": str(args.weights), "sha256": loaded.sha256, "device": str(device),
-            "seconds": seconds, "failures": failures, "summary": summary,
-            "studies": [asdict(r) for r in results],
-        }, indent=2) + "\n", encoding="utf-8")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "weights": str(args.weights),
+                    "sha256": loaded.sha256,
+                    "device": str(device),
+                    "seconds": seconds,
+                    "failures": failures,
+                    "summary": summary,
+                    "studies": [asdict(r) for r in results],
+                },
+                indent=2,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
     return 0
 
 

@@ -50,10 +50,17 @@ def _write_study(folder: Path, *, seed: int, slices: int, matrix: int) -> None:
 
     spacing = (300.0 / slices, 350.0 / matrix, 350.0 / matrix)
     pathology = "nodule" if seed % 2 else None
-    phantom = make_phantom(seed=seed, shape=(slices, matrix, matrix), spacing=spacing,
-                           pathology=pathology)
-    write_series(phantom.hu, spacing=spacing, out_dir=folder, study_uid=f"1.2.826.0.9.{seed}",
-                 series_uid=f"1.2.826.0.9.{seed}.2", seed=seed)
+    phantom = make_phantom(
+        seed=seed, shape=(slices, matrix, matrix), spacing=spacing, pathology=pathology
+    )
+    write_series(
+        phantom.hu,
+        spacing=spacing,
+        out_dir=folder,
+        study_uid=f"1.2.826.0.9.{seed}",
+        series_uid=f"1.2.826.0.9.{seed}.2",
+        seed=seed,
+    )
 
 
 def make_data(cache: Path, *, slices: int, n_small: int) -> tuple[Path, list[Path]]:
@@ -165,9 +172,19 @@ def rss_child(weights: Path, archive: Path, count: int) -> None:
 
 def _rss(weights: Path, archive: Path, count: int) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, __file__, "--rss-child", str(count), "--weights", str(weights),
-         "--archive", str(archive)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            __file__,
+            "--rss-child",
+            str(count),
+            "--weights",
+            str(weights),
+            "--archive",
+            str(archive),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -204,8 +221,13 @@ def accuracy(weights: Path, small: list[Path], scorers: dict[str, object]) -> di
         p = probs(scorer)
         flips = int(((p >= 0.5) != (ref >= 0.5)).sum())
         flips_median = int(((p >= median) != (ref >= median)).sum())
-        out[name] = (float(np.abs(p - ref).max()), flips, flips_median, float(p.min()),
-                     float(p.max()))
+        out[name] = (
+            float(np.abs(p - ref).max()),
+            flips,
+            flips_median,
+            float(p.min()),
+            float(p.max()),
+        )
     return out
 
 
@@ -271,8 +293,9 @@ def main() -> None:
 
     stats = RunStats()
     t = time.perf_counter()
-    rows = predict([archive] * args.batch, scorer=auto, options=PredictOptions(prefetch=2),
-                   stats=stats)
+    rows = predict(
+        [archive] * args.batch, scorer=auto, options=PredictOptions(prefetch=2), stats=stats
+    )
     batch_wall = time.perf_counter() - t
     read = statistics.mean(r.extras["read_s"] + r.extras["preprocess_s"] for r in rows)
     model = statistics.mean(r.extras["model_s"] for r in rows)
@@ -284,16 +307,24 @@ def main() -> None:
     ref = statistics.median(baseline)
 
     cpu = "AVX-512 bf16" if cpu_supports_bf16() else "no native bf16"
-    print(f"machine: {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), openvino {openvino_version() or 'not installed'}")
+    print(
+        f"machine: {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), openvino {openvino_version() or 'not installed'}"
+    )
     print(f"load average (1/5/15 min): start {load_start}, end {_load()}")
-    print(f"study: {args.slices} slices 512x512 uncompressed, one zip; weights: "
-          f"{'given ' + str(weights) if args.weights else 'random'}")
-    print(f"baseline plain fp32 PyTorch forward 1x1x96x192x192: {ref:.2f} s "
-          f"(start {baseline[0]:.2f}, end {baseline[1]:.2f})")
+    print(
+        f"study: {args.slices} slices 512x512 uncompressed, one zip; weights: "
+        f"{'given ' + str(weights) if args.weights else 'random'}"
+    )
+    print(
+        f"baseline plain fp32 PyTorch forward 1x1x96x192x192: {ref:.2f} s "
+        f"(start {baseline[0]:.2f}, end {baseline[1]:.2f})"
+    )
     print()
-    head = (f"{'backend/precision':<18}{'runs as':<15}{'load s':>8}{'cached':>8}{'fwd s':>8}"
-            f"{'study s':>9}{'/base':>7}{'max|dp|':>9}{'flips':>6}{'@median':>8}")
+    head = (
+        f"{'backend/precision':<18}{'runs as':<15}{'load s':>8}{'cached':>8}{'fwd s':>8}"
+        f"{'study s':>9}{'/base':>7}{'max|dp|':>9}{'flips':>6}{'@median':>8}"
+    )
     print(head)
     print("-" * len(head))
     for name, row in results.items():
@@ -301,22 +332,32 @@ def main() -> None:
         cached = f"{row['cached_load_s']:.2f}" if "cached_load_s" in row else "-"
         flips_text = "-" if flips < 0 else str(flips)
         median_text = "-" if flips_median < 0 else str(flips_median)
-        print(f"{name:<18}{row['engine']:<15}{row['load_s']:>8.2f}{cached:>8}"
-              f"{row['forward_s']:>8.2f}{row['study_s']:>9.2f}{row['study_s'] / ref:>7.2f}"
-              f"{dp:>9.4f}{flips_text:>6}{median_text:>8}")
+        print(
+            f"{name:<18}{row['engine']:<15}{row['load_s']:>8.2f}{cached:>8}"
+            f"{row['forward_s']:>8.2f}{row['study_s']:>9.2f}{row['study_s'] / ref:>7.2f}"
+            f"{dp:>9.4f}{flips_text:>6}{median_text:>8}"
+        )
     p_lo, p_hi = acc["torch/fp32"][3:]
-    print(f"(accuracy over {len(small)} studies of 64x256x256; fp32 probabilities {p_lo:.3f}"
-          f"-{p_hi:.3f}; flips at 0.5 and at the median fp32 probability; study s = whole "
-          f"predict() on one archive, best of {args.repeat})")
+    print(
+        f"(accuracy over {len(small)} studies of 64x256x256; fp32 probabilities {p_lo:.3f}"
+        f"-{p_hi:.3f}; flips at 0.5 and at the median fp32 probability; study s = whole "
+        f"predict() on one archive, best of {args.repeat})"
+    )
     print()
     slowest = max(read, model)
-    print(f"batch of {args.batch} archives (auto/auto, prefetch 2): {batch_wall / args.batch:.2f} "
-          f"s/study; stages: read+preprocess {read:.2f} s, forward {model:.2f} s; "
-          f"wall/slowest stage {batch_wall / args.batch / slowest:.2f}")
-    print(f"per-slice output: {per_slice:.2f} s/study vs per-study {per_study:.2f} s "
-          f"({args.slices} rows vs 1)")
-    print(f"peak RSS: 1 archive {rss_one['peak_mib']:.0f} MiB, {args.rss_archives} archives "
-          f"{rss_many['peak_mib']:.0f} MiB ({rss_many['seconds'] / args.rss_archives:.2f} s/study)")
+    print(
+        f"batch of {args.batch} archives (auto/auto, prefetch 2): {batch_wall / args.batch:.2f} "
+        f"s/study; stages: read+preprocess {read:.2f} s, forward {model:.2f} s; "
+        f"wall/slowest stage {batch_wall / args.batch / slowest:.2f}"
+    )
+    print(
+        f"per-slice output: {per_slice:.2f} s/study vs per-study {per_study:.2f} s "
+        f"({args.slices} rows vs 1)"
+    )
+    print(
+        f"peak RSS: 1 archive {rss_one['peak_mib']:.0f} MiB, {args.rss_archives} archives "
+        f"{rss_many['peak_mib']:.0f} MiB ({rss_many['seconds'] / args.rss_archives:.2f} s/study)"
+    )
 
 
 if __name__ == "__main__":

@@ -5,12 +5,16 @@ into a cache folder, then measures, each in a fresh subprocess so that peak memo
 is that of the measured work alone:
 
 * floor: ``pydicom.dcmread(f).pixel_array`` for every file (nothing else);
-* ctscreen: discover (headers) -> select -> build_volume (HU, canonical) -> preprocess.
+* ctscreen-1w / ctscreen-2w: discover (headers) -> select -> build_volume (HU,
+  canonical) -> preprocess, decoding compressed files in 1 (this process) or 2
+  worker processes. ``slices/s`` is the decode throughput of reading alone
+  (discover + build_volume), without preprocessing.
 
 Peak memory is the rise of the process's peak RSS (VmHWM) over its RSS after imports,
 compared with the raw int16 size of the series (300 x 512 x 512 x 2 bytes = 150 MiB).
 
     python benchmarks/bench_read.py [--slices 300] [--matrix 512] [--repeat 3] [--cache DIR]
+        [--workers 1 2]
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def _peak_mib() -> float:
 
 
 def measure(kind: str, folder: Path) -> dict[str, float]:
+    """Time one way of reading ``folder``: ``floor`` or ``ctscreen-<N>w`` (N decode workers)."""
     import tempfile
 
     import numpy as np
@@ -66,7 +71,10 @@ def measure(kind: str, folder: Path) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as tmp:
             found = discover(folder, work_dir=Path(tmp))
             t_disc = time.perf_counter()
-            volume = build_volume(select_series(found.studies[0].series).best.series)
+            workers = int(kind.removeprefix("ctscreen-").removesuffix("w"))
+            volume = build_volume(
+                select_series(found.studies[0].series).best.series, decode_workers=workers
+            )
             t_vol = time.perf_counter()
             x = preprocess(volume, PreprocessConfig())
             assert x.shape == (96, 192, 192) and np.isfinite(x).all()
@@ -74,6 +82,7 @@ def measure(kind: str, folder: Path) -> dict[str, float]:
             "discover_s": t_disc - t0,
             "volume_s": t_vol - t_disc,
             "preprocess_s": time.perf_counter() - t_vol,
+            "slices_per_s": len(files) / (t_vol - t0),
         }
     result["seconds"] = time.perf_counter() - t0
     result["peak_rise_mib"] = _peak_mib() - base
@@ -116,6 +125,7 @@ def main() -> None:
     parser.add_argument("--matrix", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/ctscreen-bench"))
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--measure", nargs=2, metavar=("KIND", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -127,13 +137,14 @@ def main() -> None:
         f"series: {args.slices} slices of {args.matrix}x{args.matrix}, raw int16 {raw_mib:.0f} MiB"
     )
     print(
-        f"{'series':<14}{'what':<10}{'best s':>8}{'ratio':>8}{'peak MiB':>10}{'x raw':>7}"
-        "  stages (best run)"
+        f"{'series':<14}{'what':<13}{'best s':>8}{'ratio':>8}{'slices/s':>9}{'peak MiB':>10}"
+        f"{'x raw':>7}  stages (best run)"
     )
+    kinds = ["floor", *(f"ctscreen-{n}w" for n in args.workers)]
     for name, folder in series.items():
         best: dict[str, dict[str, float]] = {}
         for _ in range(args.repeat):
-            for kind in ("floor", "ctscreen"):
+            for kind in kinds:
                 out = subprocess.run(
                     [sys.executable, __file__, "--measure", kind, str(folder)],
                     check=True,
@@ -144,12 +155,14 @@ def main() -> None:
                 if kind not in best or r["seconds"] < best[kind]["seconds"]:
                     best[kind] = r
         floor = best["floor"]["seconds"]
-        for kind in ("floor", "ctscreen"):
+        for kind in kinds:
             r = best[kind]
+            rate = r.get("slices_per_s", args.slices / r["seconds"])
             stages = " ".join(f"{k}={v:.2f}" for k, v in r.items() if k.endswith("_s"))
             print(
-                f"{name:<14}{kind:<10}{r['seconds']:>8.2f}{r['seconds'] / floor:>8.2f}"
-                f"{r['peak_rise_mib']:>10.0f}{r['peak_rise_mib'] / raw_mib:>7.2f}  {stages}"
+                f"{name:<14}{kind:<13}{r['seconds']:>8.2f}{r['seconds'] / floor:>8.2f}"
+                f"{rate:>9.0f}{r['peak_rise_mib']:>10.0f}{r['peak_rise_mib'] / raw_mib:>7.2f}"
+                f"  {stages}"
             )
 
 

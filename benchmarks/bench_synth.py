@@ -30,12 +30,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        labels = generate_dataset(Path(tmp), n_studies=args.studies, seed=args.seed,
-                                  matrix=args.matrix)
+        labels = generate_dataset(
+            Path(tmp), n_studies=args.studies, seed=args.seed, matrix=args.matrix
+        )
         elapsed = time.perf_counter() - start
         size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
-        print(f"dataset {args.studies} studies ({args.matrix}): {elapsed:.1f} s, "
-              f"{size / 1e6:.0f} MB, labels at {labels.name}")
+        print(
+            f"dataset {args.studies} studies ({args.matrix}): {elapsed:.1f} s, "
+            f"{size / 1e6:.0f} MB, labels at {labels.name}"
+        )
 
 
 if __name__ == "__main__":

@@ -114,14 +114,24 @@ def test_torch_refuses_fp16_on_the_cpu(model: nn.Module) -> None:
     ],
 )
 def test_every_backend_keeps_the_cam_decomposition(
-    name: str, precision: str, tolerance: float, model: nn.Module, batch: np.ndarray,
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    precision: str,
+    tolerance: float,
+    model: nn.Module,
+    batch: np.ndarray,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cache = request.getfixturevalue("ov_cache") if name == "openvino" else None
     exports = _count_exports(monkeypatch)
     engine = make_backend(
-        model, device=CPU, backend=name, precision=precision, weights_sha256=MODEL_SHA,
-        shape=SHAPE, cache_root=cache,
+        model,
+        device=CPU,
+        backend=name,
+        precision=precision,
+        weights_sha256=MODEL_SHA,
+        shape=SHAPE,
+        cache_root=cache,
     )
     assert engine.name == name and not exports  # the module's export is reused
     logits, cam = engine.run(batch)
@@ -183,8 +193,13 @@ def test_openvino_damaged_export_is_rebuilt_not_trusted(
 ) -> None:
     shutil.copytree(ov_cache, tmp_path, dirs_exist_ok=True)
     exports = _count_exports(monkeypatch)
-    kwargs = dict(weights_sha256=MODEL_SHA, weights_path=None, shape=SHAPE, precision="fp32",
-                  cache_root=tmp_path)
+    kwargs = dict(
+        weights_sha256=MODEL_SHA,
+        weights_path=None,
+        shape=SHAPE,
+        precision="fp32",
+        cache_root=tmp_path,
+    )
     assert backends.load_openvino(model, **kwargs).from_cache and not exports
     (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     data = (entry / "model.bin").read_bytes()
@@ -198,11 +213,13 @@ def test_openvino_damaged_export_is_rebuilt_not_trusted(
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging left
 
 
-def test_openvino_runs_batch_one_of_the_static_shape_only(
-    model: nn.Module, ov_cache: Path
-) -> None:
+def test_openvino_runs_batch_one_of_the_static_shape_only(model: nn.Module, ov_cache: Path) -> None:
     engine = backends.load_openvino(
-        model, weights_sha256=MODEL_SHA, weights_path=None, shape=SHAPE, precision="fp32",
+        model,
+        weights_sha256=MODEL_SHA,
+        weights_path=None,
+        shape=SHAPE,
+        precision="fp32",
         cache_root=ov_cache,
     )
     with pytest.raises(ConfigError, match="takes"):

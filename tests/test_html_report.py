@@ -64,8 +64,11 @@ def test_cam_on_slice_puts_a_hot_cell_in_its_quadrant() -> None:
 
 def test_box_in_voxels_inverts_the_localization_box() -> None:
     shape = (40, 64, 48)
-    volume = Volume(hu=np.zeros(shape, np.float32), spacing=(2.5, 0.7, 0.8),
-                    affine=canonical_affine((2.5, 0.7, 0.8), (-20.0, -30.0, -400.0)))
+    volume = Volume(
+        hu=np.zeros(shape, np.float32),
+        spacing=(2.5, 0.7, 0.8),
+        affine=canonical_affine((2.5, 0.7, 0.8), (-20.0, -30.0, -400.0)),
+    )
     cam = np.zeros((5, 4, 3))
     cam[1:3, 2, 0:2] = 1.0
     box = localization_box(cam, volume)
@@ -86,8 +89,9 @@ def test_pick_key_slices_spreads_the_top_and_adds_the_lowest_as_reference() -> N
     indices = [k.input_index for k in keys]
     assert min(np.diff(sorted(indices))) >= 2  # gap = 32 // 16
     assert keys[-1].role == "reference" and input_scores[keys[-1].input_index] == 0.05
-    assert all(k.slice_index == 2 * k.input_index or k.slice_index == 2 * k.input_index + 1
-               for k in keys)
+    assert all(
+        k.slice_index == 2 * k.input_index or k.slice_index == 2 * k.input_index + 1 for k in keys
+    )
 
 
 def test_format_probability_shows_which_side_of_the_threshold() -> None:
@@ -100,12 +104,20 @@ def test_format_probability_shows_which_side_of_the_threshold() -> None:
 
 
 def _write_study(root: Path, seed: int, *, n_slices: int, pathology: str | None) -> Path:
-    phantom = make_phantom(seed=seed, shape=(n_slices, 48, 48), spacing=SPACING,
-                           pathology=pathology)
+    phantom = make_phantom(
+        seed=seed, shape=(n_slices, 48, 48), spacing=SPACING, pathology=pathology
+    )
     study_uid = str(uid_from("html-report-study", seed))
     folder = root / f"study{seed}"
-    write_series(phantom.hu, spacing=SPACING, out_dir=folder, study_uid=study_uid,
-                 series_uid=str(uid_from(study_uid, "series")), origin=ORIGIN, seed=seed)
+    write_series(
+        phantom.hu,
+        spacing=SPACING,
+        out_dir=folder,
+        study_uid=study_uid,
+        series_uid=str(uid_from(study_uid, "series")),
+        origin=ORIGIN,
+        seed=seed,
+    )
     return folder
 
 
@@ -127,13 +139,20 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     loaded = load_checkpoint(weights)
     scorer = Scorer(loaded, torch.device("cpu"))
     visuals: list[StudyVisual] = []
-    rows = predict(inputs, scorer=scorer, options=PredictOptions(prefetch=0),
-                   on_study=visuals.append)
+    rows = predict(
+        inputs, scorer=scorer, options=PredictOptions(prefetch=0), on_study=visuals.append
+    )
     probabilities = [r.probability_of_pathology for r in rows]
     assert probabilities[0] != probabilities[1] and probabilities[2] is None
     threshold = (probabilities[0] + probabilities[1]) / 2  # one study on each side
-    return dict(root=root, weights=weights, inputs=inputs, scorer=scorer, visuals=visuals,
-                threshold=threshold)
+    return dict(
+        root=root,
+        weights=weights,
+        inputs=inputs,
+        scorer=scorer,
+        visuals=visuals,
+        threshold=threshold,
+    )
 
 
 def _cards(page: str) -> list[str]:
@@ -158,17 +177,35 @@ def cli_run(setup: dict[str, object]) -> dict[str, object]:
     predict_cli.add_parser(parser.add_subparsers())
     table = root / "results.csv"
     report = root / "report"
-    args = parser.parse_args([
-        "predict", *map(str, setup["inputs"]), "--weights", str(setup["weights"]),  # type: ignore[call-overload]
-        "-o", str(table), "--report", str(report), "--threshold", f"{setup['threshold']:.9f}",
-        "--device", "cpu", "--precision", "fp32",
-    ])
+    args = parser.parse_args(
+        [
+            "predict",
+            *map(str, setup["inputs"]),
+            "--weights",
+            str(setup["weights"]),  # type: ignore[call-overload]
+            "-o",
+            str(table),
+            "--report",
+            str(report),
+            "--threshold",
+            f"{setup['threshold']:.9f}",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+        ]
+    )
     args.no_progress, args.debug = True, False
     if hasattr(args, "backend"):
         args.backend = "torch"  # exporting to another runtime is not what this file tests
     code = args.func(args)
-    return dict(code=code, frame=pd.read_csv(table), page=(report / "index.html").read_text(),
-                report=report, threshold=args.threshold)
+    return dict(
+        code=code,
+        frame=pd.read_csv(table),
+        page=(report / "index.html").read_text(),
+        report=report,
+        threshold=args.threshold,
+    )
 
 
 def test_report_holds_every_study_with_its_decision(cli_run: dict[str, object]) -> None:
@@ -220,9 +257,9 @@ def test_run_summary_names_the_model_and_counts(
     assert isinstance(scorer, Scorer)
     summary = page.split("<h2>Studies</h2>")[0]
     assert scorer.loaded.sha256 in summary
-    assert "<th>failures</th><td class=\"\">1</td>" in summary
-    assert "<th>series scored</th><td class=\"\">2</td>" in summary
-    assert "<th>device</th><td class=\"\">cpu</td>" in summary
+    assert '<th>failures</th><td class="">1</td>' in summary
+    assert '<th>series scored</th><td class="">2</td>' in summary
+    assert '<th>device</th><td class="">cpu</td>' in summary
 
 
 def test_localisation_box_is_drawn_and_listed(setup: dict[str, object], tmp_path: Path) -> None:
@@ -237,9 +274,7 @@ def test_localisation_box_is_drawn_and_listed(setup: dict[str, object], tmp_path
     assert f"x {x0:g} to {x1:g} mm" in page
 
 
-def test_large_runs_link_pictures_from_img_folder(
-    setup: dict[str, object], tmp_path: Path
-) -> None:
+def test_large_runs_link_pictures_from_img_folder(setup: dict[str, object], tmp_path: Path) -> None:
     visuals = setup["visuals"]
     assert isinstance(visuals, list)
     writer = ReportWriter(tmp_path, embed_limit=0)
@@ -260,8 +295,12 @@ def test_per_slice_rows_share_one_card(setup: dict[str, object], tmp_path: Path)
     inputs = setup["inputs"]
     assert isinstance(scorer, Scorer) and isinstance(inputs, list)
     writer = ReportWriter(tmp_path)
-    rows = predict(inputs[:1], scorer=scorer, options=PredictOptions(mode="slice", prefetch=0),
-                   on_study=writer.add_study)
+    rows = predict(
+        inputs[:1],
+        scorer=scorer,
+        options=PredictOptions(mode="slice", prefetch=0),
+        on_study=writer.add_study,
+    )
     assert len(rows) == 20
     page = writer.finish(rows, run_info={"threshold": scorer.loaded.card.threshold}).read_text()
     (card,) = _cards(page)

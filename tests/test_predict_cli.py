@@ -207,7 +207,7 @@ def test_bad_inputs_each_give_a_failure_row_and_the_run_goes_on(
     assert pd.isna(table.loc[0, "probability_of_pathology"])
 
 
-def test_batches_of_studies_keep_order_failures_and_probabilities(
+def test_batches_and_parallel_readers_keep_order_failures_and_probabilities(
     make_series, tmp_path: Path, weights: Path
 ) -> None:
     good = [
@@ -215,6 +215,8 @@ def test_batches_of_studies_keep_order_failures_and_probabilities(
         for s, p in ((1, None), (2, "nodule"), (3, None), (4, "effusion"), (5, None))
     ]
     bad = _bad_inputs(tmp_path, good[0] / sorted(p.name for p in good[0].iterdir())[0])
+    victim = sorted(good[2].iterdir())[5]  # a damaged file must be reported on its own study
+    victim.write_bytes(victim.read_bytes()[:600])
     inputs = (good[0], bad["junk"], good[1], good[2], bad["truncated"], good[3], good[4])
     code1, one = _predict(tmp_path, weights, *inputs, extra=("--batch-size", "1"))
     code3, three = _predict(tmp_path, weights, *inputs, extra=("--batch-size", "3"))
@@ -237,6 +239,16 @@ def test_batches_of_studies_keep_order_failures_and_probabilities(
     )
     assert three.loc[scored, "probability_of_pathology"].nunique() == 5
     assert list(three["error"].fillna("")) == list(one["error"].fillna(""))
+    code, threaded = _predict(tmp_path, weights, *inputs, extra=("--readers", "3"))
+    assert code == 1
+    assert list(threaded["path_to_study"]) == list(one["path_to_study"])
+    assert list(threaded["error"].fillna("")) == list(one["error"].fillna(""))
+    np.testing.assert_array_equal(
+        threaded["probability_of_pathology"], one["probability_of_pathology"]
+    )
+    for table in (one, three, threaded):
+        damaged = ["damaged DICOM" in str(w) for w in table["warnings"]]
+        assert damaged == [False, False, False, True, False, False, False]
 
 
 def test_two_studies_in_one_archive_give_two_rows(

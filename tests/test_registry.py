@@ -36,8 +36,9 @@ from ctscreen.errors import ConfigError, DatasetError
 # --------------------------------------------------------------------------- helpers
 
 
-def write_ct(path: Path, *, study_uid: str, patient_id: str | None, series_uid: str = "",
-             instance: int = 1) -> Path:
+def write_ct(
+    path: Path, *, study_uid: str, patient_id: str | None, series_uid: str = "", instance: int = 1
+) -> Path:
     """Write a minimal valid 8x8 CT Image Storage file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sop_uid = generate_uid()
@@ -75,8 +76,13 @@ def write_ct(path: Path, *, study_uid: str, patient_id: str | None, series_uid: 
 def write_study(folder: Path, *, study_uid: str, patient_id: str | None, n: int = 2) -> Path:
     series = generate_uid()
     for i in range(n):
-        write_ct(folder / "series_1" / f"IM{i:04d}", study_uid=study_uid,
-                 patient_id=patient_id, series_uid=series, instance=i + 1)
+        write_ct(
+            folder / "series_1" / f"IM{i:04d}",
+            study_uid=study_uid,
+            patient_id=patient_id,
+            series_uid=series,
+            instance=i + 1,
+        )
     return folder
 
 
@@ -87,10 +93,18 @@ def write_nifti(path: Path) -> Path:
     return path
 
 
-def row(key: str, label: int = 0, *, uid: str = "", patient: str = "",
-        dataset: str = "demo") -> RegistryRow:
-    return RegistryRow(study_key=key, path=f"/data/{key}", path_type="dicom", label=label,
-                       dataset=dataset, patient_id=patient, study_uid=uid)
+def row(
+    key: str, label: int = 0, *, uid: str = "", patient: str = "", dataset: str = "demo"
+) -> RegistryRow:
+    return RegistryRow(
+        study_key=key,
+        path=f"/data/{key}",
+        path_type="dicom",
+        label=label,
+        dataset=dataset,
+        patient_id=patient,
+        study_uid=uid,
+    )
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -165,10 +179,17 @@ def covid_root(tmp_path: Path) -> Path:
     for i, cat in enumerate(["CT-0", "CT-0", "CT-2", "CT-4"], start=1):
         rel = f"/studies/{cat}/study_{i:04d}.nii.gz"
         write_nifti(root / rel.lstrip("/"))
-        table.append({"study_id": f"study_{i:04d}", "category": cat, "study_file": rel,
-                      "mask_file": ""})
-    table.append({"study_id": "study_0005", "category": "CT-1",
-                  "study_file": "/studies/CT-1/study_0005.nii.gz", "mask_file": ""})
+        table.append(
+            {"study_id": f"study_{i:04d}", "category": cat, "study_file": rel, "mask_file": ""}
+        )
+    table.append(
+        {
+            "study_id": "study_0005",
+            "category": "CT-1",
+            "study_file": "/studies/CT-1/study_0005.nii.gz",
+            "mask_file": "",
+        }
+    )
     pd.DataFrame(table).to_excel(root / "dataset_registry.xlsx", index=False)
     return root
 
@@ -195,32 +216,43 @@ def test_missing_root_says_what_to_download(tmp_path: Path) -> None:
 def vii_root(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     root = tmp_path / "CT-COVID19-VII"
     uids = {}
-    layout = {"patient_001": ["study_a", "study_b"], "patient_002": ["study_c", "study_d"],
-              "patient_003": ["study_e"]}
+    layout = {
+        "patient_001": ["study_a", "study_b"],
+        "patient_002": ["study_c", "study_d"],
+        "patient_003": ["study_e"],
+    }
     for patient, studies in layout.items():
         for study in studies:
             uids[study] = generate_uid()
-            write_study(root / "dicom" / patient / study, study_uid=uids[study],
-                        patient_id=None)
+            write_study(root / "dicom" / patient / study, study_uid=uids[study], patient_id=None)
     return root, uids
 
 
 def test_mosmed_vii_detects_unusual_columns(vii_root: tuple[Path, dict[str, str]]) -> None:
     root, uids = vii_root
-    pd.DataFrame({
-        "Study Instance UID": [uids["study_a"], uids["study_b"], "study_c",
-                               "dicom/patient_002/study_d", "1.2.999"],
-        "DIAGNOSIS": ["CT-0", "COVID-19", "Normal", "CT-3", "CT-1"],
-        "Patient": ["P1", "P1", "P2", "P2", "P9"],
-    }).to_excel(root / "dataset_registry.xlsx", index=False)
+    pd.DataFrame(
+        {
+            "Study Instance UID": [
+                uids["study_a"],
+                uids["study_b"],
+                "study_c",
+                "dicom/patient_002/study_d",
+                "1.2.999",
+            ],
+            "DIAGNOSIS": ["CT-0", "COVID-19", "Normal", "CT-3", "CT-1"],
+            "Patient": ["P1", "P1", "P2", "P2", "P9"],
+        }
+    ).to_excel(root / "dataset_registry.xlsx", index=False)
     result = build_mosmed_vii(root)
     rows = result.rows
-    assert rows["study_key"].tolist() == [f"mosmed_vii:patient_00{p}/study_{s}"
-                                          for p, s in [(1, "a"), (1, "b"), (2, "c"), (2, "d")]]
+    assert rows["study_key"].tolist() == [
+        f"mosmed_vii:patient_00{p}/study_{s}" for p, s in [(1, "a"), (1, "b"), (2, "c"), (2, "d")]
+    ]
     assert rows["label"].tolist() == [0, 1, 0, 1]
     assert rows["patient_id"].tolist() == ["P1", "P1", "P2", "P2"]
-    assert rows["study_uid"].tolist() == [uids[s] for s in ("study_a", "study_b", "study_c",
-                                                              "study_d")]
+    assert rows["study_uid"].tolist() == [
+        uids[s] for s in ("study_a", "study_b", "study_c", "study_d")
+    ]
     assert len(result.missing) == 1 and "1.2.999" in result.missing[0]
     assert any("1 study folder(s) on disk are not in the registry" in n for n in result.notes)
 
@@ -228,7 +260,8 @@ def test_mosmed_vii_detects_unusual_columns(vii_root: tuple[Path, dict[str, str]
 def test_mosmed_vii_wrong_column_then_column_map(vii_root: tuple[Path, dict[str, str]]) -> None:
     root, uids = vii_root
     pd.DataFrame({"Exam": ["study_a", "study_e"], "Diagnosis": ["CT-0", "CT-2"]}).to_csv(
-        root / "labels.csv", index=False)
+        root / "labels.csv", index=False
+    )
     with pytest.raises(DatasetError) as info:
         build_mosmed_vii(root)
     message = info.value.message
@@ -243,10 +276,12 @@ def test_mosmed_vii_wrong_column_then_column_map(vii_root: tuple[Path, dict[str,
 
 
 def test_mosmed_vii_ambiguous_label_column_is_an_error(
-        vii_root: tuple[Path, dict[str, str]]) -> None:
+    vii_root: tuple[Path, dict[str, str]],
+) -> None:
     root, _ = vii_root
     pd.DataFrame({"study": ["study_a"], "label": ["0"], "class": ["CT-0"]}).to_csv(
-        root / "dataset_registry.csv", index=False)
+        root / "dataset_registry.csv", index=False
+    )
     with pytest.raises(DatasetError, match="label column is ambiguous"):
         build_mosmed_vii(root)
     result = build_mosmed_vii(root, column_map={"label": "class"}, label_map={"CT-0": 0})
@@ -254,14 +289,16 @@ def test_mosmed_vii_ambiguous_label_column_is_an_error(
 
 
 def test_mosmed_vii_without_registry_needs_default_label(
-        vii_root: tuple[Path, dict[str, str]]) -> None:
+    vii_root: tuple[Path, dict[str, str]],
+) -> None:
     root, _ = vii_root
     with pytest.raises(DatasetError, match="default_label"):
         build_mosmed_vii(root)
     result = build_mosmed_vii(root, default_label=1)
     assert len(result.rows) == 5
     assert result.rows["patient_id"].tolist() == ["patient_001"] * 2 + ["patient_002"] * 2 + [
-        "patient_003"]
+        "patient_003"
+    ]
 
 
 @pytest.fixture()
@@ -270,10 +307,12 @@ def ldct_root(tmp_path: Path) -> Path:
     write_study(root / "studies" / "s1", study_uid="1.2.840.1", patient_id="PAT-1")
     write_study(root / "studies" / "s2", study_uid="1.2.840.2", patient_id="ANONYMOUS")
     write_study(root / "studies" / "s3", study_uid="1.2.840.3", patient_id="PAT-1")
-    pd.DataFrame({
-        "study_instance_anon": ["s1", "s2", "s3", "s4", "s5"],
-        "pathology": ["yes", 0, "True", "no", "perhaps"],
-    }).to_excel(root / "dataset_registry.xlsx", index=False)
+    pd.DataFrame(
+        {
+            "study_instance_anon": ["s1", "s2", "s3", "s4", "s5"],
+            "pathology": ["yes", 0, "True", "no", "perhaps"],
+        }
+    ).to_excel(root / "dataset_registry.xlsx", index=False)
     return root
 
 
@@ -310,7 +349,9 @@ def test_custom_folders_zips_and_missing(custom_root: Path) -> None:
     result = build_custom(custom_root)
     rows = result.rows
     assert rows["study_key"].tolist() == [
-        "custom:norma_anon/study1", "custom:norma_anon/study2.zip", "custom:pneumonia_anon/study3"
+        "custom:norma_anon/study1",
+        "custom:norma_anon/study2.zip",
+        "custom:pneumonia_anon/study3",
     ]
     assert rows["label"].tolist() == [0, 0, 1]
     assert rows["study_uid"].tolist() == ["1.9.1", "1.9.2", "1.9.3"]
@@ -324,8 +365,7 @@ def test_custom_folders_zips_and_missing(custom_root: Path) -> None:
 
 
 def test_custom_mapping_parser() -> None:
-    assert parse_mapping("norma_anon=0, pneumonia_anon=1") == {"norma_anon": 0,
-                                                                "pneumonia_anon": 1}
+    assert parse_mapping("norma_anon=0, pneumonia_anon=1") == {"norma_anon": 0, "pneumonia_anon": 1}
     with pytest.raises(ConfigError, match="has no '='"):
         parse_mapping("norma_anon:0")
     with pytest.raises(ConfigError, match="labels are 0 or 1"):
@@ -348,12 +388,16 @@ def test_build_source_rejects_options_a_source_does_not_take(custom_root: Path) 
 
 def test_resolve_columns_prefers_exact_synonyms() -> None:
     synonyms = {"study": ("study_id", "study_file"), "label": ("category",)}
-    cols = resolve_columns(["Study ID", "study_notes", "Category"], synonyms,
-                           required=("study", "label"))
+    cols = resolve_columns(
+        ["Study ID", "study_notes", "Category"], synonyms, required=("study", "label")
+    )
     assert cols == {"study": "Study ID", "label": "Category"}
     # Russian headers of a MosMed export, read with the type VII synonyms
-    cols = resolve_columns(["Пациент", "Исследование", "Диагноз", "Комментарий"],
-                           VII_SYNONYMS, required=("study", "label"))
+    cols = resolve_columns(
+        ["Пациент", "Исследование", "Диагноз", "Комментарий"],
+        VII_SYNONYMS,
+        required=("study", "label"),
+    )
     assert cols == {"study": "Исследование", "label": "Диагноз", "patient": "Пациент"}
 
 
@@ -363,7 +407,8 @@ def test_same_study_through_two_sources_is_merged_once(tmp_path: Path) -> None:
     write_study(root_vii / "dicom" / "patient_001" / "s1", study_uid="1.7.1", patient_id=None)
     write_study(root_vii / "dicom" / "patient_001" / "s2", study_uid="1.7.2", patient_id=None)
     pd.DataFrame({"study": ["s1", "s2"], "category": ["CT-1", "CT-2"]}).to_csv(
-        root_vii / "dataset_registry.csv", index=False)
+        root_vii / "dataset_registry.csv", index=False
+    )
     root_custom = tmp_path / "custom"
     write_study(root_custom / "pneumonia_anon" / "copy_of_s1", study_uid="1.7.1", patient_id="X")
     write_study(root_custom / "pneumonia_anon" / "other", study_uid="1.7.9", patient_id="Y")
@@ -372,8 +417,10 @@ def test_same_study_through_two_sources_is_merged_once(tmp_path: Path) -> None:
     merged, notes = merge_registries([vii, custom])
     assert merged["study_uid"].tolist() == ["1.7.1", "1.7.2", "1.7.9"]
     assert merged["study_key"].iloc[0] == "mosmed_vii:patient_001/s1"
-    assert notes == ["duplicate: dropped custom:pneumonia_anon/copy_of_s1 (same StudyInstanceUID "
-                     "as kept mosmed_vii:patient_001/s1)"]
+    assert notes == [
+        "duplicate: dropped custom:pneumonia_anon/copy_of_s1 (same StudyInstanceUID "
+        "as kept mosmed_vii:patient_001/s1)"
+    ]
 
 
 def test_header_read_skips_non_dicom_files(tmp_path: Path) -> None:
@@ -389,8 +436,10 @@ def test_header_read_skips_non_dicom_files(tmp_path: Path) -> None:
 
 
 def test_header_read_on_real_public_dicom() -> None:
-    root = Path(os.environ.get("CTSCREEN_TEST_DICOM") or
-                Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom")
+    root = Path(
+        os.environ.get("CTSCREEN_TEST_DICOM")
+        or Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom"
+    )
     study = root / "chest-lung-pet-ct-dx-a0001"
     if not study.is_dir():
         pytest.skip("public test DICOM not available")
@@ -404,11 +453,22 @@ def test_header_read_on_real_public_dicom() -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_build_and_merge(custom_root: Path, ldct_root: Path, tmp_path: Path,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_build_and_merge(
+    custom_root: Path, ldct_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out_custom = tmp_path / "reg" / "custom.csv"
-    args = parse(["registry", "build", "custom", str(custom_root), "-o", str(out_custom),
-                  "--mapping", "norma_anon=0,pneumonia_anon=1"])
+    args = parse(
+        [
+            "registry",
+            "build",
+            "custom",
+            str(custom_root),
+            "-o",
+            str(out_custom),
+            "--mapping",
+            "norma_anon=0,pneumonia_anon=1",
+        ]
+    )
     assert args.func(args) == EXIT_PARTIAL  # two broken studies
     captured = capsys.readouterr()
     assert "warning: studies listed by the dataset but missing on disk: 2" in captured.err
@@ -416,14 +476,33 @@ def test_cli_build_and_merge(custom_root: Path, ldct_root: Path, tmp_path: Path,
     assert len(read_registry(out_custom)) == 3
 
     out_ldct = tmp_path / "reg" / "ldct.csv"
-    args = parse(["registry", "build", "ldct_lungcr", str(ldct_root), "-o", str(out_ldct),
-                  "--mapping", "yes=1,true=1,0=0,no=0"])
+    args = parse(
+        [
+            "registry",
+            "build",
+            "ldct_lungcr",
+            str(ldct_root),
+            "-o",
+            str(out_ldct),
+            "--mapping",
+            "yes=1,true=1,0=0,no=0",
+        ]
+    )
     assert args.func(args) == EXIT_PARTIAL  # s4 missing
     capsys.readouterr()
 
     merged_path = tmp_path / "merged.csv"
-    args = parse(["registry", "merge", str(out_custom), str(out_ldct), str(out_custom),
-                  "-o", str(merged_path)])
+    args = parse(
+        [
+            "registry",
+            "merge",
+            str(out_custom),
+            str(out_ldct),
+            str(out_custom),
+            "-o",
+            str(merged_path),
+        ]
+    )
     assert args.func(args) == EXIT_OK
     captured = capsys.readouterr()
     assert "duplicate studies dropped: 3" in captured.err
@@ -432,10 +511,21 @@ def test_cli_build_and_merge(custom_root: Path, ldct_root: Path, tmp_path: Path,
     assert merged["study_key"].is_unique
 
 
-def test_cli_build_bad_column_map_is_config_error(vii_root: tuple[Path, dict[str, str]],
-                                                  tmp_path: Path) -> None:
+def test_cli_build_bad_column_map_is_config_error(
+    vii_root: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
     root, _ = vii_root
-    args = parse(["registry", "build", "mosmed_vii", str(root), "-o", str(tmp_path / "x.csv"),
-                  "--column-map", "study"])
+    args = parse(
+        [
+            "registry",
+            "build",
+            "mosmed_vii",
+            str(root),
+            "-o",
+            str(tmp_path / "x.csv"),
+            "--column-map",
+            "study",
+        ]
+    )
     with pytest.raises(ConfigError, match="--column-map item 'study' has no '='"):
         args.func(args)

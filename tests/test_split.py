@@ -31,12 +31,26 @@ def make_registry(n_patients: int = 20, *, seed: int = 7) -> pd.DataFrame:
         for s in range(int(rng.integers(1, 5))):
             # a patient's later study may differ (e.g. a follow-up after recovery)
             label = int(sick) if s < 2 else int(not sick)
-            rows.append(RegistryRow(study_key=f"ds:{p:03d}-{s}", path=f"/x/{p}/{s}",
-                                    path_type="dicom", label=label, dataset="ds",
-                                    patient_id=f"patient_{p:03d}"))
+            rows.append(
+                RegistryRow(
+                    study_key=f"ds:{p:03d}-{s}",
+                    path=f"/x/{p}/{s}",
+                    path_type="dicom",
+                    label=label,
+                    dataset="ds",
+                    patient_id=f"patient_{p:03d}",
+                )
+            )
     for i in range(8):
-        rows.append(RegistryRow(study_key=f"other:{i}", path=f"/y/{i}", path_type="nifti",
-                                label=i % 2, dataset="other"))
+        rows.append(
+            RegistryRow(
+                study_key=f"other:{i}",
+                path=f"/y/{i}",
+                path_type="nifti",
+                label=i % 2,
+                dataset="other",
+            )
+        )
     return rows_to_frame(rows)
 
 
@@ -72,22 +86,26 @@ def test_split_is_deterministic_per_seed() -> None:
 
 
 def test_same_patient_id_in_two_datasets_are_different_groups() -> None:
-    frame = rows_to_frame([
-        RegistryRow("a:1", "/a/1", "dicom", 0, "a", patient_id="patient_001"),
-        RegistryRow("a:2", "/a/2", "dicom", 1, "a", patient_id="patient_001"),
-        RegistryRow("b:1", "/b/1", "dicom", 0, "b", patient_id="patient_001"),
-        RegistryRow("b:2", "/b/2", "dicom", 0, "b"),
-    ])
+    frame = rows_to_frame(
+        [
+            RegistryRow("a:1", "/a/1", "dicom", 0, "a", patient_id="patient_001"),
+            RegistryRow("a:2", "/a/2", "dicom", 1, "a", patient_id="patient_001"),
+            RegistryRow("b:1", "/b/1", "dicom", 0, "b", patient_id="patient_001"),
+            RegistryRow("b:2", "/b/2", "dicom", 0, "b"),
+        ]
+    )
     groups = split_groups(frame).tolist()
     assert groups[0] == groups[1]
     assert len(set(groups)) == 3
 
 
 def test_tiny_registry_falls_back_to_grouped_shuffle() -> None:
-    frame = rows_to_frame([
-        RegistryRow(f"d:{i}", f"/d/{i}", "dicom", i % 2, "d", patient_id=f"p{i // 2}")
-        for i in range(6)
-    ])
+    frame = rows_to_frame(
+        [
+            RegistryRow(f"d:{i}", f"/d/{i}", "dicom", i % 2, "d", patient_id=f"p{i // 2}")
+            for i in range(6)
+        ]
+    )
     result = split_registry(frame, val_fraction=0.2, seed=3)
     assert result.summary["method"] == "grouped_shuffle"
     assert result.train_keys and result.val_keys
@@ -95,9 +113,9 @@ def test_tiny_registry_falls_back_to_grouped_shuffle() -> None:
 
 
 def test_split_rejects_bad_inputs() -> None:
-    one_patient = rows_to_frame([
-        RegistryRow(f"d:{i}", f"/d/{i}", "dicom", i % 2, "d", patient_id="p") for i in range(4)
-    ])
+    one_patient = rows_to_frame(
+        [RegistryRow(f"d:{i}", f"/d/{i}", "dicom", i % 2, "d", patient_id="p") for i in range(4)]
+    )
     with pytest.raises(DatasetError, match="at least 2 patients"):
         split_registry(one_patient)
     with pytest.raises(ConfigError, match="val_fraction"):
@@ -120,8 +138,18 @@ def test_cli_split_writes_key_files(tmp_path: Path, capsys: pytest.CaptureFixtur
     reg = write_registry(frame, tmp_path / "merged.csv")
     parser = argparse.ArgumentParser()
     split_cli.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["split", str(reg), "--out-dir", str(tmp_path / "data"),
-                              "--val-fraction", "0.25", "--seed", "5"])
+    args = parser.parse_args(
+        [
+            "split",
+            str(reg),
+            "--out-dir",
+            str(tmp_path / "data"),
+            "--val-fraction",
+            "0.25",
+            "--seed",
+            "5",
+        ]
+    )
     assert args.func(args) == EXIT_OK
     train = read_keys(tmp_path / "data" / "train_keys.txt")
     val = read_keys(tmp_path / "data" / "val_keys.txt")

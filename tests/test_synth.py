@@ -109,6 +109,7 @@ def test_normal_phantom_anatomy() -> None:
     # Both lungs at mid-height: the patient's right lung is on the low-w side.
     mid = hu[hu.shape[0] // 2]
     right, left = mid[:, :48], mid[:, 48:]
+
     def lung(x: np.ndarray) -> np.ndarray:
         return (x > -950) & (x < -700)
 
@@ -134,8 +135,13 @@ def test_each_pathology_is_drawn_where_its_lesion_says(kind: str) -> None:
     box = changed[d0 : d1 + 1, h0 : h1 + 1, w0 : w1 + 1]
     assert box.sum() > 0.5 * changed.sum()  # the change sits in the stated box
     region = sick.hu[d0 : d1 + 1, h0 : h1 + 1, w0 : w1 + 1][box]
-    expected = {"nodule": 30, "ground_glass": -500, "consolidation": 22, "effusion": 10,
-                "pneumothorax": -1000}[kind]
+    expected = {
+        "nodule": 30,
+        "ground_glass": -500,
+        "consolidation": 22,
+        "effusion": 10,
+        "pneumothorax": -1000,
+    }[kind]
     assert np.median(region) == pytest.approx(expected, abs=120)
     if kind == "nodule":
         assert 12 <= (les.volume_ml * 6000 / np.pi) ** (1 / 3) <= 36  # equivalent diameter
@@ -148,8 +154,9 @@ def test_pathology_survives_resizing_to_a_small_network_input() -> None:
     from ctscreen.preprocess import preprocess_array
 
     cfg = PreprocessConfig(shape=(32, 64, 64))
-    normal = preprocess_array(make_phantom(seed=5, shape=(64, 128, 128),
-                                           spacing=(5.0, 2.7, 2.7)).hu, cfg)
+    normal = preprocess_array(
+        make_phantom(seed=5, shape=(64, 128, 128), spacing=(5.0, 2.7, 2.7)).hu, cfg
+    )
     for kind in PATHOLOGIES:
         sick = make_phantom(seed=5, shape=(64, 128, 128), spacing=(5.0, 2.7, 2.7), pathology=kind)
         diff = np.abs(preprocess_array(sick.hu, cfg) - normal)
@@ -178,9 +185,16 @@ ROUNDTRIP_CASES = [
 @pytest.mark.parametrize(("position", "syntax", "multiframe", "enc"), ROUNDTRIP_CASES)
 def test_series_reads_back_to_the_phantom(make_series, position, syntax, multiframe, enc) -> None:
     origin = (-157.5, -170.0, -320.0)
-    paths, ph = make_series(seed=4, pathology="nodule", patient_position=position,
-                            transfer_syntax=syntax, multiframe=multiframe, origin=origin,
-                            pixel_encoding=PIXEL_ENCODINGS[enc], shuffle_names=True)
+    paths, ph = make_series(
+        seed=4,
+        pathology="nodule",
+        patient_position=position,
+        transfer_syntax=syntax,
+        multiframe=multiframe,
+        origin=origin,
+        pixel_encoding=PIXEL_ENCODINGS[enc],
+        shuffle_names=True,
+    )
     assert len(paths) == (1 if multiframe else SHAPE[0])
     vol, _iop, first = _read_geometry_and_hu(paths)
     assert vol.shape == SHAPE
@@ -234,8 +248,13 @@ def test_enhanced_ct_is_shaped_like_real_enhanced_ct(make_series) -> None:
     (path,), _ = make_series(seed=3, multiframe=True, transfer_syntax=JPEG2000Lossless)
     ds = pydicom.dcmread(path)
     assert ds.SOPClassUID == EnhancedCTImageStorage and int(ds.NumberOfFrames) == SHAPE[0]
-    for absent in ("ImagePositionPatient", "ImageOrientationPatient", "RescaleIntercept",
-                   "RescaleSlope", "PixelSpacing"):
+    for absent in (
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "RescaleIntercept",
+        "RescaleSlope",
+        "PixelSpacing",
+    ):
         assert absent not in ds
     shared = ds.SharedFunctionalGroupsSequence[0]
     assert "PlaneOrientationSequence" in shared and "PixelMeasuresSequence" in shared
@@ -243,7 +262,8 @@ def test_enhanced_ct_is_shaped_like_real_enhanced_ct(make_series) -> None:
     frames = ds.PerFrameFunctionalGroupsSequence
     assert len(frames) == SHAPE[0]
     assert [int(f.FrameContentSequence[0].InStackPositionNumber) for f in frames] == list(
-        range(1, SHAPE[0] + 1))
+        range(1, SHAPE[0] + 1)
+    )
     assert ds.pixel_array.shape == (SHAPE[0], SHAPE[1], SHAPE[2])
 
 
@@ -256,10 +276,17 @@ def test_writing_is_byte_identical_for_the_same_inputs(make_series) -> None:
 
 def test_localizer_and_secondary_capture(tmp_path: Path) -> None:
     ph = make_phantom(seed=1, shape=SHAPE, spacing=SPACING)
-    loc = write_localizer(ph.hu, spacing=SPACING, out_dir=tmp_path, study_uid="1.2.3",
-                          series_uid="1.2.3.1", origin=(-100.0, -100.0, -200.0))
-    sc = write_secondary_capture(ph.hu, out_dir=tmp_path, study_uid="1.2.3",
-                                 series_uid="1.2.3.9", extensionless=True)
+    loc = write_localizer(
+        ph.hu,
+        spacing=SPACING,
+        out_dir=tmp_path,
+        study_uid="1.2.3",
+        series_uid="1.2.3.1",
+        origin=(-100.0, -100.0, -200.0),
+    )
+    sc = write_secondary_capture(
+        ph.hu, out_dir=tmp_path, study_uid="1.2.3", series_uid="1.2.3.9", extensionless=True
+    )
     ds = pydicom.dcmread(loc)
     assert list(ds.ImageType) == ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 0, -1]
@@ -274,8 +301,9 @@ def test_localizer_and_secondary_capture(tmp_path: Path) -> None:
 
 def test_nifti_reorients_to_the_canonical_array(tmp_path: Path) -> None:
     ph = make_phantom(seed=9, shape=(20, 40, 48), spacing=(4.0, 3.0, 2.5), pathology="nodule")
-    path = write_nifti(ph.hu, spacing=ph.spacing, path=tmp_path / "ct.nii.gz",
-                       origin=(-60.0, -50.0, -40.0))
+    path = write_nifti(
+        ph.hu, spacing=ph.spacing, path=tmp_path / "ct.nii.gz", origin=(-60.0, -50.0, -40.0)
+    )
     img = nib.load(path)
     assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
     data = np.asarray(img.dataobj)
@@ -302,15 +330,20 @@ def _read_labels(path: Path) -> list[dict[str, str]]:
 
 
 def _tree_hashes(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_dataset_is_deterministic_and_labels_match_lesions(tmp_path: Path) -> None:
-    a = generate_dataset(tmp_path / "a", n_studies=6, seed=3, matrix="tiny",
-                         pathology_fraction=5 / 6)
-    b = generate_dataset(tmp_path / "b", n_studies=6, seed=3, matrix="tiny",
-                         pathology_fraction=5 / 6)
+    a = generate_dataset(
+        tmp_path / "a", n_studies=6, seed=3, matrix="tiny", pathology_fraction=5 / 6
+    )
+    b = generate_dataset(
+        tmp_path / "b", n_studies=6, seed=3, matrix="tiny", pathology_fraction=5 / 6
+    )
     assert a.read_bytes() == b.read_bytes()
     assert _tree_hashes(a.parent) == _tree_hashes(b.parent)
     rows = _read_labels(a)
@@ -319,9 +352,11 @@ def test_dataset_is_deterministic_and_labels_match_lesions(tmp_path: Path) -> No
     for row in rows:
         folder = a.parent / row["path"]
         files = [p for p in folder.iterdir() if p.is_file()]
-        main = [p for p in files
-                if pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID
-                == row["series_uid"]]
+        main = [
+            p
+            for p in files
+            if pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID == row["series_uid"]
+        ]
         vol, _, origin = _read_geometry_and_hu(main)
         assert vol.shape == (int(row["n_slices"]), int(row["rows"]), int(row["cols"]))
         assert row["label"] == ("0" if row["pathology_type"] == "none" else "1")
@@ -357,14 +392,19 @@ def test_variety_covers_the_encodings(tmp_path: Path) -> None:
     specs = plan_studies(80, seed=0, matrix="small")
     assert {s.patient_position for s in specs} == {"HFS", "FFS"}
     assert {s.transfer_syntax for s in specs} == {
-        ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless}
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        JPEG2000Lossless,
+        RLELossless,
+    }
     assert any(s.multiframe for s in specs) and any(s.localizer for s in specs)
     assert any(s.extensionless for s in specs) and any(s.thick_series for s in specs)
     assert all(96 <= s.shape[1] <= 192 for s in specs)
     assert all(280 <= s.shape[2] * s.spacing[2] <= 420 for s in specs)
     plain = plan_studies(3, seed=0, variety=False)
     assert {(s.patient_position, s.transfer_syntax, s.multiframe) for s in plain} == {
-        ("HFS", ExplicitVRLittleEndian, False)}
+        ("HFS", ExplicitVRLittleEndian, False)
+    }
 
 
 def test_cli_writes_a_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -373,8 +413,19 @@ def test_cli_writes_a_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
     parser = argparse.ArgumentParser()
     synth_cli.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["synth", str(tmp_path / "out"), "--studies", "2", "--seed", "4",
-                              "--matrix", "tiny", "--no-variety"])
+    args = parser.parse_args(
+        [
+            "synth",
+            str(tmp_path / "out"),
+            "--studies",
+            "2",
+            "--seed",
+            "4",
+            "--matrix",
+            "tiny",
+            "--no-variety",
+        ]
+    )
     assert args.func(args) == EXIT_OK
     assert "labels" in capsys.readouterr().out
     rows = _read_labels(tmp_path / "out" / "labels.csv")

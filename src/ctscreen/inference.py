@@ -14,11 +14,14 @@ becomes a ``Failure`` row with a sentence saying why, and the run goes on.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,6 +171,9 @@ class PredictOptions:
         batch_size: studies per forward pass. 1 on the CPU (a bigger batch is not
             faster there and holds more memory); a few on a GPU, where one study
             leaves most of the device idle.
+        readers: inputs read at once by reader threads (1: one after another). More
+            than 1 helps where the network outruns reading (a GPU) and cores are
+            free; each reader holds the studies of one input.
     """
 
     mode: str = "study"
@@ -176,12 +182,15 @@ class PredictOptions:
     localize: bool = True
     prefetch: int = 2
     batch_size: int = 1
+    readers: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}.")
         if self.batch_size < 1:
             raise ConfigError(f"the batch size must be at least 1, not {self.batch_size}.")
+        if self.readers < 1:
+            raise ConfigError(f"the number of readers must be at least 1, not {self.readers}.")
 
 
 @dataclass
@@ -277,6 +286,42 @@ def _study_jobs(
         del volume
 
 
+def _input_jobs(
+    input_path: Path,
+    *,
+    options: PredictOptions,
+    config: PreprocessConfig,
+    model_warnings: tuple[str, ...],
+) -> Iterator[_Job]:
+    """Discover, select, decode and preprocess one input, study by study."""
+    shown = str(input_path)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ctscreen-") as tmp:
+        try:
+            found = discover(input_path, work_dir=Path(tmp) / "extract")
+        except (CtscreenError, *_UNEXPECTED) as exc:
+            yield _Job(
+                input_path=shown,
+                location=shown,
+                study_uid="",
+                error=error_sentence(exc, shown),
+                warnings=model_warnings,
+                seconds=time.perf_counter() - start,
+            )
+            return
+        share = (time.perf_counter() - start) / len(found.studies)
+        for study in found.studies:
+            yield from _study_jobs(
+                study,
+                input_path=shown,
+                options=options,
+                config=config,
+                share_seconds=share,
+                input_warnings=found.warnings,
+                model_warnings=model_warnings,
+            )
+
+
 def iter_jobs(
     inputs: Sequence[Path],
     *,
@@ -284,34 +329,34 @@ def iter_jobs(
     config: PreprocessConfig,
     model_warnings: tuple[str, ...] = (),
 ) -> Iterator[_Job]:
-    """Discover, select, decode and preprocess every input, one study at a time."""
-    for input_path in inputs:
-        shown = str(input_path)
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="ctscreen-") as tmp:
-            try:
-                found = discover(input_path, work_dir=Path(tmp) / "extract")
-            except (CtscreenError, *_UNEXPECTED) as exc:
-                yield _Job(
-                    input_path=shown,
-                    location=shown,
-                    study_uid="",
-                    error=error_sentence(exc, shown),
-                    warnings=model_warnings,
-                    seconds=time.perf_counter() - start,
-                )
-                continue
-            share = (time.perf_counter() - start) / len(found.studies)
-            for study in found.studies:
-                yield from _study_jobs(
-                    study,
-                    input_path=shown,
-                    options=options,
-                    config=config,
-                    share_seconds=share,
-                    input_warnings=found.warnings,
-                    model_warnings=model_warnings,
-                )
+    """Discover, select, decode and preprocess every input, in input order.
+
+    With ``options.readers`` above 1, that many inputs are read at once in
+    threads (decoding and resizing release the GIL; header parsing takes turns),
+    each input's studies are kept until their turn comes, and at most
+    ``readers`` inputs are in flight.
+    """
+
+    def one(path: Path) -> Iterator[_Job]:
+        return _input_jobs(path, options=options, config=config, model_warnings=model_warnings)
+
+    if options.readers <= 1 or len(inputs) <= 1:
+        for input_path in inputs:
+            yield from one(input_path)
+        return
+    with ThreadPoolExecutor(options.readers, thread_name_prefix="ctscreen-read") as pool:
+        pending: deque[Future[list[_Job]]] = deque()
+        upcoming = iter(inputs)
+        for input_path in upcoming:
+            pending.append(pool.submit(lambda p=input_path: list(one(p))))
+            if len(pending) >= options.readers:
+                break
+        while pending:
+            jobs = pending.popleft().result()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append(pool.submit(lambda p=following: list(one(p))))
+            yield from jobs
 
 
 def _prefetched(jobs: Iterator[_Job], depth: int) -> Iterator[_Job]:
@@ -503,6 +548,13 @@ def _batches(jobs: Iterator[_Job], size: int) -> Iterator[list[_Job]]:
 def default_batch_size(device: torch.device) -> int:
     """Studies per forward pass on ``device``: 1 on the CPU, 4 on a GPU."""
     return 4 if device.type == "cuda" else 1
+
+
+def default_readers(device: torch.device) -> int:
+    """Reader threads for ``device``: 1 on the CPU; on a GPU one per 4 cores, at most 4."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(4, len(os.sched_getaffinity(0)) // 4))
 
 
 def predict(

@@ -60,6 +60,12 @@ def add_parser(subparsers: Any) -> None:
         type=positive_int,
         help="studies per forward pass (default: 1 on the CPU, 4 on a GPU)",
     )
+    p.add_argument(
+        "--readers",
+        type=positive_int,
+        help="inputs read at once in threads (default: 1 on the CPU, where the network is "
+        "the slow stage; up to 4 on a GPU, where reading is)",
+    )
     p.add_argument("--min-slices", type=positive_int, default=16, help="reject thinner series (16)")
     p.add_argument(
         "--no-localization", action="store_true", help="leave pathology_localization empty"
@@ -79,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         RunStats,
         Scorer,
         default_batch_size,
+        default_readers,
         predict,
         resolve_precision,
     )
@@ -103,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         selection=SelectionConfig(min_slices=args.min_slices),
         localize=not args.no_localization,
         batch_size=args.batch_size or default_batch_size(device),
+        readers=args.readers or default_readers(device),
     )
     scorer = Scorer(loaded, device, precision, backend=args.backend)
     report = None
@@ -145,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         "backend": scorer.engine.name,
         "mode": mode,
         "batch_size": options.batch_size,
+        "readers": options.readers,
         "inputs": len(args.inputs),
         "studies": stats.studies,
         "failures": stats.failures,

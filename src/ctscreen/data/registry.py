@@ -285,8 +285,7 @@ def merge_registries(
     if on_conflict not in ("drop", "error"):
         raise ConfigError(f"on_conflict must be 'drop' or 'error', not {on_conflict!r}.")
     parts = [
-        validate_registry(f, where=f"registry #{i + 1}", unique=False)
-        for i, f in enumerate(frames)
+        validate_registry(f, where=f"registry #{i + 1}", unique=False) for i, f in enumerate(frames)
     ]
     if not parts:
         return empty_frame(), []

@@ -173,17 +173,31 @@ def split_registry(frame: pd.DataFrame, *, val_fraction: float = 0.2, seed: int 
     train_keys = tuple(str(k) for k in keys[~mask])
     val_keys = tuple(str(k) for k in keys[mask])
     summary = _summary(
-        labels, groups, mask, method=method, n_splits=n_splits if fold is not None else None,
-        fold=fold, seed=seed, val_fraction=val_fraction,
+        labels,
+        groups,
+        mask,
+        method=method,
+        n_splits=n_splits if fold is not None else None,
+        fold=fold,
+        seed=seed,
+        val_fraction=val_fraction,
     )
-    log.info("split %d studies: %d train, %d val (%s)", len(keys), len(train_keys),
-             len(val_keys), method)
+    log.info(
+        "split %d studies: %d train, %d val (%s)", len(keys), len(train_keys), len(val_keys), method
+    )
     return SplitResult(train_keys, val_keys, summary)
 
 
 def _summary(
-    labels: np.ndarray, groups: np.ndarray, mask: np.ndarray, *, method: str,
-    n_splits: int | None, fold: int | None, seed: int, val_fraction: float,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    mask: np.ndarray,
+    *,
+    method: str,
+    n_splits: int | None,
+    fold: int | None,
+    seed: int,
+    val_fraction: float,
 ) -> dict[str, Any]:
     sides = {"train": ~mask, "val": mask}
     _, group_sizes = np.unique(groups, return_counts=True)
@@ -196,8 +210,7 @@ def _summary(
         "studies": {side: int(m.sum()) for side, m in sides.items()},
         "groups": {side: len(np.unique(groups[m])) for side, m in sides.items()},
         "counts": {
-            side: {str(c): int((labels[m] == c).sum()) for c in LABELS}
-            for side, m in sides.items()
+            side: {str(c): int((labels[m] == c).sum()) for c in LABELS} for side, m in sides.items()
         },
         "largest_group": int(group_sizes.max()),
     }
@@ -225,8 +238,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     how = summary["method"]
     if summary.get("n_splits"):
         how += f" (fold {summary['fold']} of {summary['n_splits']})"
-    lines.append(f"method {how}, seed {summary['seed']}, largest patient group "
-                 f"{summary['largest_group']} studies")
+    lines.append(
+        f"method {how}, seed {summary['seed']}, largest patient group "
+        f"{summary['largest_group']} studies"
+    )
     return lines
 
 
@@ -282,7 +297,8 @@ def read_keys(path: str | os.PathLike[str]) -> list[str]:
     seen: set[str] = set()
     for key in keys:
         if key in seen:
-            raise DatasetError(f"key file {path} lists {key!r} twice; rebuild it with "
-                               "`ctscreen split`.")
+            raise DatasetError(
+                f"key file {path} lists {key!r} twice; rebuild it with `ctscreen split`."
+            )
         seen.add(key)
     return keys

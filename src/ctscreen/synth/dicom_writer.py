@@ -109,8 +109,9 @@ class _Plane:
     flip_columns: bool
 
 
-def _plan_planes(hu: np.ndarray, spacing: Sequence[float], origin: Sequence[float],
-                 patient_position: str) -> _Plane:
+def _plan_planes(
+    hu: np.ndarray, spacing: Sequence[float], origin: Sequence[float], patient_position: str
+) -> _Plane:
     d, _h, w = hu.shape
     sd, _sh, sw = (float(s) for s in spacing)
     ox, oy, oz = (float(c) for c in origin)
@@ -145,9 +146,18 @@ def _study_datetime(seed: int) -> tuple[str, str]:
     return day.strftime("%Y%m%d"), f"{secs // 3600:02d}{secs // 60 % 60:02d}{secs % 60:02d}"
 
 
-def _base_dataset(*, sop_class: UID, sop_uid: UID, study_uid: str, series_uid: str,
-                  patient_id: str, seed: int, series_number: int, series_description: str,
-                  modality: str = "CT") -> Dataset:
+def _base_dataset(
+    *,
+    sop_class: UID,
+    sop_uid: UID,
+    study_uid: str,
+    series_uid: str,
+    patient_id: str,
+    seed: int,
+    series_number: int,
+    series_description: str,
+    modality: str = "CT",
+) -> Dataset:
     date, time = _study_datetime(seed)
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -190,8 +200,7 @@ def _file_meta(ds: Dataset, transfer_syntax: UID) -> FileMetaDataset:
     return meta
 
 
-def _set_pixels(ds: Dataset, stored: np.ndarray, enc: PixelEncoding,
-                transfer_syntax: UID) -> None:
+def _set_pixels(ds: Dataset, stored: np.ndarray, enc: PixelEncoding, transfer_syntax: UID) -> None:
     """Attach pixel data, compressing it when the transfer syntax asks for it."""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -203,18 +212,25 @@ def _set_pixels(ds: Dataset, stored: np.ndarray, enc: PixelEncoding,
     ds.PixelRepresentation = enc.pixel_representation
     ds.file_meta = _file_meta(ds, transfer_syntax)
     if transfer_syntax in _COMPRESSED:
-        ds.compress(transfer_syntax, np.ascontiguousarray(stored),
-                    encoding_plugin=_COMPRESSED[transfer_syntax], generate_instance_uid=False)
+        ds.compress(
+            transfer_syntax,
+            np.ascontiguousarray(stored),
+            encoding_plugin=_COMPRESSED[transfer_syntax],
+            generate_instance_uid=False,
+        )
     elif transfer_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
         ds.PixelData = np.ascontiguousarray(stored).astype(f"<{stored.dtype.str[1:]}").tobytes()
         ds["PixelData"].VR = "OW"
     else:
-        raise ValueError(f"unsupported transfer syntax {transfer_syntax!r}; "
-                         f"use one of {[str(t) for t in TRANSFER_SYNTAXES]}")
+        raise ValueError(
+            f"unsupported transfer syntax {transfer_syntax!r}; "
+            f"use one of {[str(t) for t in TRANSFER_SYNTAXES]}"
+        )
 
 
-def _file_name(sop_uid: str, index: int, *, prefix: str, extensionless: bool,
-               shuffle_names: bool) -> str:
+def _file_name(
+    sop_uid: str, index: int, *, prefix: str, extensionless: bool, shuffle_names: bool
+) -> str:
     if shuffle_names:
         stem = hashlib.sha1(sop_uid.encode()).hexdigest()[:8].upper() + "_anon"
     else:
@@ -282,15 +298,32 @@ def write_series(
     plane = _plan_planes(hu, spacing, origin, patient_position)
     thickness = float(spacing[0]) if slice_thickness is None else float(slice_thickness)
     pixel_spacing = [_ds_str(float(spacing[1])), _ds_str(float(spacing[2]))]
-    common = dict(study_uid=study_uid, series_uid=series_uid, patient_id=patient_id,
-                  seed=seed, series_number=series_number,
-                  series_description=series_description)
+    common = dict(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        patient_id=patient_id,
+        seed=seed,
+        series_number=series_number,
+        series_description=series_description,
+    )
     if multiframe:
-        path = out_dir / _file_name(uid_from(series_uid, "enhanced"), 1, prefix=name_prefix,
-                                    extensionless=extensionless, shuffle_names=shuffle_names)
-        ds = _enhanced_dataset(plane, enc=enc, thickness=thickness, spacing=spacing,
-                               pixel_spacing=pixel_spacing, patient_position=patient_position,
-                               transfer_syntax=transfer_syntax, **common)
+        path = out_dir / _file_name(
+            uid_from(series_uid, "enhanced"),
+            1,
+            prefix=name_prefix,
+            extensionless=extensionless,
+            shuffle_names=shuffle_names,
+        )
+        ds = _enhanced_dataset(
+            plane,
+            enc=enc,
+            thickness=thickness,
+            spacing=spacing,
+            pixel_spacing=pixel_spacing,
+            patient_position=patient_position,
+            transfer_syntax=transfer_syntax,
+            **common,
+        )
         ds.save_as(path, enforce_file_format=True)
         return [path]
 
@@ -319,8 +352,13 @@ def write_series(
         ds.WindowCenter = "-600"
         ds.WindowWidth = "1500"
         _set_pixels(ds, encode_pixels(frame, enc), enc, transfer_syntax)
-        path = out_dir / _file_name(sop_uid, number, prefix=name_prefix,
-                                    extensionless=extensionless, shuffle_names=shuffle_names)
+        path = out_dir / _file_name(
+            sop_uid,
+            number,
+            prefix=name_prefix,
+            extensionless=extensionless,
+            shuffle_names=shuffle_names,
+        )
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     log.debug("wrote %d slices of series %s to %s", len(paths), series_uid, out_dir)
@@ -334,16 +372,34 @@ def _item(**elements: object) -> Dataset:
     return item
 
 
-def _enhanced_dataset(plane: _Plane, *, enc: PixelEncoding, thickness: float,
-                      spacing: Sequence[float], pixel_spacing: list[str],
-                      patient_position: str, transfer_syntax: UID, study_uid: str,
-                      series_uid: str, patient_id: str, seed: int, series_number: int,
-                      series_description: str) -> Dataset:
+def _enhanced_dataset(
+    plane: _Plane,
+    *,
+    enc: PixelEncoding,
+    thickness: float,
+    spacing: Sequence[float],
+    pixel_spacing: list[str],
+    patient_position: str,
+    transfer_syntax: UID,
+    study_uid: str,
+    series_uid: str,
+    patient_id: str,
+    seed: int,
+    series_number: int,
+    series_description: str,
+) -> Dataset:
     """One Enhanced CT Image Storage object holding every slice as a frame."""
     sop_uid = uid_from(series_uid, "enhanced")
-    ds = _base_dataset(sop_class=EnhancedCTImageStorage, sop_uid=sop_uid, study_uid=study_uid,
-                       series_uid=series_uid, patient_id=patient_id, seed=seed,
-                       series_number=series_number, series_description=series_description)
+    ds = _base_dataset(
+        sop_class=EnhancedCTImageStorage,
+        sop_uid=sop_uid,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        patient_id=patient_id,
+        seed=seed,
+        series_number=series_number,
+        series_description=series_description,
+    )
     date, time = ds.ContentDate, ds.ContentTime
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
     ds.InstanceNumber = 1
@@ -360,39 +416,77 @@ def _enhanced_dataset(plane: _Plane, *, enc: PixelEncoding, thickness: float,
     ds.PresentationLUTShape = "IDENTITY"
     ds.NumberOfFrames = len(plane.frames)
     dim_uid = uid_from(series_uid, "dimension-organization")
-    ds.DimensionOrganizationSequence = DicomSequence(
-        [_item(DimensionOrganizationUID=dim_uid)])
-    ds.DimensionIndexSequence = DicomSequence([
-        _item(DimensionOrganizationUID=dim_uid, DimensionIndexPointer=0x00209056,
-              FunctionalGroupPointer=0x00209111, DimensionDescriptionLabel="Stack ID"),
-        _item(DimensionOrganizationUID=dim_uid, DimensionIndexPointer=0x00209057,
-              FunctionalGroupPointer=0x00209111,
-              DimensionDescriptionLabel="In-Stack Position Number"),
-    ])
+    ds.DimensionOrganizationSequence = DicomSequence([_item(DimensionOrganizationUID=dim_uid)])
+    ds.DimensionIndexSequence = DicomSequence(
+        [
+            _item(
+                DimensionOrganizationUID=dim_uid,
+                DimensionIndexPointer=0x00209056,
+                FunctionalGroupPointer=0x00209111,
+                DimensionDescriptionLabel="Stack ID",
+            ),
+            _item(
+                DimensionOrganizationUID=dim_uid,
+                DimensionIndexPointer=0x00209057,
+                FunctionalGroupPointer=0x00209111,
+                DimensionDescriptionLabel="In-Stack Position Number",
+            ),
+        ]
+    )
     shared = _item(
-        PixelMeasuresSequence=DicomSequence([_item(
-            PixelSpacing=pixel_spacing, SliceThickness=_ds_str(thickness),
-            SpacingBetweenSlices=_ds_str(float(spacing[0])))]),
-        PlaneOrientationSequence=DicomSequence([_item(
-            ImageOrientationPatient=[_ds_str(c) for c in plane.iop])]),
-        PixelValueTransformationSequence=DicomSequence([_item(
-            RescaleIntercept=_ds_str(enc.intercept), RescaleSlope=_ds_str(enc.slope),
-            RescaleType="HU")]),
+        PixelMeasuresSequence=DicomSequence(
+            [
+                _item(
+                    PixelSpacing=pixel_spacing,
+                    SliceThickness=_ds_str(thickness),
+                    SpacingBetweenSlices=_ds_str(float(spacing[0])),
+                )
+            ]
+        ),
+        PlaneOrientationSequence=DicomSequence(
+            [_item(ImageOrientationPatient=[_ds_str(c) for c in plane.iop])]
+        ),
+        PixelValueTransformationSequence=DicomSequence(
+            [
+                _item(
+                    RescaleIntercept=_ds_str(enc.intercept),
+                    RescaleSlope=_ds_str(enc.slope),
+                    RescaleType="HU",
+                )
+            ]
+        ),
         FrameVOILUTSequence=DicomSequence([_item(WindowCenter="-600", WindowWidth="1500")]),
-        CTImageFrameTypeSequence=DicomSequence([_item(
-            FrameType=["ORIGINAL", "PRIMARY", "AXIAL", "NONE"], PixelPresentation="MONOCHROME",
-            VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE")]),
+        CTImageFrameTypeSequence=DicomSequence(
+            [
+                _item(
+                    FrameType=["ORIGINAL", "PRIMARY", "AXIAL", "NONE"],
+                    PixelPresentation="MONOCHROME",
+                    VolumetricProperties="VOLUME",
+                    VolumeBasedCalculationTechnique="NONE",
+                )
+            ]
+        ),
     )
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
     per_frame = []
     for index, pos in enumerate(plane.positions, 1):
-        per_frame.append(_item(
-            FrameContentSequence=DicomSequence([_item(
-                FrameAcquisitionNumber=1, StackID="1", InStackPositionNumber=index,
-                DimensionIndexValues=[1, index])]),
-            PlanePositionSequence=DicomSequence([_item(
-                ImagePositionPatient=[_ds_str(c) for c in pos])]),
-        ))
+        per_frame.append(
+            _item(
+                FrameContentSequence=DicomSequence(
+                    [
+                        _item(
+                            FrameAcquisitionNumber=1,
+                            StackID="1",
+                            InStackPositionNumber=index,
+                            DimensionIndexValues=[1, index],
+                        )
+                    ]
+                ),
+                PlanePositionSequence=DicomSequence(
+                    [_item(ImagePositionPatient=[_ds_str(c) for c in pos])]
+                ),
+            )
+        )
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
     stored = encode_pixels(np.stack(plane.frames), enc)
     _set_pixels(ds, stored, enc, transfer_syntax)
@@ -441,9 +535,16 @@ def write_localizer(
     image = (attenuation[::-1] * 1.5 - 1000.0).astype(np.float32)
     enc = PixelEncoding("uint16_m1024", "uint16", -1024.0)
     sop_uid = uid_from(series_uid, "localizer")
-    ds = _base_dataset(sop_class=CTImageStorage, sop_uid=sop_uid, study_uid=study_uid,
-                       series_uid=series_uid, patient_id=patient_id, seed=seed,
-                       series_number=series_number, series_description="Topogram 0.6 T20f")
+    ds = _base_dataset(
+        sop_class=CTImageStorage,
+        sop_uid=sop_uid,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        patient_id=patient_id,
+        seed=seed,
+        series_number=series_number,
+        series_description="Topogram 0.6 T20f",
+    )
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     ds.BodyPartExamined = "CHEST"
     ds.KVP = "120"
@@ -452,8 +553,11 @@ def write_localizer(
     ds.InstanceNumber = 1
     ds.AcquisitionNumber = 1
     ox, oy, oz = (float(c) for c in origin)
-    ds.ImagePositionPatient = [_ds_str(ox), _ds_str(oy + 0.5 * (h - 1) * sh),
-                               _ds_str(oz + (d - 1) * sd)]
+    ds.ImagePositionPatient = [
+        _ds_str(ox),
+        _ds_str(oy + 0.5 * (h - 1) * sh),
+        _ds_str(oz + (d - 1) * sd),
+    ]
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "0", "-1"]
     ds.PixelSpacing = [_ds_str(sd), _ds_str(sw)]
     ds.RescaleIntercept = _ds_str(enc.intercept)
@@ -502,10 +606,16 @@ def write_secondary_capture(
     middle = hu[hu.shape[0] // 2]
     image = np.clip((middle + 1350.0) / 1500.0 * 255.0, 0, 255).astype(np.uint8)
     sop_uid = uid_from(series_uid, "secondary-capture")
-    ds = _base_dataset(sop_class=SecondaryCaptureImageStorage, sop_uid=sop_uid,
-                       study_uid=study_uid, series_uid=series_uid, patient_id=patient_id,
-                       seed=seed, series_number=series_number,
-                       series_description="Patient Protocol")
+    ds = _base_dataset(
+        sop_class=SecondaryCaptureImageStorage,
+        sop_uid=sop_uid,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        patient_id=patient_id,
+        seed=seed,
+        series_number=series_number,
+        series_description="Patient Protocol",
+    )
     ds.ImageType = ["DERIVED", "SECONDARY", "SCREEN SAVE"]
     ds.ConversionType = "WSD"
     ds.InstanceNumber = 1

@@ -60,15 +60,11 @@ class Lesion:
         The box spans the centres of the first and last voxels of the lesion.
         """
         d0, d1, h0, h1, w0, w1 = self.bbox_index
-        corners = np.array(
-            [[d, h, w, 1.0] for d in (d0, d1) for h in (h0, h1) for w in (w0, w1)]
-        )
+        corners = np.array([[d, h, w, 1.0] for d in (d0, d1) for h in (h0, h1) for w in (w0, w1)])
         world = corners @ np.asarray(affine, dtype=np.float64).T
         lo = world[:, :3].min(axis=0)
         hi = world[:, :3].max(axis=0)
-        return (
-            float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1]), float(lo[2]), float(hi[2])
-        )
+        return (float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1]), float(lo[2]), float(hi[2]))
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,9 +112,12 @@ class Phantom:
             return None
         boxes = np.array([les.bbox_mm(self.affine(origin)) for les in self.lesions])
         return (
-            float(boxes[:, 0].min()), float(boxes[:, 1].max()),
-            float(boxes[:, 2].min()), float(boxes[:, 3].max()),
-            float(boxes[:, 4].min()), float(boxes[:, 5].max()),
+            float(boxes[:, 0].min()),
+            float(boxes[:, 1].max()),
+            float(boxes[:, 2].min()),
+            float(boxes[:, 3].max()),
+            float(boxes[:, 4].min()),
+            float(boxes[:, 5].max()),
         )
 
 
@@ -161,8 +160,9 @@ class _Grid:
     cy: float
 
 
-def _grid(shape: tuple[int, int, int], spacing: tuple[float, float, float],
-          rng: np.random.Generator) -> _Grid:
+def _grid(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], rng: np.random.Generator
+) -> _Grid:
     d, h, w = shape
     sd, sh, sw = spacing
     z = ((np.arange(d) - (d - 1) / 2.0) * sd).astype(np.float32).reshape(d, 1, 1)
@@ -175,9 +175,17 @@ def _grid(shape: tuple[int, int, int], spacing: tuple[float, float, float],
     cy = ext_y * rng.uniform(-0.04, 0.0)
     half_z = max(0.5 * d * sd, 1e-3)
     return _Grid(
-        z=z, y=y, x=x, t=z / np.float32(half_z),
-        u=(x - cx) / np.float32(half_x), v=(y - cy) / np.float32(half_y),
-        half_x=half_x, half_y=half_y, half_z=half_z, cx=cx, cy=cy,
+        z=z,
+        y=y,
+        x=x,
+        t=z / np.float32(half_z),
+        u=(x - cx) / np.float32(half_x),
+        v=(y - cy) / np.float32(half_y),
+        half_x=half_x,
+        half_y=half_y,
+        half_z=half_z,
+        cx=cx,
+        cy=cy,
     )
 
 
@@ -213,8 +221,9 @@ def _lung_shapes(rng: np.random.Generator) -> tuple[_LungShape, _LungShape]:
     return shapes[0], shapes[1]
 
 
-def _lung_mask(g: _Grid, ls: _LungShape, *, shrink: float = 1.0,
-               shift_u: float = 0.0, shift_v: float = 0.0) -> np.ndarray:
+def _lung_mask(
+    g: _Grid, ls: _LungShape, *, shrink: float = 1.0, shift_u: float = 0.0, shift_v: float = 0.0
+) -> np.ndarray:
     lu = (g.u - (ls.cu + shift_u)) / (ls.au * shrink)
     lv = (g.v - (ls.cv + shift_v)) / (ls.av * shrink)
     q = lu * lu + lv * lv  # (1,H,W)
@@ -227,13 +236,18 @@ def _lung_mask(g: _Grid, ls: _LungShape, *, shrink: float = 1.0,
     return (q <= taper) & (g.t > dome)
 
 
-def _soft_ellipsoid(g: _Grid, center: np.ndarray, radii: np.ndarray,
-                    block: tuple[slice, slice, slice] | None = None) -> np.ndarray:
+def _soft_ellipsoid(
+    g: _Grid, center: np.ndarray, radii: np.ndarray, block: tuple[slice, slice, slice] | None = None
+) -> np.ndarray:
     """Partial-volume weight (0..1) of an ellipsoid given in mm about the volume centre."""
-    z, y, x = (g.z, g.y, g.x) if block is None else (g.z[block[0]], g.y[:, block[1]],
-                                                     g.x[:, :, block[2]])
-    r = np.sqrt(((z - center[0]) / radii[0]) ** 2 + ((y - center[1]) / radii[1]) ** 2
-                + ((x - center[2]) / radii[2]) ** 2)
+    z, y, x = (
+        (g.z, g.y, g.x) if block is None else (g.z[block[0]], g.y[:, block[1]], g.x[:, :, block[2]])
+    )
+    r = np.sqrt(
+        ((z - center[0]) / radii[0]) ** 2
+        + ((y - center[1]) / radii[1]) ** 2
+        + ((x - center[2]) / radii[2]) ** 2
+    )
     edge = 1.5 / float(np.min(radii))  # ~1.5 mm soft rim
     return np.clip((1.0 - r) / edge + 0.5, 0.0, 1.0).astype(np.float32)
 
@@ -246,20 +260,23 @@ class _Segment:
     level: int
 
 
-def _vessel_tree(g: _Grid, ls: _LungShape, rng: np.random.Generator,
-                 levels: int = 5) -> list[_Segment]:
+def _vessel_tree(
+    g: _Grid, ls: _LungShape, rng: np.random.Generator, levels: int = 5
+) -> list[_Segment]:
     """Branching segments from one hilum outward, in mm about the volume centre."""
-    hilum = np.array([
-        g.half_z * rng.uniform(-0.15, 0.05),
-        g.cy + g.half_y * rng.uniform(-0.05, 0.10),
-        g.cx + g.half_x * ls.side * rng.uniform(0.15, 0.22),
-    ])
+    hilum = np.array(
+        [
+            g.half_z * rng.uniform(-0.15, 0.05),
+            g.cy + g.half_y * rng.uniform(-0.05, 0.10),
+            g.cx + g.half_x * ls.side * rng.uniform(0.15, 0.22),
+        ]
+    )
     roots = [
-        np.array([0.8, 0.1, 0.55 * ls.side]),   # upper lobe
-        np.array([0.0, -0.3, 1.0 * ls.side]),   # middle / lingula
+        np.array([0.8, 0.1, 0.55 * ls.side]),  # upper lobe
+        np.array([0.0, -0.3, 1.0 * ls.side]),  # middle / lingula
         np.array([-0.9, 0.35, 0.45 * ls.side]),  # lower lobe
-        np.array([-0.5, 0.8, 0.35 * ls.side]),   # posterior basal
-        np.array([0.4, -0.6, 0.6 * ls.side]),   # anterior upper
+        np.array([-0.5, 0.8, 0.35 * ls.side]),  # posterior basal
+        np.array([0.4, -0.6, 0.6 * ls.side]),  # anterior upper
         np.array([-0.6, -0.4, 0.7 * ls.side]),  # anterior basal
     ]
     base_len = 0.24 * g.half_x
@@ -280,13 +297,18 @@ def _vessel_tree(g: _Grid, ls: _LungShape, rng: np.random.Generator,
             angle = math.radians(rng.uniform(20.0, 38.0)) * sign
             new_dir = math.cos(angle) * direction + math.sin(angle) * perp + 0.35 * outward
             new_dir /= np.linalg.norm(new_dir)
-            stack.append((end, new_dir, length * rng.uniform(0.66, 0.8),
-                          radius * 0.72, level + 1))
+            stack.append((end, new_dir, length * rng.uniform(0.66, 0.8), radius * 0.72, level + 1))
     return segments
 
 
-def _rasterise(segments: list[_Segment], g: _Grid, spacing: tuple[float, float, float],
-               shape: tuple[int, int, int], *, radius_scale: float = 1.0) -> np.ndarray:
+def _rasterise(
+    segments: list[_Segment],
+    g: _Grid,
+    spacing: tuple[float, float, float],
+    shape: tuple[int, int, int],
+    *,
+    radius_scale: float = 1.0,
+) -> np.ndarray:
     """Max-composited partial-volume weight of tubes along ``segments``."""
     out = np.zeros(shape, dtype=np.float32)
     spacing_arr = np.asarray(spacing, dtype=np.float64)
@@ -315,8 +337,9 @@ def _rasterise(segments: list[_Segment], g: _Grid, spacing: tuple[float, float, 
     return out
 
 
-def _lesion_from_mask(kind: str, mask: np.ndarray, side: str,
-                      spacing: tuple[float, float, float]) -> Lesion | None:
+def _lesion_from_mask(
+    kind: str, mask: np.ndarray, side: str, spacing: tuple[float, float, float]
+) -> Lesion | None:
     """Centroid and inclusive index box of a boolean mask, or ``None`` if empty."""
     count = int(mask.sum())
     if count == 0:
@@ -330,13 +353,18 @@ def _lesion_from_mask(kind: str, mask: np.ndarray, side: str,
         bbox += [int(idx[0]), int(idx[-1])]
         center.append(float((profile * np.arange(profile.size)).sum() / count))
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    return Lesion(kind, (center[0], center[1], center[2]),
-                  (bbox[0], bbox[1], bbox[2], bbox[3], bbox[4], bbox[5]),
-                  side, count * voxel_ml)
+    return Lesion(
+        kind,
+        (center[0], center[1], center[2]),
+        (bbox[0], bbox[1], bbox[2], bbox[3], bbox[4], bbox[5]),
+        side,
+        count * voxel_ml,
+    )
 
 
-def _body_and_bones(g: _Grid, rng: np.random.Generator,
-                    shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _body_and_bones(
+    g: _Grid, rng: np.random.Generator, shape: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Air, table, body wall, cavity tissue; returns (hu, cavity mask 2D, bone weight)."""
     hu = np.full(shape, -1000.0, dtype=np.float32)
     r2 = g.u * g.u + g.v * g.v  # (1,H,W)
@@ -420,9 +448,11 @@ def make_phantom(
     hu, cavity, bone = _body_and_bones(g, rng, shape)
 
     # Heart with a fat rim, mediastinum, liver below the right dome.
-    hr = np.sqrt(((g.u - rng.uniform(0.08, 0.16)) / 0.34) ** 2
-                 + ((g.v + rng.uniform(0.08, 0.18)) / 0.42) ** 2
-                 + ((g.t + rng.uniform(0.30, 0.42)) / 0.38) ** 2)
+    hr = np.sqrt(
+        ((g.u - rng.uniform(0.08, 0.16)) / 0.34) ** 2
+        + ((g.v + rng.uniform(0.08, 0.18)) / 0.42) ** 2
+        + ((g.t + rng.uniform(0.30, 0.42)) / 0.38) ** 2
+    )
     heart = (hr <= 1.0) & cavity
     hu[(hr > 1.0) & (hr <= 1.08) & cavity] = -90.0
     hu[heart] = 40.0
@@ -441,7 +471,8 @@ def make_phantom(
     parenchyma = (-862.0 + 22.0 * (g.v + 1.0)).astype(np.float32)  # denser posteriorly
     hu = np.where(lung_any, parenchyma, hu)
     trachea = (np.sqrt((g.x - g.cx) ** 2 + (g.y - (g.cy - 0.1 * g.half_y)) ** 2) < 8.0) & (
-        g.t > 0.25)
+        g.t > 0.25
+    )
     hu[trachea] = -1000.0
 
     segments = [s for ls in (right, left) for s in _vessel_tree(g, ls, rng)]
@@ -459,8 +490,9 @@ def make_phantom(
         for _ in range(count):
             diameter = rng.uniform(12.0, 30.0)
             placed = _place_in_lung(lung_any, diameter / 2.0, spacing, rng)
-            center_mm = np.array([(placed[k] - (shape[k] - 1) / 2.0) * spacing[k]
-                                  for k in range(3)])
+            center_mm = np.array(
+                [(placed[k] - (shape[k] - 1) / 2.0) * spacing[k] for k in range(3)]
+            )
             radii = diameter / 2.0 * rng.uniform(0.85, 1.15, size=3)
             weight = _soft_ellipsoid(g, center_mm, radii)
             late_paint.append((weight, 30.0))
@@ -472,8 +504,9 @@ def make_phantom(
         for _ in range(int(rng.integers(1, 3))):
             diameter = rng.uniform(30.0, 60.0)
             placed = _place_in_lung(lung_any, diameter / 4.0, spacing, rng)
-            center_mm = np.array([(placed[k] - (shape[k] - 1) / 2.0) * spacing[k]
-                                  for k in range(3)])
+            center_mm = np.array(
+                [(placed[k] - (shape[k] - 1) / 2.0) * spacing[k] for k in range(3)]
+            )
             radii = diameter / 2.0 * rng.uniform(0.8, 1.2, size=3)
             weight = _soft_ellipsoid(g, center_mm, radii) * lung_any
             hu = hu + weight * (-500.0 - hu) * lung_any
@@ -491,8 +524,9 @@ def make_phantom(
             region = (g.t - t_split) > 0.9 * lv + 0.25
         mask = lungs[side_shape.side] & region
         hu[mask] = 22.0
-        airway = _rasterise([s for s in segments if s.level <= 3], g, spacing, shape,
-                            radius_scale=0.45)
+        airway = _rasterise(
+            [s for s in segments if s.level <= 3], g, spacing, shape, radius_scale=0.45
+        )
         late_paint.append((airway * mask, -900.0))
         vessel_region &= ~mask
         lesion = _lesion_from_mask("consolidation", mask, side_name, spacing)
@@ -509,15 +543,23 @@ def make_phantom(
             mask = lungs[ls.side] & (g.v > level) & (frac > 0.0)
             hu[mask] = 10.0
             vessel_region &= ~mask
-            lesion = _lesion_from_mask("effusion", mask, "left" if ls.side > 0 else "right",
-                                       spacing)
+            lesion = _lesion_from_mask(
+                "effusion", mask, "left" if ls.side > 0 else "right", spacing
+            )
             if lesion is not None:
                 lesions.append(lesion)
     elif pathology == "pneumothorax":
         shrink = rng.uniform(0.55, 0.78)
-        collapsed = _lung_mask(g, side_shape, shrink=shrink,
-                               shift_u=-side_shape.side * 0.08 * (1.0 - shrink),
-                               shift_v=0.25 * (1.0 - shrink)) & ~keep_out
+        collapsed = (
+            _lung_mask(
+                g,
+                side_shape,
+                shrink=shrink,
+                shift_u=-side_shape.side * 0.08 * (1.0 - shrink),
+                shift_v=0.25 * (1.0 - shrink),
+            )
+            & ~keep_out
+        )
         rim = lungs[side_shape.side] & ~collapsed
         hu[rim] = -1000.0
         vessel_region &= ~rim
@@ -542,8 +584,13 @@ def make_phantom(
     )
 
 
-def _place_in_lung(lung: np.ndarray, radius_mm: float, spacing: tuple[float, float, float],
-                   rng: np.random.Generator, tries: int = 60) -> np.ndarray:
+def _place_in_lung(
+    lung: np.ndarray,
+    radius_mm: float,
+    spacing: tuple[float, float, float],
+    rng: np.random.Generator,
+    tries: int = 60,
+) -> np.ndarray:
     """A voxel index inside ``lung`` whose neighbours ``radius_mm`` away are lung too."""
     flat = np.flatnonzero(lung)
     if flat.size == 0:

@@ -38,8 +38,20 @@ REGISTRY_TABLE_NAMES: tuple[str, ...] = ("dataset_registry.xlsx", "dataset_regis
 
 #: PatientID values that identify nobody (anonymisers often write these).
 _PLACEHOLDER_IDS = frozenset(
-    {"", "anonymous", "anonymized", "anonymised", "anon", "unknown", "none", "null", "na", "n/a",
-     "0", "-"}
+    {
+        "",
+        "anonymous",
+        "anonymized",
+        "anonymised",
+        "anon",
+        "unknown",
+        "none",
+        "null",
+        "na",
+        "n/a",
+        "0",
+        "-",
+    }
 )
 
 #: How many files of one study are tried before giving up on finding a DICOM header.
@@ -48,8 +60,28 @@ HEADER_TRIES = 5
 #: File suffixes that are never DICOM; such files are skipped without counting a try
 #: (annotation folders full of XML often sort before the image series).
 NON_DICOM_SUFFIXES = frozenset(
-    {".xml", ".txt", ".json", ".csv", ".xlsx", ".xls", ".md", ".pdf", ".png", ".jpg",
-     ".jpeg", ".nii", ".gz", ".zip", ".py", ".html", ".log", ".ini", ".yaml", ".yml"}
+    {
+        ".xml",
+        ".txt",
+        ".json",
+        ".csv",
+        ".xlsx",
+        ".xls",
+        ".md",
+        ".pdf",
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".nii",
+        ".gz",
+        ".zip",
+        ".py",
+        ".html",
+        ".log",
+        ".ini",
+        ".yaml",
+        ".yml",
+    }
 )
 
 LabelRule = Callable[[str], "int | None"]
@@ -169,7 +201,8 @@ def find_registry_table(root: Path) -> Path | None:
         if (root / name).is_file():
             return root / name
     found = sorted(
-        p for p in root.iterdir()
+        p
+        for p in root.iterdir()
         if p.is_file() and p.suffix.lower() in {".xlsx", ".csv"} and not p.name.startswith(".")
     )
     return found[0] if len(found) == 1 else None
@@ -224,11 +257,13 @@ def _read_csv_any_encoding(path: Path) -> pd.DataFrame:
     """Read a CSV in UTF-8 (with or without BOM), else cp1251 (Russian Excel exports);
     the separator (comma, semicolon, tab) is sniffed."""
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, sep=None, engine="python",
-                           encoding="utf-8-sig")
+        return pd.read_csv(
+            path, dtype=str, keep_default_na=False, sep=None, engine="python", encoding="utf-8-sig"
+        )
     except UnicodeDecodeError:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, sep=None, engine="python",
-                           encoding="cp1251")
+        return pd.read_csv(
+            path, dtype=str, keep_default_na=False, sep=None, engine="python", encoding="cp1251"
+        )
 
 
 def cell_text(value: object) -> str:
@@ -343,8 +378,12 @@ def resolve_columns(
             raise DatasetError(f"{table}: no {role} column found; {hint}.")
     for role in synonyms:
         if role in ambiguous and role not in found:
-            log.warning("%s: %s column is ambiguous (%s); ignoring it", table, role,
-                        ", ".join(ambiguous[role]))
+            log.warning(
+                "%s: %s column is ambiguous (%s); ignoring it",
+                table,
+                role,
+                ", ".join(ambiguous[role]),
+            )
         found.setdefault(role, None)
     return found
 
@@ -435,8 +474,9 @@ def parse_key_values(text: str, *, what: str, example: str) -> dict[str, str]:
         key, _, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if not key or not value:
-            raise ConfigError(f"{what} item {item.strip()!r} has an empty side; write it like "
-                              f"{example}.")
+            raise ConfigError(
+                f"{what} item {item.strip()!r} has an empty side; write it like {example}."
+            )
         if key in pairs:
             raise ConfigError(f"{what} names {key!r} twice; give each name once.")
         pairs[key] = value
@@ -492,11 +532,22 @@ def _header_from(source: Any, name: str) -> StudyHeader | None:
 
     try:
         ds = pydicom.dcmread(
-            source, stop_before_pixels=True, force=True,
+            source,
+            stop_before_pixels=True,
+            force=True,
             specific_tags=["StudyInstanceUID", "PatientID"],
         )
-    except (InvalidDicomError, OSError, ValueError, EOFError, struct.error, KeyError,
-            TypeError, AttributeError, NotImplementedError) as exc:
+    except (
+        InvalidDicomError,
+        OSError,
+        ValueError,
+        EOFError,
+        struct.error,
+        KeyError,
+        TypeError,
+        AttributeError,
+        NotImplementedError,
+    ) as exc:
         log.debug("no DICOM header in %s (%s)", name, exc)
         return None
     uid = str(ds.get("StudyInstanceUID", "") or "").strip()
@@ -547,8 +598,10 @@ def read_zip_header(archive: Path, *, tries: int = HEADER_TRIES) -> StudyHeader 
     try:
         with zipfile.ZipFile(archive) as zf:
             members = sorted(
-                i.filename for i in zf.infolist()
-                if not i.is_dir() and not Path(i.filename).name.startswith(".")
+                i.filename
+                for i in zf.infolist()
+                if not i.is_dir()
+                and not Path(i.filename).name.startswith(".")
                 and Path(i.filename).name.upper() != "DICOMDIR"
                 and Path(i.filename).suffix.lower() not in NON_DICOM_SUFFIXES
             )

@@ -86,11 +86,15 @@ def build_covid19_1110(
         raise missing_table_error(root, NAME, "dataset_registry.xlsx and studies/")
     table = read_table(table_path)
     cols = resolve_columns(
-        list(table.columns), COLUMN_SYNONYMS, required=("study", "label", "path"),
-        column_map=column_map, table=str(table_path),
+        list(table.columns),
+        COLUMN_SYNONYMS,
+        required=("study", "label", "path"),
+        column_map=column_map,
+        table=str(table_path),
     )
     rule = (
-        label_map_rule(label_map) if label_map
+        label_map_rule(label_map)
+        if label_map
         else binary_rule(POSITIVE_CATEGORIES, NEGATIVE_CATEGORIES)
     )
     rows: list[RegistryRow] = []
@@ -120,14 +124,21 @@ def build_covid19_1110(
         seen.add(key)
         rows.append(
             RegistryRow(
-                study_key=key, path=str(path), path_type="nifti", label=label,
-                dataset=NAME, patient_id="", study_uid="", source_category=category,
+                study_key=key,
+                path=str(path),
+                path_type="nifti",
+                label=label,
+                dataset=NAME,
+                patient_id="",
+                study_uid="",
+                source_category=category,
             )
         )
     for category, count in sorted(unknown.items()):
-        notes.append(f"{count} row(s) with unknown category {category!r} skipped "
-                     "(pass a label map to use them)")
+        notes.append(
+            f"{count} row(s) with unknown category {category!r} skipped "
+            "(pass a label map to use them)"
+        )
     notes.append("COVID19_1110 has no patient ids: each study is its own split group")
     log.info("%s: %d studies, %d missing", NAME, len(rows), len(missing))
     return AdapterResult(rows_to_frame(rows), missing, notes)
-

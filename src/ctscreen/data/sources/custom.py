@@ -111,7 +111,8 @@ def build_custom(
     missing = [f"{root / name} (class folder)" for name in mapping if name not in present]
     notes: list[str] = []
     ignored = sorted(
-        p.name for p in root.iterdir()
+        p.name
+        for p in root.iterdir()
         if p.is_dir() and p.name not in mapping and not p.name.startswith(".")
     )
     if ignored:
@@ -153,10 +154,14 @@ def build_custom(
                 )
             )
         if loose:
-            notes.append(f"{loose} loose file(s) in {class_dir} ignored; put each study in "
-                         "its own subfolder or zip")
+            notes.append(
+                f"{loose} loose file(s) in {class_dir} ignored; put each study in "
+                "its own subfolder or zip"
+            )
     if no_header:
-        notes.append(f"{no_header} stud(ies) without a readable DICOM header in the first "
-                     "files; their study_uid is empty")
+        notes.append(
+            f"{no_header} stud(ies) without a readable DICOM header in the first "
+            "files; their study_uid is empty"
+        )
     log.info("%s: %d studies, %d missing", dataset, len(rows), len(missing))
     return AdapterResult(rows_to_frame(rows), missing, notes)

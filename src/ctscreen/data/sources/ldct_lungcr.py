@@ -71,8 +71,11 @@ def build_ldct_lungcr(
         raise missing_table_error(root, NAME, "dataset_registry.xlsx and studies/")
     table = read_table(table_path)
     cols = resolve_columns(
-        list(table.columns), COLUMN_SYNONYMS, required=("study", "label"),
-        column_map=column_map, table=str(table_path),
+        list(table.columns),
+        COLUMN_SYNONYMS,
+        required=("study", "label"),
+        column_map=column_map,
+        table=str(table_path),
     )
     rule = label_map_rule(label_map) if label_map else binary_rule(POSITIVE_VALUES, NEGATIVE_VALUES)
     studies_dir = root / "studies"
@@ -111,14 +114,21 @@ def build_ldct_lungcr(
             patient, patient_from["study"] = study, patient_from["study"] + 1
         rows.append(
             RegistryRow(
-                study_key=key, path=str(folder), path_type="dicom", label=label, dataset=NAME,
-                patient_id=patient, study_uid=header.study_uid if header else "",
+                study_key=key,
+                path=str(folder),
+                path_type="dicom",
+                label=label,
+                dataset=NAME,
+                patient_id=patient,
+                study_uid=header.study_uid if header else "",
                 source_category=raw,
             )
         )
     for value, count in sorted(unknown.items()):
-        notes.append(f"{count} row(s) with unknown pathology value {value!r} skipped "
-                     "(pass a label map to use them)")
+        notes.append(
+            f"{count} row(s) with unknown pathology value {value!r} skipped "
+            "(pass a label map to use them)"
+        )
     used = {k: v for k, v in patient_from.items() if v}
     if used:
         notes.append("patient ids from " + ", ".join(f"{k}: {v}" for k, v in used.items()))

@@ -43,22 +43,57 @@ NAME = "mosmed_vii"
 
 COLUMN_SYNONYMS: dict[str, tuple[str, ...]] = {
     "study": (
-        "study_id", "study", "study_instance_uid", "study_uid", "study_instance_anon",
-        "study_anon", "study_path", "study_folder", "study_file", "path", "folder",
+        "study_id",
+        "study",
+        "study_instance_uid",
+        "study_uid",
+        "study_instance_anon",
+        "study_anon",
+        "study_path",
+        "study_folder",
+        "study_file",
+        "path",
+        "folder",
         "исследование",
     ),
     "label": (
-        "category", "label", "class", "pathology", "diagnosis", "ct_category", "target",
-        "finding", "findings", "категория", "диагноз", "патология", "класс",
+        "category",
+        "label",
+        "class",
+        "pathology",
+        "diagnosis",
+        "ct_category",
+        "target",
+        "finding",
+        "findings",
+        "категория",
+        "диагноз",
+        "патология",
+        "класс",
     ),
     "patient": (
-        "patient_id", "patient", "patient_anon", "patient_uid", "subject", "subject_id", "пациент",
+        "patient_id",
+        "patient",
+        "patient_anon",
+        "patient_uid",
+        "subject",
+        "subject_id",
+        "пациент",
     ),
 }
 
 #: Values that mean "no pathology" under the default rule; anything else is 1.
 DEFAULT_NEGATIVE_VALUES: tuple[str, ...] = (
-    "CT-0", "CT0", "normal", "norma", "no pathology", "healthy", "negative", "0", "no", "false",
+    "CT-0",
+    "CT0",
+    "normal",
+    "norma",
+    "no pathology",
+    "healthy",
+    "negative",
+    "0",
+    "no",
+    "false",
 )
 
 
@@ -118,9 +153,7 @@ def index_studies(dicom_dir: Path) -> list[_Study]:
     for patient in sorted(p for p in dicom_dir.iterdir() if p.is_dir()):
         if patient.name.startswith("."):
             continue
-        subdirs = sorted(
-            p for p in patient.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
+        subdirs = sorted(p for p in patient.iterdir() if p.is_dir() and not p.name.startswith("."))
         folders = subdirs or [patient]
         for folder in folders:
             if next(iter_files(folder), None) is None:
@@ -212,15 +245,20 @@ def build_mosmed_vii(
     studies = index_studies(dicom_dir)
     no_header = [s.rel for s in studies if s.header is None]
     if no_header:
-        notes.append(f"{len(no_header)} study folder(s) without a readable DICOM header "
-                     f"(first: {no_header[0]}); their study_uid is empty")
+        notes.append(
+            f"{len(no_header)} study folder(s) without a readable DICOM header "
+            f"(first: {no_header[0]}); their study_uid is empty"
+        )
     table_path = Path(registry) if registry is not None else find_registry_table(root)
     if table_path is None:
         return _without_registry(studies, default_label, notes, root)
     table = read_table(table_path)
     cols = resolve_columns(
-        list(table.columns), COLUMN_SYNONYMS, required=("study", "label"),
-        column_map=column_map, table=str(table_path),
+        list(table.columns),
+        COLUMN_SYNONYMS,
+        required=("study", "label"),
+        column_map=column_map,
+        table=str(table_path),
     )
     if cols["patient"] is None:
         notes.append("registry has no patient column: patient ids come from patient folders")
@@ -281,7 +319,8 @@ def _without_registry(
         )
     if default_label not in (0, 1):
         raise ConfigError(f"default_label must be 0 or 1, not {default_label!r}.")
-    notes.append(f"no registry table: every study labelled {default_label}, "
-                 "patient ids from patient folders")
+    notes.append(
+        f"no registry table: every study labelled {default_label}, patient ids from patient folders"
+    )
     rows = [_row(s, default_label, s.patient, "") for s in studies]
     return AdapterResult(rows_to_frame(rows), [], notes)
