@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 #: Names accepted by ``--backend``.
 BACKENDS: tuple[str, ...] = ("auto", "torch", "openvino")
+#: How each backend is named in messages.
+_TITLES = {"torch": "PyTorch", "openvino": "OpenVINO"}
 #: Bumped whenever the exported graph or the cache layout changes.
 EXPORT_FORMAT_VERSION = 1
 _MANIFEST = "manifest.json"
@@ -171,18 +173,35 @@ def export_cache_root(weights_path: Path | None) -> Path:
     )
 
 
-def export_key(*, weights_sha256: str, shape: tuple[int, ...], backend_version: str) -> str:
-    """The cache entry name of one exported graph: what it was made from, hashed."""
-    text = json.dumps(
-        {
-            "format": EXPORT_FORMAT_VERSION,
-            "weights_sha256": weights_sha256,
-            "shape": list(shape),
-            "backend_version": backend_version,
-        },
-        sort_keys=True,
-    )
-    return f"openvino-{weights_sha256[:16]}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+def export_key(
+    *,
+    weights_sha256: str,
+    shape: tuple[int, ...],
+    backend_version: str,
+    backend: str = "openvino",
+    exporter: str | None = None,
+) -> str:
+    """The cache entry name of one exported graph: its backend, then what it was made from, hashed.
+
+    Args:
+        weights_sha256: SHA-256 of the checkpoint the weights came from.
+        shape: the input shape the graph was made for.
+        backend_version: the version of the backend that runs (and for OpenVINO, converts) it.
+        backend: the backend that runs it (``openvino``); the entry name starts with it.
+        exporter: the versions of the converter when it is not the backend itself.
+            Left out of the hash when None, so that OpenVINO entries keep the names
+            earlier releases gave them.
+    """
+    made_from: dict[str, Any] = {
+        "format": EXPORT_FORMAT_VERSION,
+        "weights_sha256": weights_sha256,
+        "shape": list(shape),
+        "backend_version": backend_version,
+    }
+    if exporter is not None:
+        made_from["exporter"] = exporter
+    text = json.dumps(made_from, sort_keys=True)
+    return f"{backend}-{weights_sha256[:16]}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def _sha256(path: Path) -> str:
@@ -193,14 +212,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _entry_is_valid(entry: Path, key: str) -> bool:
-    """True when ``entry`` holds a complete export whose files match its manifest."""
+def _entry_is_valid(entry: Path, key: str, files: tuple[str, ...] = (_IR_XML, _IR_BIN)) -> bool:
+    """True when ``entry`` holds a complete export whose ``files`` match its manifest."""
     try:
         manifest = json.loads((entry / _MANIFEST).read_text())
-        return (
-            manifest.get("key") == key
-            and manifest.get(_IR_XML) == _sha256(entry / _IR_XML)
-            and manifest.get(_IR_BIN) == _sha256(entry / _IR_BIN)
+        return manifest.get("key") == key and all(
+            manifest.get(name) == _sha256(entry / name) for name in files
         )
     except (OSError, ValueError, AttributeError):
         return False
@@ -266,6 +283,14 @@ def export_openvino(model: nn.Module, *, shape: tuple[int, int, int], out_dir: P
     ov.save_model(converted, str(out_dir / _IR_XML), compress_to_fp16=False)
 
 
+def _export_recipe(backend: str) -> tuple[Callable[..., None], tuple[str, ...], str, str | None]:
+    """How ``backend``'s graph is made: the export function, the files it writes (the
+    runtime reads the first), the backend's version and the exporter's versions (or None)."""
+    if backend == "openvino":
+        return export_openvino, (_IR_XML, _IR_BIN), openvino_version() or "none", None
+    raise ValueError(f"no exported graph for backend {backend!r}")
+
+
 def cached_export(
     model: nn.Module,
     *,
@@ -273,13 +298,15 @@ def cached_export(
     shape: tuple[int, int, int],
     cache_root: Path,
     weights_path: Path | None = None,
+    backend: str = "openvino",
 ) -> tuple[Path, bool]:
-    """The IR of ``model`` from the cache, exported first when missing, stale or damaged.
+    """The graph of ``model`` from the cache, exported first when missing, stale or damaged.
 
     The export is written into a temporary folder beside the entry and renamed
     into place, so a reader never sees half an entry; the other entries of the
-    same weights or of the same weight file (older weights, older OpenVINO, other
-    shapes) are removed.
+    same backend for the same weights or the same weight file (older weights,
+    older backend or exporter, other shapes) are removed. Entries of other
+    backends are left alone.
 
     Args:
         model: the r3d_18 (on the CPU, eval mode).
@@ -288,55 +315,72 @@ def cached_export(
         cache_root: the cache folder (see :func:`export_cache_root`).
         weights_path: the checkpoint file, recorded so that a later export of
             new weights at the same path replaces this one.
+        backend: ``openvino`` (IR: ``model.xml`` and ``model.bin``).
 
     Returns:
-        ``(path to model.xml, True when it came from the cache)``.
+        ``(path to the graph file the runtime reads, True when it came from the cache)``.
     """
-    version = openvino_version() or "none"
-    key = export_key(weights_sha256=weights_sha256, shape=tuple(shape), backend_version=version)
+    export, files, version, exporter = _export_recipe(backend)
+    key = export_key(
+        weights_sha256=weights_sha256,
+        shape=tuple(shape),
+        backend_version=version,
+        backend=backend,
+        exporter=exporter,
+    )
     entry = cache_root / key
     if entry.exists():
-        if _entry_is_valid(entry, key):
+        if _entry_is_valid(entry, key, files):
             log.debug("using the exported model %s", entry)
-            return entry / _IR_XML, True
+            return entry / files[0], True
         log.warning("exported model %s is incomplete or damaged; exporting it again", entry)
         shutil.rmtree(entry, ignore_errors=True)
     cache_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_root))
     try:
-        export_openvino(model, shape=shape, out_dir=staging)
-        manifest = {
+        export(model, shape=shape, out_dir=staging)
+        manifest: dict[str, Any] = {
             "key": key,
+            "backend": backend,
             "format": EXPORT_FORMAT_VERSION,
             "weights_sha256": weights_sha256,
             "weights_path": _path_text(weights_path),
             "shape": list(shape),
             "backend_version": version,
-            _IR_XML: _sha256(staging / _IR_XML),
-            _IR_BIN: _sha256(staging / _IR_BIN),
         }
+        if exporter is not None:
+            manifest["exporter"] = exporter
+        manifest.update({name: _sha256(staging / name) for name in files})
         (staging / _MANIFEST).write_text(json.dumps(manifest, indent=2))
         staging.chmod(0o755)  # mkdtemp makes it private; others reading the weights may use it
         try:
             os.rename(staging, entry)
         except OSError:  # another process finished the same export first
-            if not _entry_is_valid(entry, key):
+            if not _entry_is_valid(entry, key, files):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _prune(cache_root, keep=key, weights_sha256=weights_sha256, weights_path=weights_path)
-    log.info("exported the model for OpenVINO %s to %s", version, entry)
-    return entry / _IR_XML, False
+    _prune(
+        cache_root,
+        backend=backend,
+        keep=key,
+        weights_sha256=weights_sha256,
+        weights_path=weights_path,
+    )
+    log.info("exported the model for %s %s to %s", _TITLES[backend], version, entry)
+    return entry / files[0], False
 
 
 def _path_text(path: Path | None) -> str | None:
     return None if path is None else str(Path(path).resolve())
 
 
-def _prune(cache_root: Path, *, keep: str, weights_sha256: str, weights_path: Path | None) -> None:
-    """Remove the entries other than ``keep`` made from the same weights or weight file."""
+def _prune(
+    cache_root: Path, *, backend: str, keep: str, weights_sha256: str, weights_path: Path | None
+) -> None:
+    """Remove ``backend``'s entries, other than ``keep``, of the same weights or weight file."""
     same_file = _path_text(weights_path)
-    for old in cache_root.glob("openvino-*"):
+    for old in cache_root.glob(f"{backend}-*"):
         if old.name == keep or not old.is_dir():
             continue
         try:
