@@ -51,8 +51,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "torch", "openvino"],
-        help="auto (default): OpenVINO on the CPU when installed, else PyTorch; "
+        choices=["auto", "torch", "openvino", "onnxruntime"],
+        help="auto (default): on the CPU OpenVINO when installed, else PyTorch for bf16, else "
+        "ONNX Runtime (fp32) when installed, else PyTorch; PyTorch off the CPU; "
         "a backend that fails falls back to PyTorch with a warning",
     )
     p.add_argument(
@@ -98,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"none of the inputs exist ({', '.join(missing)}); check the paths.")
     device = select_device(args.device)
     precision = resolve_precision(args.precision, device)
+    if args.precision == "auto" and args.backend == "onnxruntime":
+        precision = "fp32"  # the only precision ONNX Runtime runs on the CPU
     if precision == "fp16" and device.type == "cpu":
         raise ConfigError("fp16 runs only on a GPU; use --precision bf16 or fp32 on the CPU.")
     loaded = load_checkpoint(args.weights, device=device)
