@@ -188,6 +188,11 @@ def cam_from_stem_features(
     features = model.layer2(features)
     features = model.layer3(features)
     features = model.layer4(features)
+    return head_with_cam(model, features)
+
+
+def head_with_cam(model: nn.Module, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[B]`` and activation map ``[B, d', h', w']`` of the last feature block."""
     weight = model.fc.weight[0]  # [512]
     cam = torch.einsum("bcdhw,c->bdhw", features, weight)
     logits = model.fc(features.mean(dim=(2, 3, 4))).squeeze(1)
