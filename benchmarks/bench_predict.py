@@ -37,7 +37,13 @@ import time
 import zipfile
 from pathlib import Path
 
-CONFIGS = (("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"))
+CONFIGS = (
+    ("torch", "fp32"),
+    ("torch", "bf16"),
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
+    ("onnxruntime", "fp32"),
+)
 
 
 def _load() -> str:
@@ -251,7 +257,7 @@ def main() -> None:
 
     import torch
 
-    from ctscreen.backends import openvino_version
+    from ctscreen.backends import onnxruntime_version, openvino_version
     from ctscreen.inference import cpu_supports_bf16
 
     load_start = _load()
@@ -262,7 +268,9 @@ def main() -> None:
     base = _scorer(weights, "torch", "fp32")
     baseline = [plain_forward_seconds(base.loaded.model, args.repeat)]
 
-    configs = list(CONFIGS) if openvino_version() else list(CONFIGS[:2])
+    installed = {"torch": True, "openvino": bool(openvino_version())}
+    installed["onnxruntime"] = bool(onnxruntime_version())
+    configs = [(b, p) for b, p in CONFIGS if installed[b]]
     results: dict[str, dict[str, float]] = {}
     scorers: dict[str, object] = {}
     x = torch.rand(1, 96, 192, 192).numpy()
@@ -274,7 +282,7 @@ def main() -> None:
         t = time.perf_counter()
         scorer = _scorer(weights, backend, precision)
         row["load_s"] = time.perf_counter() - t
-        if backend == "openvino":
+        if backend in ("openvino", "onnxruntime"):
             t = time.perf_counter()
             _scorer(weights, backend, precision)
             row["cached_load_s"] = time.perf_counter() - t
@@ -309,7 +317,8 @@ def main() -> None:
     cpu = "AVX-512 bf16" if cpu_supports_bf16() else "no native bf16"
     print(
         f"machine: {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), openvino {openvino_version() or 'not installed'}"
+        f"({torch.get_num_threads()} threads), openvino {openvino_version() or 'not installed'}, "
+        f"onnxruntime {onnxruntime_version() or 'not installed'}"
     )
     print(f"load average (1/5/15 min): start {load_start}, end {_load()}")
     print(
@@ -347,8 +356,9 @@ def main() -> None:
     slowest = max(read, model)
     print(
         f"batch of {args.batch} archives (auto/auto, prefetch 2): {batch_wall / args.batch:.2f} "
-        f"s/study; stages: read+preprocess {read:.2f} s, forward {model:.2f} s; "
-        f"wall/slowest stage {batch_wall / args.batch / slowest:.2f}"
+        f"s/study ({batch_wall / args.batch / ref:.2f} x base); stages: read+preprocess "
+        f"{read:.2f} s, forward {model:.2f} s; wall/slowest stage "
+        f"{batch_wall / args.batch / slowest:.2f}"
     )
     print(
         f"per-slice output: {per_slice:.2f} s/study vs per-study {per_study:.2f} s "
