@@ -51,6 +51,34 @@ def test_forward_with_cam_reproduces_logits_exactly(model: torch.nn.Module) -> N
     assert not torch.allclose(cam[0], cam[1])
 
 
+def test_reduced_precision_keeps_the_stem_and_head_in_float32(model: torch.nn.Module) -> None:
+    torch.manual_seed(2)
+    x = torch.rand(2, 1, 16, 32, 32)
+    seen: dict[str, torch.dtype] = {}
+
+    def record(name: str):  # noqa: ANN202
+        def hook(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
+            seen[name] = output.dtype
+
+        return hook
+
+    hooks = [model.stem.register_forward_hook(record("stem"))]
+    hooks.append(model.layer1.register_forward_hook(record("layer1")))
+    try:
+        with torch.no_grad():
+            logits, cam = forward_with_cam(model, x, reduced=torch.bfloat16)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == {"stem": torch.float32, "layer1": torch.bfloat16}
+    with torch.no_grad():
+        ref_logits, _ = forward_with_cam(model, x)
+    assert logits.dtype == cam.dtype == torch.float32
+    # the head sums in float32, so the map still explains the logit to float32 rounding
+    torch.testing.assert_close(cam.mean((1, 2, 3)) + model.fc.bias, logits, atol=1e-5, rtol=0)
+    assert (logits - ref_logits).abs().max() < 0.05
+
+
 def test_forward_with_cam_refuses_other_heads() -> None:
     other = r3d_18(weights=None)  # 400-class head
     with pytest.raises(ConfigError):

@@ -29,8 +29,9 @@ accuracy of the averaged map instead of the rounding of a bf16 head output.
 else PyTorch when the run is bf16 (the CPU has native bf16 or bf16 was asked),
 as bf16 autocast beats ONNX Runtime's fp32; else ONNX Runtime when it is
 installed, as it beats PyTorch's fp32; else PyTorch. Measured on a 2-core AMD
-EPYC with AVX512-BF16, one forward at (96, 192, 192): PyTorch bf16 4.3 s,
-ONNX Runtime fp32 9.0 s, PyTorch fp32 10.5 s. Off the CPU ``auto`` is PyTorch.
+EPYC with AVX512-BF16, one forward at (96, 192, 192): OpenVINO bf16 1.9 s,
+PyTorch bf16 2.6 s, OpenVINO fp32 3.3 s, ONNX Runtime fp32 3.8 s, PyTorch fp32
+4.9 s. Off the CPU ``auto`` is PyTorch.
 A speed option never fails a run: when OpenVINO or ONNX Runtime cannot export,
 load or run, the scorer logs one warning and goes on with PyTorch.
 """

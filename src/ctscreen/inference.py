@@ -78,8 +78,9 @@ class Scorer:
     Attributes:
         loaded: the checkpoint (model, card, warnings).
         device: where the network runs.
-        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; the head stays fp32).
-        backend: ``torch`` (default), ``openvino`` or ``auto`` (see :mod:`ctscreen.backends`);
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; the stem and the head stay fp32).
+        backend: ``torch`` (default), ``openvino``, ``onnxruntime`` or ``auto`` (see
+            :mod:`ctscreen.backends`);
             a backend that cannot load or run falls back to PyTorch with one warning.
         cache_dir: where an exported graph is kept; default beside the weights, or
             the user cache when that folder is read-only.

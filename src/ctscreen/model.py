@@ -144,12 +144,12 @@ def forward_with_cam(
     Args:
         model: a model from :func:`build_model` (or loaded from a checkpoint).
         x: input ``[B, 1, D, H, W]``.
-        reduced: run everything after the stem under autocast with this dtype
-            (``torch.bfloat16`` or ``torch.float16``); the stem stays float32
-            (see :func:`stem_features`).
+        reduced: run the four residual stages under autocast with this dtype
+            (``torch.bfloat16`` or ``torch.float16``); the stem (see
+            :func:`stem_features`) and the head stay float32.
 
     Returns:
-        ``(logits [B], cam [B, d', h', w']``; the cam has the feature grid size
+        ``(logits [B], cam [B, d', h', w'])``; the cam has the feature grid size
         (D/8, H/16, W/16 rounded up for r3d_18) and excludes the bias.
 
     Raises:
@@ -161,9 +161,11 @@ def forward_with_cam(
         )
     features = stem_features(model, x)
     if reduced is None:
-        return cam_from_stem_features(model, features)
-    with torch.autocast(device_type=x.device.type, dtype=reduced):
-        return cam_from_stem_features(model, features)
+        features = body_features(model, features)
+    else:
+        with torch.autocast(device_type=x.device.type, dtype=reduced):
+            features = body_features(model, features)
+    return head_with_cam(model, features.float())
 
 
 def stem_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -180,15 +182,12 @@ def stem_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.stem(x.float())
 
 
-def cam_from_stem_features(
-    model: nn.Module, features: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and activation map from the stem's output; see :func:`forward_with_cam`."""
+def body_features(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The last feature block ``[B, 512, d', h', w']`` from the stem's output."""
     features = model.layer1(features)
     features = model.layer2(features)
     features = model.layer3(features)
-    features = model.layer4(features)
-    return head_with_cam(model, features)
+    return model.layer4(features)
 
 
 def head_with_cam(model: nn.Module, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
