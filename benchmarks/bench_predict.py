@@ -8,7 +8,9 @@ zipped as one archive, and ``--n-small`` small studies), then prints one table:
 * per backend and precision: model load time (export + compile, then from the
   cache), one forward, and the wall time of the whole ``predict()`` pipeline on the
   512x512 archive (discover, unzip, decode, preprocess, forward, localisation);
-* ``--backend auto --precision auto``: batch of archives through ``predict()``
+* ``--backend auto --precision auto``: ``--pairs`` times the archive's ``predict()``
+  wall time over a plain fp32 forward timed just before it (the headline ratio,
+  robust to a shared machine's drift); a batch of archives through ``predict()``
   with its reader thread (wall per study against the slowest stage), per-slice
   against per-study output, and the peak RSS of a ``--rss-archives`` batch against
   one archive (each in a fresh subprocess, ``ru_maxrss``);
@@ -20,7 +22,8 @@ the probabilities spread around 0.5 (a harder test of decision flips than a
 trained model's confident outputs); pass ``--weights`` for a trained checkpoint.
 
     python benchmarks/bench_predict.py [--weights W.pth] [--slices 100] [--n-small 8]
-        [--batch 4] [--rss-archives 20] [--repeat 2] [--cache /tmp/ctscreen-bench-predict]
+        [--batch 4] [--rss-archives 20] [--repeat 2] [--pairs 3]
+        [--cache /tmp/ctscreen-bench-predict]
 """
 
 from __future__ import annotations
@@ -158,6 +161,17 @@ def _predict_wall(inputs: list[Path], scorer, *, mode: str = "study", repeat: in
     return _time(once, repeat)
 
 
+def paired_ratios(model, scorer, archive: Path, pairs: int) -> list[float]:  # noqa: ANN001
+    """``predict()`` wall time of one archive over a plain fp32 forward timed right
+    before it (the faster of two), ``pairs`` times: on a shared machine whose speed
+    drifts during a run, each ratio compares timings taken under the same conditions."""
+    ratios = []
+    for _ in range(pairs):
+        base = plain_forward_seconds(model, 2)
+        ratios.append(_predict_wall([archive], scorer) / base)
+    return ratios
+
+
 def _hwm_mib() -> float:
     """Peak RSS of this process image (``VmHWM``; ``ru_maxrss`` keeps the parent's peak
     across fork and exec, so in a child started by a big parent it reads too high)."""
@@ -247,6 +261,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="archives in the throughput run")
     parser.add_argument("--rss-archives", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=3, help="paired auto/base timings")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/ctscreen-bench-predict"))
     parser.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--archive", type=Path, help=argparse.SUPPRESS)
@@ -294,6 +309,7 @@ def main() -> None:
         scorers[name] = scorer
 
     auto = scorers["auto/auto"]
+    paired = paired_ratios(base.loaded.model, auto, archive, args.pairs)
     per_study = _predict_wall([archive], auto, repeat=args.repeat)
     per_slice = _predict_wall([archive], auto, mode="slice", repeat=args.repeat)
 
@@ -351,6 +367,11 @@ def main() -> None:
         f"(accuracy over {len(small)} studies of 64x256x256; fp32 probabilities {p_lo:.3f}"
         f"-{p_hi:.3f}; flips at 0.5 and at the median fp32 probability; study s = whole "
         f"predict() on one archive, best of {args.repeat})"
+    )
+    print(
+        f"auto/auto paired with a plain fp32 forward timed just before it, {args.pairs} "
+        f"pairs: study/base median {statistics.median(paired):.2f} "
+        f"(range {min(paired):.2f}-{max(paired):.2f})"
     )
     print()
     slowest = max(read, model)
