@@ -252,6 +252,59 @@ def test_openvino_runs_batch_one_of_the_static_shape_only(model: nn.Module, ov_c
     assert logits.shape == (2,) and cam.shape == (2, 2, 2, 2)
 
 
+def test_openvino_bf16_hands_fp16_on_between_the_largest_stages(ov_cache: Path) -> None:
+    import openvino as ov
+
+    (entry,) = [p for p in ov_cache.iterdir() if p.name.startswith("openvino-")]
+    core = ov.Core()
+    graphs = [core.read_model(str(entry / f"{stage}.xml")) for stage in backends._OV_STAGES]
+    half = backends.half_boundaries(graphs)
+    f16, f32 = ov.Type.f16, ov.Type.f32
+    assert [g.input(0).get_element_type() for g in half] == [f32, f16, f16, f32, f32]
+    assert [g.output(0).get_element_type() for g in half[:4]] == [f16, f16, f32, f32]
+    assert half[-1].output(1).get_element_type() == f32  # the map comes back in fp32
+
+
+def test_finite_half_reads_infinities_and_nans_from_the_bits() -> None:
+    values = np.linspace(-65504, 65504, 1001).astype(np.float16)
+    assert backends.finite_half(values)
+    for bad in (np.inf, -np.inf, np.nan):
+        spoiled = values.copy()
+        spoiled[500] = bad
+        assert not backends.finite_half(spoiled)
+    with np.errstate(over="ignore"):  # 70000 is past fp16's largest value
+        assert not backends.finite_half(np.array([70000.0], np.float32).astype(np.float16))
+    assert backends.finite_half(np.array([np.inf], np.float32))  # only fp16 is checked
+    assert backends.finite_half(np.zeros(0, np.float16))
+
+
+def test_openvino_output_beyond_fp16_hands_the_run_to_torch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("openvino")
+    if backends.openvino_hint("bf16") != "bf16":
+        pytest.skip("this CPU has no native bf16, so OpenVINO runs fp32 throughout")
+    model = _model(3)
+    with torch.no_grad():  # stem activations far beyond fp16's largest value, 65504
+        model.stem[1].weight.mul_(1e7)
+        model.stem[1].bias.mul_(1e7)
+    engine = make_backend(
+        model,
+        device=CPU,
+        backend="openvino",
+        precision="bf16",
+        weights_sha256="cd" * 32,
+        shape=SHAPE,
+        cache_root=tmp_path,
+    )
+    assert engine.name == "openvino"
+    with caplog.at_level(logging.WARNING, logger="ctscreen.backends"):
+        logits, cam = engine.run(_inputs(1))
+    assert engine.name == "torch" and len(caplog.records) == 1
+    assert "beyond fp16" in caplog.records[0].getMessage()
+    assert np.isfinite(logits).all() and np.isfinite(cam).all()
+
+
 # --------------------------------------------------------------------------- onnxruntime
 
 
