@@ -13,10 +13,14 @@ the threshold is expected; one far from it is not).
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_predict import installed_configs  # noqa: E402
 
 CONFIGS = (
     ("torch", "bf16"),
@@ -34,7 +38,6 @@ def _probabilities(scorer, arrays: np.ndarray) -> np.ndarray:  # noqa: ANN001
 def compare(folder: Path, limit: int | None) -> None:
     import torch
 
-    from ctscreen.backends import onnxruntime_version, openvino_version
     from ctscreen.data.cache import load_entry
     from ctscreen.inference import Scorer
     from ctscreen.weights import load_checkpoint
@@ -43,8 +46,6 @@ def compare(folder: Path, limit: int | None) -> None:
     entries = sorted((folder / "cache").glob("*/*.npy"))[:limit]
     arrays = np.stack([load_entry(f) for f in entries])
     cpu = torch.device("cpu")
-    installed = {"torch": True, "openvino": bool(openvino_version())}
-    installed["onnxruntime"] = bool(onnxruntime_version())
     with tempfile.TemporaryDirectory() as tmp:
 
         def scorer(backend: str, precision: str) -> Scorer:
@@ -58,9 +59,7 @@ def compare(folder: Path, limit: int | None) -> None:
             f"{folder}: {len(arrays)} studies {tuple(arrays.shape[1:])}, fp32 p "
             f"{ref.min():.3f}-{ref.max():.3f}, threshold {threshold:.3f}"
         )
-        for backend, precision in CONFIGS:
-            if not installed[backend]:
-                continue
+        for backend, precision in installed_configs(CONFIGS):
             s = scorer(backend, precision)
             p = _probabilities(s, arrays)
             flipped = np.flatnonzero((p >= threshold) != (ref >= threshold))

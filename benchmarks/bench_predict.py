@@ -49,6 +49,15 @@ CONFIGS = (
 )
 
 
+def installed_configs(configs: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+    """The ``(backend, precision)`` pairs of ``configs`` whose backend is installed here."""
+    from ctscreen.backends import onnxruntime_version, openvino_version
+
+    installed = {"torch": True, "openvino": bool(openvino_version())}
+    installed["onnxruntime"] = bool(onnxruntime_version())
+    return [(backend, precision) for backend, precision in configs if installed[backend]]
+
+
 def _load() -> str:
     return "/".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -283,9 +292,7 @@ def main() -> None:
     base = _scorer(weights, "torch", "fp32")
     baseline = [plain_forward_seconds(base.loaded.model, args.repeat)]
 
-    installed = {"torch": True, "openvino": bool(openvino_version())}
-    installed["onnxruntime"] = bool(onnxruntime_version())
-    configs = [(b, p) for b, p in CONFIGS if installed[b]]
+    configs = installed_configs(CONFIGS)
     results: dict[str, dict[str, float]] = {}
     scorers: dict[str, object] = {}
     x = torch.rand(1, 96, 192, 192).numpy()
