@@ -16,6 +16,7 @@ axis, as does canonical voxel ``i`` of ``N`` at ``(i + 0.5) / N``.
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
@@ -26,7 +27,22 @@ BOX_FRACTION = 0.5
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    """Logistic function without overflow (|x| of 1000 gives exactly 0 or 1, no warning)."""
+    x = np.asarray(x, dtype=np.float64)
+    z = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+
+
+def probability(logit: float) -> float:
+    """The probability of a logit, always a finite number in [0, 1].
+
+    Raises:
+        ValueError: ``logit`` is NaN (a network fed non-finite input); callers turn
+            that into a Failure, never into a number.
+    """
+    if math.isnan(logit):
+        raise ValueError("the network returned NaN instead of a score")
+    return float(_sigmoid(np.float64(logit)))
 
 
 def depth_logits(cam: np.ndarray, bias: float) -> np.ndarray:
@@ -57,6 +73,8 @@ def localization_box(cam: np.ndarray, volume: Volume) -> tuple[float, ...] | Non
         the axis-aligned box that holds every feature cell whose activation is at
         least ``BOX_FRACTION`` of the maximum; None when no cell is positive.
     """
+    if cam.size == 0 or not np.isfinite(cam).all() or not np.isfinite(volume.affine).all():
+        return None
     peak = float(cam.max())
     if peak <= 0:
         return None
@@ -78,6 +96,8 @@ def localization_box(cam: np.ndarray, volume: Volume) -> tuple[float, ...] | Non
     )
     world = (volume.affine @ corners.T).T[:, :3]
     mins, maxs = world.min(axis=0), world.max(axis=0)
+    if not (np.isfinite(mins).all() and np.isfinite(maxs).all()):
+        return None
     return (
         round(float(mins[0]), 1),
         round(float(maxs[0]), 1),
