@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import EXIT_OK
+from .exit_codes import EXIT_OK
 
 TRAIN_KEYS = "train_keys.txt"
 VAL_KEYS = "val_keys.txt"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..weights import TORCH_LOAD_ERRORS
+from ..torchfile import TORCH_LOAD_ERRORS
 
 STATE_FORMAT = "ctscreen-train-state"
 STATE_FORMAT_VERSION = 1
