@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .chest import require_chest
 from .config import PreprocessConfig, SelectionConfig
 from .data.registry import PATH_TYPES
 from .dicom.discover import Study, discover
@@ -177,7 +178,10 @@ def prepare_study(
         fields = dict(base, series_uid=candidate.series_uid, reason=reason, warnings=notes)
         try:
             volume = build_volume(candidate.series)
-            item = _prepared(volume, config, started=start, **fields)
+            chest_notes = require_chest(volume, candidate.series.first.region_tags)
+            item = _prepared(
+                volume, config, started=start, **(fields | {"warnings": notes + chest_notes})
+            )
         except (CtscreenError, *UNEXPECTED) as exc:
             item = PreparedStudy(
                 **fields,  # type: ignore[arg-type]
@@ -206,6 +210,7 @@ def prepare_input(
     if is_nifti(input_path):
         try:
             volume = read_nifti(input_path)
+            chest_notes = require_chest(volume)
             yield _prepared(
                 volume,
                 config,
@@ -214,7 +219,7 @@ def prepare_input(
                 location=shown,
                 study_uid="",
                 reason="NIfTI file (one volume)",
-                warnings=warnings,
+                warnings=warnings + chest_notes,
             )
         except (CtscreenError, *UNEXPECTED) as exc:
             yield PreparedStudy(
