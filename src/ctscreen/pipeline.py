@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +198,7 @@ def prepare_input(
     selection: SelectionConfig,
     all_series: bool = False,
     warnings: tuple[str, ...] = (),
+    work_root: Path | None = None,
 ) -> Iterator[PreparedStudy]:
     """Discover, select, decode and preprocess one input, study by study.
 
@@ -231,7 +232,7 @@ def prepare_input(
                 seconds=time.perf_counter() - start,
             )
         return
-    with tempfile.TemporaryDirectory(prefix="ctscreen-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ctscreen-", dir=work_root) as tmp:
         try:
             found = discover(input_path, work_dir=Path(tmp) / "extract")
         except (CtscreenError, *UNEXPECTED) as exc:
@@ -257,6 +258,91 @@ def prepare_input(
             )
 
 
+#: Default time limit for one study (discovery of its input included), in seconds:
+#: the task allows 10 minutes per study.
+STUDY_TIMEOUT_S = 600.0
+
+
+def timeout_item(input_path: Path, limit: float, warnings: tuple[str, ...]) -> PreparedStudy:
+    """The failure item of an input whose next study did not arrive within ``limit`` s."""
+    shown = str(input_path)
+    return PreparedStudy(
+        input_path=shown,
+        location=shown,
+        study_uid="",
+        error=(
+            f"reading {input_path.name} took longer than the time limit of {limit:g} s per "
+            "study, so it was stopped and the run went on; check the input (a damaged or "
+            "enormous file) or raise the limit (--study-timeout)."
+        ),
+        warnings=warnings,
+        seconds=limit,
+    )
+
+
+def with_deadline(
+    make: Callable[[], Iterator[PreparedStudy]],
+    *,
+    input_path: Path,
+    limit: float | None,
+    warnings: tuple[str, ...] = (),
+) -> Iterator[PreparedStudy]:
+    """The items of ``make()``, each due within ``limit`` seconds of the one before.
+
+    The items are made in a daemon thread. When one is late, a failure item says
+    so and the input is abandoned: Python cannot stop a thread, so it is told to
+    stop at its next item and its work area lies under the run's work root, which
+    the run removes. Items that arrived before the deadline are kept.
+    """
+    if limit is None or limit <= 0:
+        yield from make()
+        return
+    box: queue.Queue[object] = queue.Queue(maxsize=1)  # one study ahead bounds memory
+    done = object()
+    stop = threading.Event()
+
+    def offer(obj: object) -> bool:
+        """Put ``obj`` in the box unless the consumer has gone; False when it has."""
+        while not stop.is_set():
+            try:
+                box.put(obj, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        items = make()
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+        except BaseException as exc:  # handed to the consumer
+            offer(exc)
+            return
+        finally:
+            items.close()
+        offer(done)
+
+    worker = threading.Thread(target=produce, name=f"ctscreen-read-{input_path.name}", daemon=True)
+    worker.start()
+    try:
+        while True:
+            try:
+                item = box.get(timeout=limit)
+            except queue.Empty:
+                log.error("%s: no study within %g s; input abandoned", input_path, limit)
+                yield timeout_item(input_path, limit, warnings)
+                return
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+
+
 def prepare_inputs(
     inputs: Sequence[Path],
     *,
@@ -265,19 +351,31 @@ def prepare_inputs(
     all_series: bool = False,
     warnings: tuple[str, ...] = (),
     readers: int = 1,
+    study_timeout: float | None = None,
+    work_root: Path | None = None,
 ) -> Iterator[PreparedStudy]:
     """:func:`prepare_input` for every input, in input order.
 
     With ``readers`` above 1, that many inputs are read at once in threads
     (decoding and resizing release the GIL; header parsing takes turns), each
     input's studies are kept until their turn comes, and at most ``readers``
-    inputs are in flight.
+    inputs are in flight. With ``study_timeout``, an input whose next study takes
+    longer than that many seconds gives a failure item and the run goes on
+    (:func:`with_deadline`); temporary folders go under ``work_root``.
     """
 
     def one(path: Path) -> Iterator[PreparedStudy]:
-        return prepare_input(
-            Path(path), config=config, selection=selection, all_series=all_series, warnings=warnings
-        )
+        def make() -> Iterator[PreparedStudy]:
+            return prepare_input(
+                Path(path),
+                config=config,
+                selection=selection,
+                all_series=all_series,
+                warnings=warnings,
+                work_root=work_root,
+            )
+
+        return with_deadline(make, input_path=Path(path), limit=study_timeout, warnings=warnings)
 
     if readers <= 1 or len(inputs) <= 1:
         for input_path in inputs:

@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,7 +36,7 @@ from .hardware import (
     resolve_precision,
     select_device,
 )
-from .pipeline import PreparedStudy, batches, prefetched, prepare_inputs
+from .pipeline import STUDY_TIMEOUT_S, PreparedStudy, batches, prefetched, prepare_inputs
 from .results import StudyResult, sigmoid
 from .weights import LoadedModel, load_checkpoint
 
@@ -67,6 +69,8 @@ class Screener:
         prefetch: studies read ahead of the network (at least ``batch_size``).
         cache_dir: where an exported OpenVINO/ONNX graph is kept (default beside
             the weights, or the user cache when that folder is read-only).
+        study_timeout: seconds one study may take to read (its input's discovery
+            included) before it becomes a failure and the run goes on; None: no limit.
 
     Raises:
         WeightsError: the checkpoint is missing, damaged or not a model.
@@ -89,11 +93,15 @@ class Screener:
         readers: int | None = None,
         prefetch: int = 2,
         cache_dir: Path | None = None,
+        study_timeout: float | None = STUDY_TIMEOUT_S,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {mode!r}.")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"the threshold must lie in [0, 1], not {threshold}.")
+        if study_timeout is not None and not study_timeout > 0:
+            raise ConfigError(f"the study time limit must be positive, not {study_timeout}.")
+        self.study_timeout = study_timeout
         for name, value in (("batch size", batch_size), ("number of readers", readers)):
             if value is not None and value < 1:
                 raise ConfigError(f"the {name} must be at least 1, not {value}.")
@@ -160,6 +168,7 @@ class Screener:
             "mode": self.mode,
             "batch_size": self.batch_size,
             "readers": self.readers,
+            "study_timeout_s": self.study_timeout,
             "model_warnings": "; ".join(self.warnings),
             "note": "research tool, not for clinical use",
         }
@@ -193,6 +202,9 @@ class Screener:
             input order then study order, whatever the batch size; a study that
             cannot be read or scored is a result with ``error`` set.
         """
+        # Every temporary folder of this call lies under one run-owned root, removed at
+        # the end however the call ends (finished, interrupted, or an abandoned reader).
+        work_root = Path(tempfile.mkdtemp(prefix="ctscreen-run-"))
         items = prefetched(
             prepare_inputs(
                 [Path(p) for p in inputs],
@@ -201,6 +213,8 @@ class Screener:
                 all_series=self.mode == "series",
                 warnings=self.warnings,
                 readers=self.readers,
+                study_timeout=self.study_timeout,
+                work_root=work_root,
             ),
             self.prefetch,
         )
@@ -209,6 +223,7 @@ class Screener:
                 yield from self._score_group(group, keep_image=keep_image)
         finally:
             items.close()
+            shutil.rmtree(work_root, ignore_errors=True)
 
     def _score_group(
         self, group: list[PreparedStudy], *, keep_image: bool

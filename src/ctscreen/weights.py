@@ -178,6 +178,20 @@ def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+#: The ``format`` of ``ctscreen train``'s resume state (``train/checkpoint.py``); named
+#: here, not imported, so that loading weights never imports the training package.
+TRAIN_STATE_FORMAT = "ctscreen-train-state"
+#: Keys only a resume state holds besides the model: an optimizer to continue with.
+_TRAINING_ONLY_KEYS = ("optimizer", "optimizer_state_dict", "scaler", "scheduler")
+
+
+def _is_training_state(obj: Mapping[str, Any]) -> bool:
+    """True for a resume state of a training run (ctscreen's or another trainer's)."""
+    if obj.get("format") == TRAIN_STATE_FORMAT:
+        return True
+    return any(k in obj for k in _TRAINING_ONLY_KEYS) and ("epoch" in obj or "step" in obj)
+
+
 def _split_payload(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], ModelCard, list[str]]:
     """Find the state dict and card in a loaded file of any accepted layout."""
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
@@ -198,6 +212,12 @@ def _split_payload(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], Model
             reason = exc.message if isinstance(exc, CtscreenError) else str(exc)
             raise WeightsError(f"checkpoint {path} has an invalid model card: {reason}") from exc
         return dict(state), card, []
+    if isinstance(obj, Mapping) and _is_training_state(obj):
+        raise WeightsError(
+            f"{path} is a training resume state (model, optimizer and progress of a "
+            "`ctscreen train` run, for `train --resume`), not a model to predict with; pass "
+            f"{path.with_name('best.pth')} or an epochs/epoch_XXX/weights.pth of the same run."
+        )
     for key in ("model", "state_dict"):
         if isinstance(obj, Mapping) and _is_state_dict(obj.get(key)):
             return dict(obj[key]), _legacy_card(), [LEGACY_WARNING]
