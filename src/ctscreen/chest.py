@@ -223,17 +223,25 @@ def check_chest(volume: Volume, tags: Sequence[tuple[str, str]] = ()) -> ChestCh
     )
 
 
-def require_chest(volume: Volume, tags: Sequence[tuple[str, str]] = ()) -> tuple[str, ...]:
+def require_chest(
+    volume: Volume, tags: Sequence[tuple[str, str]] = (), *, where: str = ""
+) -> tuple[str, ...]:
     """Raise unless ``volume`` is a chest CT; return the warnings a scored one carries.
+
+    Args:
+        volume: the canonical HU volume of the series to score.
+        tags: ``(keyword, value)`` pairs naming the body region, most specific first.
+        where: the series' folder or file, named in the refusal.
 
     Raises:
         NotChestError: the image shows too little aerated lung ("not a chest CT: ...").
     """
     check = check_chest(volume, tags)
     if check.verdict == NOT_CHEST:
+        place = f" (the series in {where})" if where else ""
         raise NotChestError(
-            f"not a chest CT: {check.describe()}; ctscreen scores chest CT only, so pass the "
-            "chest series of the study."
+            f"not a chest CT: {check.describe()}{place}; ctscreen scores chest CT only, so "
+            "pass the chest series of the study."
         )
     if check.verdict == UNSURE:
         return (f"this may not be a chest CT, scored anyway: {check.describe()}",)

@@ -178,7 +178,9 @@ def prepare_study(
         fields = dict(base, series_uid=candidate.series_uid, reason=reason, warnings=notes)
         try:
             volume = build_volume(candidate.series)
-            chest_notes = require_chest(volume, candidate.series.first.region_tags)
+            chest_notes = require_chest(
+                volume, candidate.series.first.region_tags, where=volume.source
+            )
             item = _prepared(
                 volume, config, started=start, **(fields | {"warnings": notes + chest_notes})
             )
@@ -211,7 +213,7 @@ def prepare_input(
     if is_nifti(input_path):
         try:
             volume = read_nifti(input_path)
-            chest_notes = require_chest(volume)
+            chest_notes = require_chest(volume, where=shown)
             yield _prepared(
                 volume,
                 config,

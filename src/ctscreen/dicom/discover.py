@@ -931,6 +931,9 @@ def discover(
         what = "no files at all" if n == 0 else f"{n} file(s), none of them DICOM"
         if scan.archives:
             what += f" (looked inside {scan.archives} nested zip archive(s))"
+        unopened = [s for s in scan.skipped if "nested" in s]
+        if unopened:
+            what += f"; left unopened: {_shown(unopened, 1)}"
         raise NoDicomError(
             f"{input_path.name} holds {what}; pass a folder or zip archive of DICOM files."
         )
