@@ -36,6 +36,7 @@ COMMANDS: tuple[str, ...] = (
     "train",
     "evaluate",
     "demo",
+    "serve",
 )
 
 log = logging.getLogger("ctscreen")
