@@ -219,7 +219,7 @@ def test_client_file_names_never_become_paths(client: TestClient, files: dict[st
     assert job["inputs"] == [{"name": "escape.zip", "size": files["good"].stat().st_size}]
     assert job["rows"][0]["path_to_study"] == "escape.zip/norma_anon"
     stored = sorted(p.name for p in (store.job_dir(job_id) / "uploads").iterdir())
-    assert stored == ["0000"]
+    assert stored == ["0000.upload"]
     assert not list(store.data_dir.parent.rglob("escape.zip"))
     for bad in ("../x", "nope", "%2e%2e"):
         assert client.get(f"/api/v1/jobs/{bad}", headers=AUTH).status_code == 404

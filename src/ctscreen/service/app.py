@@ -51,6 +51,7 @@ from .store import (
     JobStore,
     is_job_id,
     new_job_id,
+    stored_name,
 )
 from .worker import STUDY_SECONDS_BUCKETS, Worker, WorkerConfig
 
@@ -193,7 +194,7 @@ class _UploadWriter:
                 )
             index = len(self.inputs)
             self._name = display_name(filename.decode("utf-8", "replace"), index)
-            self._file = open(self.folder / f"{index:04d}", "wb")  # noqa: SIM115
+            self._file = open(self.folder / stored_name(index), "wb")  # noqa: SIM115
             self._size = 0
             self._text = None
         elif field_name in ("mode",):
@@ -227,7 +228,7 @@ class _UploadWriter:
         if self._file is not None:
             self._file.close()
             index = len(self.inputs)
-            self.inputs.append(InputFile(index, self._name, f"{index:04d}", self._size))
+            self.inputs.append(InputFile(index, self._name, stored_name(index), self._size))
             self._file = None
         elif self._text is not None:
             self.fields[self._field_name] = self._text.decode("utf-8", "replace").strip()

@@ -3,7 +3,7 @@
 One folder holds everything::
 
     DATA/ctscreen.db              SQLite (WAL): jobs, their inputs, their result rows
-    DATA/jobs/<id>/uploads/NNNN   uploaded files, under generated names only
+    DATA/jobs/<id>/uploads/NNNN.upload   uploaded files, under generated names only
     DATA/jobs/<id>/...            anything else a front end keeps per job (reports)
 
 A job is a list of inputs (uploaded files: zip archives or DICOM files) scored
@@ -14,7 +14,7 @@ A job left ``running`` by a process that died is put back in the queue by
 
 Nothing a client sends becomes a path: job ids are random (128 bits) and checked
 against their pattern before they touch the filesystem, uploads are stored as
-``NNNN`` and the client's file name is kept as display text only.
+``NNNN.upload`` and the client's file name is kept as display text only.
 
 The store is safe to use from several threads of one process (one connection
 behind a lock) and from several processes (SQLite's own locking, WAL).
@@ -89,6 +89,15 @@ CREATE TABLE IF NOT EXISTS rows (
 def new_job_id() -> str:
     """A random, unguessable job id (128 bits, URL-safe, 22 characters)."""
     return secrets.token_urlsafe(16)
+
+
+def stored_name(index: int) -> str:
+    """The generated file name of a job's ``index``-th upload (``0003.upload``).
+
+    The suffix makes the name unlike anything inside a study, so that it can be
+    replaced by the client's file name in the sentences the library writes.
+    """
+    return f"{index:04d}.upload"
 
 
 def is_job_id(text: str) -> bool:
@@ -181,8 +190,8 @@ class JobStore:
     Example:
         >>> store = JobStore(Path("data"))  # doctest: +SKIP
         >>> job_id = new_job_id()
-        >>> folder = store.upload_dir(job_id)  # write the uploads there as NNNN
-        >>> store.add_job(job_id, [InputFile(0, "norma.zip", "0000", 1234)], mode="study")
+        >>> folder = store.upload_dir(job_id)  # write the uploads there as stored_name(i)
+        >>> store.add_job(job_id, [InputFile(0, "norma.zip", stored_name(0), 1234)], mode="study")
     """
 
     def __init__(self, data_dir: Path) -> None:

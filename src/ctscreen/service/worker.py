@@ -144,14 +144,21 @@ def child_main(conn: Connection, config: WorkerConfig) -> None:
 def display_row(row: ResultRow, stored: str, name: str) -> ResultRow:
     """The row with the upload's stored path replaced by the client's file name.
 
-    ``path_to_study`` of an upload reads ``<DATA>/jobs/<id>/uploads/0003/folder``;
-    the client knows it as ``norma_anon.zip/folder``.
+    ``path_to_study`` of an upload reads ``<DATA>/jobs/<id>/uploads/0003.upload/folder``
+    and sentences name ``0003.upload``; the client knows it as ``norma_anon.zip``.
     """
+    stored_name = Path(stored).name
 
     def shown(text: str) -> str:
-        return name + text[len(stored) :] if text.startswith(stored) else text
+        return text.replace(stored, name).replace(stored_name, name)
 
-    return replace(row, path_to_study=shown(row.path_to_study), input_path=shown(row.input_path))
+    return replace(
+        row,
+        path_to_study=shown(row.path_to_study),
+        input_path=shown(row.input_path),
+        error=shown(row.error),
+        warnings=tuple(shown(w) for w in row.warnings),
+    )
 
 
 def _exit_description(code: int | None) -> str:
@@ -288,10 +295,17 @@ class Worker:
         self.stats.child_starts += 1
         deadline = time.monotonic() + self.load_timeout
         while not self._stop.is_set():
-            if parent_conn.poll(0.2):
+            try:
+                arrived = parent_conn.poll(0.2)
+            except (OSError, EOFError):  # closed by stop()
+                return False
+            if arrived:
                 try:
                     message = parent_conn.recv()
-                except EOFError:
+                except (OSError, EOFError):
+                    if self._stop.is_set():
+                        return False
+                    process.join(timeout=5)
                     message = (
                         "fatal",
                         f"the scoring process stopped while loading the model "
@@ -302,11 +316,14 @@ class Worker:
                     self._ready.set()
                     log.info("scoring process %d ready", process.pid)
                     return True
+                if self._stop.is_set():
+                    return False  # stopped while loading: not a fault of the model
                 self.fatal = str(message[1])
                 log.error("the model could not be loaded: %s", self.fatal)
                 self._kill_child()
                 return False
-            if not process.is_alive() and not parent_conn.poll():
+            if not process.is_alive() and not self._stop.is_set():
+                process.join(timeout=5)
                 self.fatal = (
                     "the scoring process stopped while loading the model "
                     f"({_exit_description(process.exitcode)}); see the log."
@@ -358,11 +375,17 @@ class Worker:
                 self.current_job = None
 
     def _run(self, job: Job) -> None:
-        assert self._conn is not None and self._process is not None
+        conn, process = self._conn, self._process
+        assert conn is not None and process is not None
         self.store.start(job.id)
         self.current_job = job.id
         paths = [str(p) for p in self.store.input_paths(job)]
-        self._conn.send(("job", job.id, paths, job.mode))
+        try:
+            conn.send(("job", job.id, paths, job.mode))
+        except (OSError, ValueError):
+            if self._stop.is_set():
+                return  # left running: the next start re-queues it
+            raise
         log.info("job %s started (%d inputs)", job.id, len(paths))
         last_index: int | None = None
         deadline = time.monotonic() + self.study_timeout
@@ -383,12 +406,14 @@ class Worker:
                 )
                 return
             try:
-                ready = self._conn.poll(min(remaining, 0.5))
-                message = self._conn.recv() if ready else None
+                ready = conn.poll(min(remaining, 0.5))
+                message = conn.recv() if ready else None
             except (EOFError, OSError):
+                if self._stop.is_set():
+                    return
                 message = ("crash",)
             if message is None:
-                if self._process is not None and self._process.is_alive():
+                if process.is_alive():
                     continue
                 message = ("crash",)
             kind = message[0]
@@ -408,8 +433,8 @@ class Worker:
                 self.store.finish(job.id, FAILED, str(message[2]))
                 return
             else:  # the child died
-                process = self._process
-                code = None if process is None else process.exitcode
+                process.join(timeout=5)  # reap it, so that its exit status is known
+                code = process.exitcode
                 self.stats.crashes += 1
                 self._kill_child()
                 self._end_early(
