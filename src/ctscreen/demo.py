@@ -94,14 +94,12 @@ def registry_from_labels(labels_csv: Path, *, dataset: str = "synthetic") -> pd.
 def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
     """Run every stage and return where the outputs are."""
     from .evaluate import evaluate
-    from .inference import PredictOptions, RunStats, Scorer, predict, resolve_precision
-    from .model import select_device
-    from .report import rows_to_frame, write_table
+    from .report import result_rows, rows_to_frame, write_table
+    from .screener import Screener
     from .synth.dataset import generate_dataset
     from .train.config import TrainConfig
     from .train.loop import train
     from .train.metrics import metrics_with_ci
-    from .weights import load_checkpoint
 
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +166,6 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
         registry=registry,
         keys=split.val_keys,
         out_dir=out / "evaluation",
-        cache_dir=out / "cache",
         threshold_rule="youden",
         write_threshold=out / "model.pth",
         progress=progress,
@@ -177,32 +174,25 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
     del evaluation
 
     t = time.perf_counter()
-    loaded = load_checkpoint(out / "model.pth")
-    device = select_device("cpu")
-    scorer = Scorer(loaded, device, resolve_precision("auto", device))
+    screener = Screener(out / "model.pth", device="cpu")
     holdout = pd.read_csv(holdout_labels, dtype=str, keep_default_na=False)
     archives = [holdout_labels.parent / p for p in holdout["path"]]
-    stats = RunStats()
-    rows = predict(archives, scorer=scorer, options=PredictOptions(mode="study"), stats=stats)
+    results = list(screener.score(archives))
+    rows = [row for result in results for row in result_rows(result)]
     table = write_table(
         rows_to_frame(rows),
         out / "results.xlsx",
-        run_info={
-            "weights": str(out / "model.pth"),
-            "weights_sha256": loaded.sha256,
-            "threshold": loaded.card.threshold,
-            "note": "synthetic demo data",
-        },
+        run_info=screener.run_info() | {"note": "synthetic demo data; research tool"},
     )
     seconds["predict"] = time.perf_counter() - t
 
     truth = dict(zip(holdout["study_uid"], holdout["label"].astype(int), strict=True))
-    scored = [r for r in rows if r.probability_of_pathology is not None]
+    scored = [r for r in results if r.ok]
     y = [truth[r.study_uid] for r in scored]
-    p = [float(r.probability_of_pathology) for r in scored]
-    holdout_metrics = metrics_with_ci(y, p, threshold=loaded.card.threshold, n_boot=1000, seed=0)
+    p = [float(r.probability) for r in scored]  # type: ignore[arg-type]
+    holdout_metrics = metrics_with_ci(y, p, threshold=screener.threshold, n_boot=1000, seed=0)
     holdout_metrics["n_studies"] = len(scored)
-    holdout_metrics["n_failures"] = len(rows) - len(scored)
+    holdout_metrics["n_failures"] = len(results) - len(scored)
     (out / "holdout_metrics.json").write_text(json.dumps(holdout_metrics, indent=2, default=float))
     return DemoResult(
         out=out,

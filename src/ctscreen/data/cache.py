@@ -211,10 +211,10 @@ def decode_study(path: str | Path, path_type: str, config: PreprocessConfig) -> 
     Raises:
         CtscreenError: the study cannot be read (its subclass says why).
     """
+    from ..pipeline import read_study_volume
     from ..preprocess import preprocess
-    from ..reader import load_volume
 
-    return preprocess(load_volume(path, path_type), config)
+    return preprocess(read_study_volume(path, path_type), config)
 
 
 def check_columns(frame: pd.DataFrame, columns: Iterable[str] = REQUIRED_COLUMNS) -> None:
