@@ -130,6 +130,18 @@ def test_upload_scores_like_predict_and_tables_start_with_the_seven_columns(
     assert tuple(everything.columns[:7]) == REQUIRED_COLUMNS and len(everything) >= 3
     report = client.get(f"{base}/report", headers=AUTH)
     assert report.status_code == 200 and "norma_anon.zip/norma_anon" in report.text
+    assert report.text.count("data:image/png;base64,") >= 4  # curve + key slices per study
+    assert ".upload" not in report.text  # stored names never shown
+
+
+def test_per_slice_mode_gives_a_row_per_slice(client: TestClient, files: dict[str, Path]) -> None:
+    job = _finished(client, _upload(client, files["good"], mode="slice").json()["id"])
+    assert job["status"] == "done" and job["mode"] == "slice"
+    rows = job["rows"]
+    assert len(rows) == 24  # the synthetic series has 24 slices
+    assert [r["slice_index"] for r in rows] == list(range(24))
+    assert {r["study_uid"] for r in rows} == {rows[0]["study_uid"]}
+    assert all(0 <= r["probability_of_pathology"] <= 1 for r in rows)
 
 
 def test_damaged_upload_gives_a_failure_row_and_the_server_stays_ready(

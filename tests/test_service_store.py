@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ctscreen.report import FAILURE, SUCCESS, ResultRow, rows_to_frame
+from ctscreen.report import ResultRow, rows_to_frame
+from ctscreen.results import FAILURE, SUCCESS
 from ctscreen.service.store import (
     DONE,
     MAX_ATTEMPTS,

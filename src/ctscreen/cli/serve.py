@@ -81,6 +81,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--no-localization", action="store_true", help="leave pathology_localization empty"
     )
+    p.add_argument(
+        "--no-report-pictures",
+        action="store_true",
+        help="job reports without the score curve and key-slice pictures (saves their drawing "
+        "time per study)",
+    )
     p.set_defaults(func=run)
 
 
@@ -115,6 +121,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         localize=not args.no_localization,
         batch_size=args.batch_size,
         readers=args.readers,
+        report_pictures=not args.no_report_pictures,
         log_level=args.log_level,
     )
     return ServiceSettings(

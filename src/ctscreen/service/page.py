@@ -14,7 +14,8 @@ import html
 from collections.abc import Mapping, Sequence
 
 from ..html_report import format_probability
-from ..report import FAILURE, ResultRow
+from ..report import ResultRow
+from ..results import FAILURE
 from .store import Job
 
 LANGUAGES: tuple[str, ...] = ("en", "ru")
@@ -65,6 +66,7 @@ TEXT: dict[str, dict[str, str]] = {
     },
     "wrong_token": {"en": "Wrong token.", "ru": "Неверный токен."},
     "api": {"en": "API documentation", "ru": "Документация API"},
+    "threshold": {"en": "threshold", "ru": "порог"},
     "more_rows": {"en": "{n} more rows in the downloads", "ru": "ещё строк в файлах: {n}"},
 }
 
@@ -198,7 +200,7 @@ def main_page(body_rows: str, *, lang: str, run_info: Mapping[str, object]) -> s
     """The whole page: upload form, jobs table (``body_rows`` from :func:`jobs_fragment`)."""
     model = _e(
         f"ctscreen {run_info.get('ctscreen_version', '')} · {run_info.get('device', '')} · "
-        f"threshold {run_info.get('threshold', '')}"
+        f"{t('threshold', lang)} {run_info.get('threshold', '')}"
     )
     return (
         f'{_head(lang)}<body data-lang="{lang}"><main>'

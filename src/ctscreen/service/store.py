@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..report import FAILURE, ResultRow
+from ..report import ResultRow
+from ..results import FAILURE
 
 log = logging.getLogger(__name__)
 

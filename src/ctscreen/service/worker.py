@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CtscreenError, WeightsError
-from ..report import FAILURE, ResultRow
+from ..report import ResultRow, result_rows
+from ..results import StudyResult
 from .store import DONE, FAILED, TIMEOUT, Job, JobStore
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class WorkerConfig:
         weights: the checkpoint.
         device, backend, precision, threshold, min_slices, localize, batch_size,
             readers: as for ``ctscreen predict`` (see :class:`ctscreen.Screener`).
+        report_pictures: draw the score curve and key slices into each job's HTML
+            report (as ``predict --report``); off, the report has the cards only.
         log_level: the child's logging level (its log goes to stderr, like the server's).
     """
 
@@ -60,6 +63,7 @@ class WorkerConfig:
     localize: bool = True
     batch_size: int | None = None
     readers: int | None = None
+    report_pictures: bool = True
     log_level: str = "WARNING"
 
 
@@ -88,7 +92,7 @@ def _die_with_parent() -> None:
 def child_main(conn: Connection, config: WorkerConfig) -> None:
     """The child process: load the model, then score jobs sent over ``conn``.
 
-    Messages in: ``("job", job_id, [paths], mode)``, ``("stop",)``.
+    Messages in: ``("job", job_id, [paths], [names], mode, report_dir)``, ``("stop",)``.
     Messages out: ``("ready", run_info)`` or ``("fatal", sentence)`` once, then per
     job ``("rows", job_id, input_index, [ResultRow])`` for each study and
     ``("done", job_id)`` or ``("error", job_id, sentence)``.
@@ -97,8 +101,10 @@ def child_main(conn: Connection, config: WorkerConfig) -> None:
     logging.basicConfig(
         level=config.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
-    from .. import Screener
-    from ..report import result_rows
+    from .. import (
+        Screener,
+        html_report,  # noqa: F401 - matplotlib loads now, not in a job's time
+    )
 
     try:
         screener = Screener(
@@ -125,27 +131,61 @@ def child_main(conn: Connection, config: WorkerConfig) -> None:
             return
         if message[0] != "job":
             return
-        _, job_id, paths, mode = message
-        index_of = {str(p): i for i, p in enumerate(paths)}
-        current = 0
+        _, job_id, paths, names, mode, report_dir = message
         try:
-            for result in screener.score([Path(p) for p in paths]):
-                current = index_of.get(str(result.input_path), current)
-                conn.send(("rows", job_id, current, result_rows(result, mode=mode)))
+            _score_job(conn, screener, job_id, paths, names, mode, report_dir, config, run_info)
         except CtscreenError as exc:
             conn.send(("error", job_id, exc.message))
             continue
         conn.send(("done", job_id))
 
 
-# --------------------------------------------------------------------------- parent
+def _score_job(
+    conn: Connection,
+    screener: Any,
+    job_id: str,
+    paths: Sequence[str],
+    names: Sequence[str],
+    mode: str,
+    report_dir: str | None,
+    config: WorkerConfig,
+    run_info: dict[str, Any],
+) -> None:
+    """Score one job's inputs, sending each study's rows as soon as they exist."""
+    from ..html_report import ReportWriter
+
+    report = None
+    if report_dir is not None:
+        pre = screener.config
+        try:
+            report = ReportWriter(Path(report_dir), window=(pre.window_level, pre.window_width))
+        except CtscreenError as exc:
+            log.warning("job %s gets no HTML report: %s", job_id, exc.message)
+    index_of = {p: i for i, p in enumerate(paths)}
+    current = 0
+    pictures = report is not None and config.report_pictures
+    for result in screener.score([Path(p) for p in paths], keep_image=pictures):
+        current = index_of.get(str(result.input_path), current)
+        shown = display_result(result, paths[current], names[current])
+        conn.send(("rows", job_id, current, result_rows(shown, mode=mode)))
+        if report is not None:
+            try:
+                report.add(shown)
+            except CtscreenError as exc:
+                log.warning("job %s: report stopped: %s", job_id, exc.message)
+                report = None
+    if report is not None:
+        try:
+            report.finish(run_info={**run_info, "service": "ctscreen serve", "job": job_id})
+        except CtscreenError as exc:
+            log.warning("job %s gets no HTML report: %s", job_id, exc.message)
 
 
-def display_row(row: ResultRow, stored: str, name: str) -> ResultRow:
-    """The row with the upload's stored path replaced by the client's file name.
+def display_result(result: StudyResult, stored: str, name: str) -> StudyResult:
+    """The result with the upload's stored path replaced by the client's file name.
 
-    ``path_to_study`` of an upload reads ``<DATA>/jobs/<id>/uploads/0003.upload/folder``
-    and sentences name ``0003.upload``; the client knows it as ``norma_anon.zip``.
+    ``location`` of an upload reads ``<DATA>/jobs/<id>/uploads/0003.upload/folder`` and
+    sentences name ``0003.upload``; the client knows the file as ``norma_anon.zip``.
     """
     stored_name = Path(stored).name
 
@@ -153,12 +193,20 @@ def display_row(row: ResultRow, stored: str, name: str) -> ResultRow:
         return text.replace(stored, name).replace(stored_name, name)
 
     return replace(
-        row,
-        path_to_study=shown(row.path_to_study),
-        input_path=shown(row.input_path),
-        error=shown(row.error),
-        warnings=tuple(shown(w) for w in row.warnings),
+        result,
+        input_path=shown(str(result.input_path)),
+        location=shown(result.location),
+        error=shown(result.error),
+        warnings=tuple(shown(w) for w in result.warnings),
     )
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def _failure_rows(name: str, error: str, *, seconds: float = 0.0) -> list[ResultRow]:
+    """The Failure row of an input the service had to stop (built like every other row)."""
+    return result_rows(StudyResult(input_path=name, location=name, error=error, seconds=seconds))
 
 
 def _exit_description(code: int | None) -> str:
@@ -380,8 +428,10 @@ class Worker:
         self.store.start(job.id)
         self.current_job = job.id
         paths = [str(p) for p in self.store.input_paths(job)]
+        names = [f.name for f in job.inputs]
+        report_dir = str(self.store.job_dir(job.id) / "report")
         try:
-            conn.send(("job", job.id, paths, job.mode))
+            conn.send(("job", job.id, paths, names, job.mode, report_dir))
         except (OSError, ValueError):
             if self._stop.is_set():
                 return  # left running: the next start re-queues it
@@ -419,10 +469,8 @@ class Worker:
             kind = message[0]
             if kind == "rows":
                 _, _, index, rows = message
-                stored, name = paths[index], job.inputs[index].name
-                shown = [display_row(r, stored, name) for r in rows]
-                self.store.add_rows(job.id, index, shown)
-                for row in shown:
+                self.store.add_rows(job.id, index, rows)
+                for row in rows:
                     self.stats.observe(row)
                 last_index = index
                 deadline = time.monotonic() + self.study_timeout
@@ -454,32 +502,24 @@ class Worker:
         if last_index is not None and last_index + 1 >= len(paths):
             stuck = last_index  # the last input has more studies than were scored
         name = job.inputs[stuck].name
-        rows = [
-            ResultRow(
-                path_to_study=name,
-                processing_status=FAILURE,
-                time_of_processing=self.study_timeout if status == TIMEOUT else 0.0,
-                error=f"{why} while reading {name}; the service went on with the next job.",
-                input_path=name,
-            )
-        ]
-        self.store.add_rows(job.id, stuck, rows)
+        self.store.add_rows(
+            job.id,
+            stuck,
+            _failure_rows(
+                name,
+                f"{why} while reading {name}; the service went on with the next job.",
+                seconds=self.study_timeout if status == TIMEOUT else 0.0,
+            ),
+        )
         for index in range(stuck + 1, len(paths)):
             other = job.inputs[index].name
             self.store.add_rows(
                 job.id,
                 index,
-                [
-                    ResultRow(
-                        path_to_study=other,
-                        processing_status=FAILURE,
-                        time_of_processing=0.0,
-                        error=(
-                            f"not scored: {name}, earlier in this job, was stopped; upload "
-                            f"{other} again in a job of its own."
-                        ),
-                        input_path=other,
-                    )
-                ],
+                _failure_rows(
+                    other,
+                    f"not scored: {name}, earlier in this job, was stopped; upload {other} "
+                    "again in a job of its own.",
+                ),
             )
         self.store.finish(job.id, status, f"{why} while reading {name}.")
