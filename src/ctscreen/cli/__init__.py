@@ -35,6 +35,7 @@ COMMANDS: tuple[str, ...] = (
     "train",
     "evaluate",
     "demo",
+    "serve",
 )
 
 log = logging.getLogger("ctscreen")
