@@ -13,7 +13,7 @@ import pydicom
 import pytest
 
 from ctscreen.dicom.archive import MAX_NAME_BYTES, extract_zip
-from ctscreen.dicom.discover import discover, iter_files
+from ctscreen.dicom.discover import discover, regular_files
 from ctscreen.dicom.volume import build_volume
 from ctscreen.errors import InputError, NoDicomError, VolumeError
 from ctscreen.explain import localization_box, probability, slice_scores
@@ -64,7 +64,7 @@ def test_links_are_followed_only_inside_the_input(make_series, tmp_path: Path) -
     (folder / "escape").symlink_to(outside)
     (folder / "inside").symlink_to(paths[1])
     (folder / "loop").symlink_to(folder, target_is_directory=True)
-    files, left_out = iter_files(folder)
+    files, left_out = regular_files(folder)
     names = {p.name for p in files}
     assert "inside" in names and "escape" not in names
     assert "escape (a symbolic link pointing outside the input)" in left_out

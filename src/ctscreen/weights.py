@@ -181,15 +181,12 @@ def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 #: The ``format`` of ``ctscreen train``'s resume state (``train/checkpoint.py``); named
 #: here, not imported, so that loading weights never imports the training package.
 TRAIN_STATE_FORMAT = "ctscreen-train-state"
-#: Keys only a resume state holds besides the model: an optimizer to continue with.
-_TRAINING_ONLY_KEYS = ("optimizer", "optimizer_state_dict", "scaler", "scheduler")
 
 
 def _is_training_state(obj: Mapping[str, Any]) -> bool:
-    """True for a resume state of a training run (ctscreen's or another trainer's)."""
-    if obj.get("format") == TRAIN_STATE_FORMAT:
-        return True
-    return any(k in obj for k in _TRAINING_ONLY_KEYS) and ("epoch" in obj or "step" in obj)
+    """True for the resume state of a ``ctscreen train`` run. (Files of the original
+    implementation may hold an optimizer beside the model and still load, as before.)"""
+    return obj.get("format") == TRAIN_STATE_FORMAT
 
 
 def _split_payload(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], ModelCard, list[str]]:

@@ -601,7 +601,13 @@ def looks_like_zip(path: Path) -> bool:
     return _read_head(path, 4) == b"PK\x03\x04" or zipfile.is_zipfile(path)
 
 
-def iter_files(root: Path) -> tuple[list[Path], list[str]]:
+def iter_files(root: Path) -> list[Path]:
+    """Every regular file under ``root`` (or ``root`` itself), sorted for stability;
+    special files and links leaving ``root`` are left out (see :func:`regular_files`)."""
+    return regular_files(root)[0]
+
+
+def regular_files(root: Path) -> tuple[list[Path], list[str]]:
     """Every regular file under ``root`` (or ``root`` itself), sorted for stability.
 
     Named pipes, sockets and devices are never opened, and a symbolic link is
@@ -898,7 +904,7 @@ def discover(
         _scan_files(sorted(files), root=root, display_root=display_root, **common)  # type: ignore[arg-type]
     elif input_path.is_dir():
         root, display_root = input_path, str(input_path)
-        files, left_out = iter_files(input_path)
+        files, left_out = regular_files(input_path)
         if left_out:
             scan.notes.append(
                 f"left {len(left_out)} entr{'y' if len(left_out) == 1 else 'ies'} unopened "
