@@ -45,6 +45,7 @@ OPTIONS = {
 def _write_study(path: Path, label: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     hu = np.full((20, 20, 12), -1000.0, dtype=np.float32)
+    hu[:, :, 1:-1] = 40.0  # a body around the "lung", so the chest check passes
     hu[3:-3, 3:-3, 2:-2] = rng.normal(-750, 150, (14, 14, 8))
     if label:
         hu[8:13, 8:13, 4:8] = 40.0  # a dense "lesion"

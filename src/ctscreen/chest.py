@@ -49,7 +49,8 @@ UNSURE_LUNG_SLICE_SHARE = 0.10
 #: Air outside the body is about -1000 HU; a volume whose lowest value lies above this
 #: has no air at all, which usually means its rescale to HU is wrong.
 AIR_MAX_HU = -900.0
-#: In-plane resolution (mm) the measurement works at; finer images are subsampled.
+#: In-plane resolution (mm) the measurement works at; finer images are subsampled
+#: (never below 64 pixels across).
 MEASURE_SPACING_MM = 2.0
 
 CHEST = "chest"
@@ -174,8 +175,10 @@ def lung_fractions(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.nd
     Returns:
         float64 ``[D]`` in [0, 1]; 0 for a slice without a body.
     """
-    step_h = max(1, int(round(MEASURE_SPACING_MM / max(spacing[1], 1e-6))))
-    step_w = max(1, int(round(MEASURE_SPACING_MM / max(spacing[2], 1e-6))))
+    # Subsample to about MEASURE_SPACING_MM, but keep at least 64 pixels across:
+    # small matrices keep their chest wall wider than the opening's reach.
+    step_h = max(1, min(round(MEASURE_SPACING_MM / max(spacing[1], 1e-6)), hu.shape[1] // 64))
+    step_w = max(1, min(round(MEASURE_SPACING_MM / max(spacing[2], 1e-6)), hu.shape[2] // 64))
     out = np.zeros(hu.shape[0], dtype=np.float64)
     for k in range(hu.shape[0]):
         plane = np.asarray(hu[k, ::step_h, ::step_w], dtype=np.float32)
