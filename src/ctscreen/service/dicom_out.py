@@ -24,9 +24,10 @@ recomputed here except pictures.
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -459,3 +460,128 @@ def read_sr(ds: Dataset) -> SrFindings:
         algorithm=(name, version),
         referenced_sop_uids=referenced,
     )
+
+
+# ------------------------------------------------------------------ per job (scoring child)
+
+#: File in a job's folder that makes it a DICOM node job (written by the node).
+NODE_JOB_FILE = "dicom-node.json"
+#: Folder in a job's folder where its DICOM results are written for the outbox.
+OUT_DIR = "dicom-out"
+
+
+@dataclass(frozen=True)
+class NodeJob:
+    """What the DICOM node knows about a study it made into a job.
+
+    Attributes:
+        study_uid: StudyInstanceUID of the received study.
+        calling_ae: the AE title that sent it.
+        warnings: sentences every row of the job carries (an aborted association).
+    """
+
+    study_uid: str
+    calling_ae: str
+    warnings: tuple[str, ...] = ()
+
+    def write(self, job_dir: Path) -> None:
+        """Store this record in ``job_dir`` (atomically)."""
+        from ..fileio import write_text_atomic
+
+        write_text_atomic(
+            job_dir / NODE_JOB_FILE,
+            json.dumps(
+                {
+                    "study_uid": self.study_uid,
+                    "calling_ae": self.calling_ae,
+                    "warnings": list(self.warnings),
+                }
+            ),
+        )
+
+    @classmethod
+    def read(cls, job_dir: Path) -> NodeJob | None:
+        """The record of a node job, or None for a job that did not come from the node."""
+        try:
+            data = json.loads((job_dir / NODE_JOB_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("unreadable %s in %s: %s", NODE_JOB_FILE, job_dir, exc)
+            return None
+        return cls(
+            study_uid=str(data.get("study_uid", "")),
+            calling_ae=str(data.get("calling_ae", "")),
+            warnings=tuple(str(w) for w in data.get("warnings", ())),
+        )
+
+
+class JobOutputs:
+    """Builds and writes the DICOM results of a node job, study by study, in the
+    scoring child (where the activation map and the network input are at hand).
+
+    A study whose results cannot be built keeps its row; the reason is logged and
+    written beside the results (``<OUT_DIR>/errors.txt``), never raised into the job.
+    """
+
+    def __init__(
+        self,
+        job_dir: Path,
+        node_job: NodeJob,
+        *,
+        run_info: dict[str, Any],
+        window: tuple[float, float],
+    ) -> None:
+        self.out_dir = job_dir / OUT_DIR
+        self.node_job = node_job
+        self.algorithm = Algorithm.from_run_info(run_info)
+        self.window = window
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.out_dir.glob("[0-9]*.dcm"):  # an earlier, interrupted attempt
+            old.unlink()
+        self._count = 0
+
+    @classmethod
+    def for_job(
+        cls, job_dir: Path, *, run_info: dict[str, Any], window: tuple[float, float]
+    ) -> JobOutputs | None:
+        """The writer of a node job's results, or None for a job not from the node."""
+        node_job = NodeJob.read(job_dir)
+        if node_job is None:
+            return None
+        return cls(job_dir, node_job, run_info=run_info, window=window)
+
+    def annotate(self, result: StudyResult) -> StudyResult:
+        """The result with the node's warnings about the study (e.g. missing slices) added."""
+        if not self.node_job.warnings:
+            return result
+        return replace(result, warnings=(*result.warnings, *self.node_job.warnings))
+
+    def add(self, result: StudyResult, source: Path) -> list[Path]:
+        """Build and write the SR and key images of one result; returns the files written."""
+        if not result.ok:
+            return []
+        written: list[Path] = []
+        try:
+            headers = read_series_headers(source, result.series_uid)
+            datasets = [build_sr(result, headers, self.algorithm)]
+            if result.cam is not None and result.image is not None:
+                datasets += build_key_images(result, headers, window=self.window)
+            for ds in datasets:
+                self._count += 1
+                path = self.out_dir / f"{self._count:04d}.dcm"
+                _save(ds, path)
+                written.append(path)
+        except (CtscreenError, ValueError, TypeError, AttributeError, OSError) as exc:
+            # highdicom raises ValueError/TypeError/AttributeError on headers it cannot use
+            message = exc.message if isinstance(exc, CtscreenError) else f"{exc}"
+            log.error("no DICOM results for %s: %s", result.location, message)
+            with (self.out_dir / "errors.txt").open("a", encoding="utf-8") as fh:
+                fh.write(f"{result.study_uid}: {message}\n")
+        return written
+
+
+def _save(ds: Dataset, path: Path) -> None:
+    from ..fileio import write_atomic
+
+    write_atomic(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
