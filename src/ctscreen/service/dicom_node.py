@@ -313,7 +313,9 @@ class DicomNode:
     def _on_closed(self, event: Any) -> None:
         # A connection that closed without release or abort (the peer died) is an abort too.
         ae = str(event.assoc.requestor.ae_title).strip()
-        self._end_association(event, f"the connection from {ae} closed without a release")
+        self._end_association(
+            event, f"the association from {ae} ended without a release (aborted or cut off)"
+        )
 
     # ------------------------------------------------------------------ watcher
 
