@@ -27,6 +27,7 @@ from ctscreen.service.dicom_out import read_sr  # noqa: E402
 from ctscreen.synth.dicom_writer import uid_from, write_secondary_capture, write_series  # noqa: E402
 from ctscreen.synth.phantom import make_phantom  # noqa: E402
 from dicom_helpers import (  # noqa: E402
+    DICOMWEB_PLUGIN,
     ORTHANC,
     Orthanc,
     echo,
@@ -235,3 +236,40 @@ def test_destination_down_then_up_results_arrive_after_retry(
     assert read_sr(found["SR"][0]).probability == pytest.approx(
         only_row(node["http_port"], study_uid)["probability_of_pathology"], abs=1e-6
     )
+
+
+@pytest.mark.skipif(
+    not DICOMWEB_PLUGIN.is_file(), reason="Orthanc's DICOMweb plugin (orthanc-dicomweb) is missing"
+)
+def test_dicomweb_scores_an_archived_study_and_stores_results_back(
+    tmp_path: Path, pacs: Orthanc, tiny_checkpoint: Path, run_cli
+) -> None:
+    study_uid, paths = write_study(tmp_path / "studies", "archived", seed=7)
+    pacs.upload(paths)
+    weights = tmp_path / "model.pth"
+    shutil.copy(tiny_checkpoint, weights)
+    table = tmp_path / "web.csv"
+    run = run_cli(
+        "dicomweb", "--url", f"{pacs.url}/dicom-web", "--study", study_uid, "-w", weights,
+        "-o", table, "--threshold", "0", "--device", "cpu", "--backend", "torch",
+        "--precision", "fp32",
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    assert "results stored back" in run.err
+    import pandas as pd
+
+    (row,) = pd.read_csv(table).to_dict("records")
+    assert row["study_uid"] == study_uid and row["processing_status"] == "Success"
+    found = results_in(pacs, study_uid)
+    (sr,) = found["SR"]
+    assert len(found["SC"]) >= 2
+    findings = read_sr(sr)
+    assert findings.probability == pytest.approx(row["probability_of_pathology"], abs=1e-6)
+    box = [float(v) for v in str(row["pathology_localization"]).split(",")]
+    assert findings.box == pytest.approx(box, abs=1e-3)
+    # An unknown study is a Failure row, not a crash.
+    missing = run_cli(
+        "dicomweb", "--url", f"{pacs.url}/dicom-web", "--study", "1.2.3.4.5", "-w", weights,
+        "-o", tmp_path / "missing.csv", "--device", "cpu", "--backend", "torch",
+    )  # fmt: skip
+    assert missing.code == 1 and "no study 1.2.3.4.5" in missing.err
