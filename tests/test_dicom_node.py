@@ -85,18 +85,32 @@ def node(tmp_path: Path, pacs: Orthanc, tiny_checkpoint: Path) -> Iterator[dict]
     weights = tmp_path / "model.pth"
     shutil.copy(tiny_checkpoint, weights)
     http_port = free_port()
-    server = start_node(
-        tmp_path / "data",
-        weights,
-        http_port=http_port,
-        dicom_port=pacs.node_port,
-        send_to=pacs.destination,
-        log_file=tmp_path / "serve.log",
-    )
+
+    def start() -> subprocess.Popen:
+        return start_node(
+            tmp_path / "data",
+            weights,
+            http_port=http_port,
+            dicom_port=pacs.node_port,
+            send_to=pacs.destination,
+            log_file=tmp_path / "serve.log",
+        )
+
+    servers = [start()]
+
+    def restart() -> None:
+        stop_process(servers[-1])
+        servers.append(start())
+
     try:
-        yield {"http_port": http_port, "dicom_port": pacs.node_port, "data": tmp_path / "data"}
+        yield {
+            "http_port": http_port,
+            "dicom_port": pacs.node_port,
+            "data": tmp_path / "data",
+            "restart": restart,
+        }
     finally:
-        stop_process(server)
+        stop_process(servers[-1])
 
 
 def results_in(pacs: Orthanc, study_uid: str) -> dict[str, list]:
@@ -211,7 +225,7 @@ def test_aborted_association_is_scored_with_the_missing_slices_named(
     assert any("17-20 missing" in text for text in comments)
 
 
-def test_destination_down_then_up_results_arrive_after_retry(
+def test_destination_down_then_up_results_arrive_after_retry_and_restart(
     tmp_path: Path, pacs: Orthanc, node: dict
 ) -> None:
     pacs.stop()  # the PACS is down when the results are ready
@@ -227,6 +241,7 @@ def test_destination_down_then_up_results_arrive_after_retry(
             ).fetchone()[0]
 
     wait_for(failed_tries, timeout=60, interval=0.5)  # tried, failed, kept
+    node["restart"]()  # the outbox is on disk: a restart keeps it
     pacs.start()
     found = wait_for(
         lambda: (lambda f: f if f["SR"] and f["SC"] else None)(results_in(pacs, study_uid)),
