@@ -154,6 +154,7 @@ def start_node(
     command += ["--dicom-port", str(dicom_port), "--ae-title", NODE_AET]
     command += ["--stable-seconds", str(stable_seconds), "--send-retry-seconds", str(retry_seconds)]
     command += ["--send-retry-max", str(retry_seconds * 4)]
+    command += ["--allow-ae", ORTHANC_AET, "--allow-ae", "TESTSCU"]
     if send_to:
         command += ["--send-to", send_to]
     log = log_file.open("ab")
@@ -182,11 +183,11 @@ def stop_process(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def echo(port: int, *, ae_title: str = NODE_AET) -> int | None:
+def echo(port: int, *, ae_title: str = NODE_AET, calling: str = "TESTSCU") -> int | None:
     """C-ECHO the node; its status, or None when no association could be made."""
     from pynetdicom.sop_class import Verification
 
-    ae = AE(ae_title="TESTSCU")
+    ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
     if not assoc.is_established:

@@ -182,7 +182,9 @@ def test_study_from_orthanc_comes_back_as_sr_and_key_images(
             assert "Error" not in check.stdout + check.stderr, check.stdout + check.stderr
 
 
-def test_non_ct_object_is_refused(tmp_path: Path, pacs: Orthanc, node: dict) -> None:
+def test_non_ct_object_and_unknown_ae_are_refused(
+    tmp_path: Path, pacs: Orthanc, node: dict
+) -> None:
     study_uid, paths = write_study(tmp_path / "studies", "mixed", seed=4)
     phantom = make_phantom(seed=4, shape=(24, 64, 64), spacing=(5.0, 5.0, 5.0))
     sc_path = write_secondary_capture(
@@ -197,6 +199,10 @@ def test_non_ct_object_is_refused(tmp_path: Path, pacs: Orthanc, node: dict) -> 
     assert statuses == [0x0122, 0x0000, 0x0000]  # 0x0122: Refused, SOP class not supported
     stored = list((node["data"] / "dicom-in").rglob("*.dcm"))
     assert len(stored) == 2
+    # Only the allowed calling AE titles (--allow-ae) may associate, and only with our title.
+    assert echo(node["dicom_port"]) == 0
+    assert echo(node["dicom_port"], calling="INTRUDER") is None
+    assert echo(node["dicom_port"], ae_title="SOMEONEELSE") is None
 
 
 def test_aborted_association_is_scored_with_the_missing_slices_named(

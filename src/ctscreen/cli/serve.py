@@ -102,6 +102,14 @@ def add_parser(subparsers: Any) -> None:
         "wait in the outbox",
     )
     dicom.add_argument(
+        "--allow-ae",
+        action="append",
+        default=[],
+        metavar="AET",
+        help="accept associations only from this calling AE title (repeat for several; "
+        "default: any)",
+    )
+    dicom.add_argument(
         "--stable-seconds",
         type=positive_float,
         default=10.0,
@@ -151,6 +159,7 @@ def node_from_args(args: argparse.Namespace, data_dir: Path, wake: Any) -> Any:
         stable_seconds=args.stable_seconds,
         retry_base=args.send_retry_seconds,
         retry_max=max(args.send_retry_max, args.send_retry_seconds),
+        allowed_aes=tuple(args.allow_ae),
     )
     return DicomNode(data_dir, settings, wake=wake)
 

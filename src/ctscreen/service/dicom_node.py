@@ -91,6 +91,8 @@ class NodeSettings:
             destination is configured).
         stable_seconds: a study is complete after this many seconds without a new instance.
         retry_base, retry_max: outbox backoff (seconds): first wait, longest wait.
+        allowed_aes: calling AE titles accepted (empty: any); others are rejected at
+            association time. The called AE title must always be ``ae_title``.
     """
 
     port: int
@@ -100,6 +102,7 @@ class NodeSettings:
     stable_seconds: float = 10.0
     retry_base: float = 10.0
     retry_max: float = 300.0
+    allowed_aes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         title = self.ae_title
@@ -219,6 +222,14 @@ class DicomNode:
             )
             ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.maximum_associations = 16
+        ae.require_called_aet = True  # a PACS calling another AE title is misconfigured
+        if self.settings.allowed_aes:
+            ae.require_calling_aet = list(self.settings.allowed_aes)
+        elif self.settings.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning(
+                "the DICOM port accepts studies from any AE on the network; restrict it with "
+                "--allow-ae (the PACS's AE title) or a firewall"
+            )
         handlers = [
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_C_STORE, self._on_store),
