@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +120,7 @@ class Orthanc:
         )
         return list(found)  # type: ignore[arg-type]
 
-    def instance_file(self, series: dict) -> list[pydicom.Dataset]:
+    def instances(self, series: dict) -> list[pydicom.Dataset]:
         """The instances of one series (as found by :meth:`series_of_study`), read back."""
         import io
 
@@ -224,7 +223,3 @@ def job_rows(http_port: int) -> list[dict]:
     jobs = requests.get(base, timeout=10).json()
     items = jobs["jobs"] if isinstance(jobs, dict) else jobs
     return [requests.get(f"{base}/{job['id']}", timeout=10).json() for job in items]
-
-
-def wait_seconds(seconds: float) -> None:
-    time.sleep(seconds)

@@ -117,7 +117,7 @@ def results_in(pacs: Orthanc, study_uid: str) -> dict[str, list]:
     """The SR and SC instances Orthanc holds for the study (empty lists until they come)."""
     found: dict[str, list] = {"SR": [], "SC": []}
     for series in pacs.series_of_study(study_uid):
-        datasets = pacs.instance_file(series)
+        datasets = pacs.instances(series)
         for ds in datasets:
             if ds.SOPClassUID == SR_CLASS:
                 found["SR"].append(ds)

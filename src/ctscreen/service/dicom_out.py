@@ -549,7 +549,11 @@ class JobOutputs:
         node_job = NodeJob.read(job_dir)
         if node_job is None:
             return None
-        return cls(job_dir, node_job, run_info=run_info, window=window)
+        try:
+            return cls(job_dir, node_job, run_info=run_info, window=window)
+        except OSError as exc:  # the rows matter more than the DICOM results
+            log.error("job folder %s cannot hold DICOM results (%s); none are built", job_dir, exc)
+            return None
 
     def annotate(self, result: StudyResult) -> StudyResult:
         """The result with the node's warnings about the study (e.g. missing slices) added."""
