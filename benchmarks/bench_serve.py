@@ -2,8 +2,9 @@
 
 Three phases, on synthetic study archives written once into ``--cache``:
 
-1. ``ctscreen predict`` on ``--studies`` archives (a subprocess, as a user runs it):
-   per-study ``time_of_processing`` and wall time.
+1. ``ctscreen predict`` on ``--studies`` archives (a subprocess, as a user runs it,
+   with ``--report`` unless ``--no-report-pictures``, as the service draws a report
+   per job): per-study ``time_of_processing`` and predict's scoring wall time.
 2. The same archives as one job through a freshly started server (a subprocess, as
    ``ctscreen serve`` runs): per-study time and the job's wall time (started ->
    finished), against phase 1.
@@ -285,9 +286,10 @@ def main() -> None:
 
     predicted, predict_wall = run_predict(archives, weights, args, args.cache / "predict.xlsx")
     p_times = predicted["time_of_processing"].astype(float)
+    report = "without report" if args.no_report_pictures else "with --report"
     print(
-        f"predict: wall {predict_wall:.1f} s (with model load), per study median "
-        f"{p_times.median():.2f} s, sum {p_times.sum():.1f} s"
+        f"predict ({report}): scoring wall {predict_wall:.2f} s (model load excluded), "
+        f"time_of_processing median {p_times.median():.2f} s, sum {p_times.sum():.1f} s"
     )
 
     data = Path(tempfile.mkdtemp(prefix="ctscreen-bench-serve-data-"))
@@ -304,13 +306,15 @@ def main() -> None:
         )
         job_wall = job["finished"] - job["started"]
         print(
-            f"serve, one job of the same studies: wall (started -> finished) {job_wall:.1f} s, "
-            f"per study median {s_times.median():.2f} s, sum {s_times.sum():.1f} s; "
+            f"serve, one job of the same studies: wall (started -> finished) {job_wall:.2f} s, "
+            f"time_of_processing median {s_times.median():.2f} s, sum {s_times.sum():.1f} s; "
             f"probabilities equal to predict's: {same}"
         )
+        n = len(archives)
         print(
-            f"per-study time serve/predict: median {s_times.median() / p_times.median():.2f}x, "
-            f"sum {s_times.sum() / p_times.sum():.2f}x"
+            f"per-study wall: serve {job_wall / n:.2f} s, predict {predict_wall / n:.2f} s "
+            f"({job_wall / predict_wall:.2f}x); time_of_processing median "
+            f"{s_times.median() / p_times.median():.2f}x"
         )
 
         (statuses, accepted, ended, rows, latencies, memory, load_s, drain_s) = load_phase(
