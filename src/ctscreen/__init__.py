@@ -22,12 +22,8 @@ The library API is :class:`Screener` (load a checkpoint, score inputs) and the
 from __future__ import annotations
 
 import logging
-from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("ctscreen")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+from ._version import __version__
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

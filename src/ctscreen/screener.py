@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from .backends import Backend, make_backend
 from .card import ModelCard
 from .config import PreprocessConfig, SelectionConfig

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import EXIT_OK, EXIT_PARTIAL
+from .exit_codes import EXIT_OK, EXIT_PARTIAL
 from .types import add_runtime_arguments, positive_int, probability
 
 log = logging.getLogger(__name__)

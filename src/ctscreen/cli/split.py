@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import EXIT_OK
+from ..fileio import write_text_atomic
+from .exit_codes import EXIT_OK
 
 TRAIN_KEYS = "train_keys.txt"
 VAL_KEYS = "val_keys.txt"
@@ -63,15 +62,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _write_json(payload: dict[str, Any], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,8 +34,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ import pandas as pd
 
 from ..config import PreprocessConfig
 from ..errors import CtscreenError, DatasetError
+from ..fileio import write_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -154,23 +153,10 @@ def dequantize(q: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * np.float32(1.0 / _QUANT)
 
 
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(fh)`` on a temp file next to ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-
-
 def save_entry(path: Path | str, x: np.ndarray) -> None:
     """Write one preprocessed volume (float [0, 1]) as a uint8 ``.npy``, atomically."""
     q = quantize(x)
-    _atomic_write_bytes(Path(path), lambda fh: np.save(fh, q, allow_pickle=False))
+    write_atomic(Path(path), lambda tmp: np.save(tmp, q, allow_pickle=False))
 
 
 def load_entry(path: Path | str) -> np.ndarray:
@@ -284,7 +270,7 @@ def read_manifest(root: Path | str) -> dict[str, dict[str, Any]]:
 
 def _write_json(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=1, sort_keys=False, allow_nan=True)
-    _atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
+    write_text_atomic(path, text)
 
 
 def _write_manifest(root: Path, records: dict[str, dict[str, Any]]) -> None:

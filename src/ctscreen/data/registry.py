@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Literal
 import pandas as pd
 
 from ..errors import ConfigError, DatasetError
+from ..fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -244,15 +244,7 @@ def write_registry(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """
     path = Path(path)
     clean = validate_registry(frame, where="registry to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            clean.to_csv(handle, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, clean.to_csv(index=False))
     log.info("wrote %d registry rows to %s", len(clean), path)
     return path
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..weights import TORCH_LOAD_ERRORS
+from ..fileio import write_atomic
+from ..torchfile import TORCH_LOAD_ERRORS
 
 STATE_FORMAT = "ctscreen-train-state"
 STATE_FORMAT_VERSION = 1
@@ -70,17 +70,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def save_train_state(path: Path | str, state: dict[str, Any]) -> None:
     """Write a resume state atomically (temp file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": STATE_FORMAT, "format_version": STATE_FORMAT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_train_state(path: Path | str) -> dict[str, Any]:
