@@ -19,14 +19,14 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from ctscreen.service.app import ServiceSettings, create_app  # noqa: E402
 from ctscreen.service.worker import WorkerConfig  # noqa: E402
-from service_helpers import free_port, study_zip, tiny_checkpoint, wait_for  # noqa: E402
+from service_helpers import free_port, study_zip, wait_for  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FINAL = ("done", "failed", "timeout")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def files(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("faults")
     # A real slow input: an export of 60,000 files, none of them DICOM. Unzipping and
     # looking at each file takes about 18 s on a 2-core machine before any study
@@ -36,7 +36,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         for i in range(60_000):
             zf.writestr(f"export/{i:06d}", b"not dicom")
     return {
-        "weights": tiny_checkpoint(folder / "model.pth"),
+        "weights": tiny_checkpoint,
         "good": study_zip(folder, "norma_anon", seed=5),
         "slow": slow,
     }

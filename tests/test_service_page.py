@@ -27,7 +27,7 @@ import uvicorn  # noqa: E402
 from ctscreen.html_report import format_probability  # noqa: E402
 from ctscreen.service.app import ServiceSettings, create_app  # noqa: E402
 from ctscreen.service.worker import WorkerConfig  # noqa: E402
-from service_helpers import free_port, study_zip, tiny_checkpoint, wait_for  # noqa: E402
+from service_helpers import free_port, study_zip, wait_for  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TOKEN = "page-test-token"
@@ -142,8 +142,8 @@ class Browser:
 
 
 @pytest.fixture()
-def server(tmp_path: Path) -> Iterator[tuple[str, Any]]:
-    weights = tiny_checkpoint(tmp_path / "model.pth")
+def server(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[tuple[str, Any]]:
+    weights = tiny_checkpoint
     settings = ServiceSettings(
         data_dir=tmp_path / "data",
         worker=WorkerConfig(weights=str(weights), precision="fp32", backend="torch"),
