@@ -43,7 +43,7 @@ def _settings(data: Path, weights: Path, **overrides: object) -> ServiceSettings
         worker=WorkerConfig(weights=str(weights), precision="fp32", backend="torch"),
         token=TOKEN,
         study_timeout=120.0,
-        load_timeout=120.0,
+        load_timeout=300.0,
     )
     values.update(overrides)
     return ServiceSettings(**values)  # type: ignore[arg-type]
@@ -56,7 +56,7 @@ def client(
     data = tmp_path_factory.mktemp("data")
     app = create_app(_settings(data, files["weights"], max_files=3, max_upload_bytes=20 * 2**20))
     with TestClient(app) as test_client:
-        app.state.worker.wait_ready(120)
+        app.state.worker.wait_ready(300)
         yield test_client
 
 
@@ -68,7 +68,7 @@ def _upload(client: TestClient, *paths: Path, names: list[str] | None = None, **
     return client.post("/api/v1/jobs", files=parts, data=data, headers=AUTH)
 
 
-def _finished(client: TestClient, job_id: str, timeout: float = 120) -> dict:
+def _finished(client: TestClient, job_id: str, timeout: float = 300) -> dict:
     def check() -> dict | None:
         job = client.get(f"/api/v1/jobs/{job_id}", headers=AUTH).json()
         return job if job["status"] in ("done", "failed", "timeout") else None

@@ -144,7 +144,7 @@ def test_image_command_and_healthcheck_work_in_a_fresh_venv(
     try:
         wait_for(
             lambda: subprocess.run(probe, capture_output=True).returncode == 0,
-            timeout=180,
+            timeout=300,
             interval=1.0,
         )
         archive = study_zip(tmp_path, "norma_anon", seed=7)
@@ -158,7 +158,7 @@ def test_image_command_and_healthcheck_work_in_a_fresh_venv(
                     (j := http.get(f"/api/v1/jobs/{job.json()['id']}").json())["status"] == "done"
                     and j
                 ),
-                timeout=120,
+                timeout=300,
             )
             assert done["rows"][0]["processing_status"] == "Success"
             assert http.get("/").status_code == 200

@@ -158,6 +158,7 @@ class _UploadWriter:
         self._name = ""
         self._size = 0
         self._text: bytearray | None = None
+        self._field_name = ""
 
     def callbacks(self) -> dict[str, Any]:
         return {
