@@ -331,8 +331,9 @@ class Worker:
                 )
 
     def stop(self) -> None:
-        """Stop the thread and the child. A job being scored stays ``running`` and is
-        re-queued by the next start (:meth:`JobStore.recover`)."""
+        """Stop the thread and the child. A job being scored goes back to the queue
+        (:meth:`JobStore.release`); should the process die first, it stays ``running``
+        and the next start re-queues it (:meth:`JobStore.recover`)."""
         self._stop.set()
         self._wake.set()
         self._kill_child()
@@ -455,14 +456,16 @@ class Worker:
             conn.send(("job", job.id, paths, names, job.mode, report_dir))
         except (OSError, ValueError):
             if self._stop.is_set():
-                return  # left running: the next start re-queues it
+                self.store.release(job.id)
+                return
             raise
         log.info("job %s started (%d inputs)", job.id, len(paths))
         last_index: int | None = None
         deadline = time.monotonic() + self.study_timeout
         while True:
             if self._stop.is_set():
-                return  # left running: the next start re-queues it
+                self.store.release(job.id)  # scored again, from the start, after a restart
+                return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.stats.timeouts += 1
@@ -481,6 +484,7 @@ class Worker:
                 message = conn.recv() if ready else None
             except (EOFError, OSError):
                 if self._stop.is_set():
+                    self.store.release(job.id)
                     return
                 message = ("crash",)
             if message is None:
