@@ -263,6 +263,8 @@ def render_strip(
     *,
     box_voxels: np.ndarray | None,
     window: tuple[float, float],
+    note: str = "",
+    panel: float = 2.25,
 ) -> bytes:
     """Key axial slices with the activation map overlaid, as PNG bytes.
 
@@ -271,6 +273,9 @@ def render_strip(
         key_slices: which slices, in display order.
         box_voxels: the localisation box from :func:`box_in_voxels`, or None.
         window: ``(level, width)`` in HU of the network input, for the title.
+        note: a line drawn in bold red at the bottom (the DICOM key images'
+            "not for diagnosis" warning); none when empty.
+        panel: width of one slice panel in inches.
     """
     image = result.image
     volume = result.geometry
@@ -281,7 +286,6 @@ def render_strip(
     _, height_mm, width_mm = (n * s for n, s in zip(volume.shape, volume.spacing, strict=True))
     n = max(len(key_slices), 1)
     aspect = height_mm / width_mm if width_mm > 0 else 1.0
-    panel = 2.25
     fig = Figure(figsize=(panel * n + 1.0, panel * aspect + 0.9), layout="constrained")
     axes = fig.subplots(1, n + 1, width_ratios=[1.0] * n + [0.06], squeeze=False)[0]
     extent = (0.0, width_mm, height_mm, 0.0)
@@ -333,10 +337,14 @@ def render_strip(
             0.99, 0.5, "no positive evidence", rotation=90, va="center", ha="right", fontsize=8
         )
     fig.suptitle(
-        f"Key axial slices, lung window L {level:g} / W {width:g} HU, activation map overlaid"
+        f"Key axial slices, lung window L {level:g} / W {width:g} HU"
+        + ("\n" if n == 1 else ", ")  # one panel is too narrow for one line
+        + "activation map overlaid"
         + ("; dashed box: localisation" if box_voxels is not None else ""),
         fontsize=10,
     )
+    if note:
+        fig.supxlabel(note, fontsize=10, fontweight="bold", color="#b00020")
     return _png(fig)
 
 

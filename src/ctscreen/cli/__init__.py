@@ -36,6 +36,7 @@ COMMANDS: tuple[str, ...] = (
     "evaluate",
     "demo",
     "serve",
+    "dicomweb",
 )
 
 log = logging.getLogger("ctscreen")
