@@ -324,8 +324,10 @@ def score_to_table(
                     journal.finish_input(current)
                 current = key
                 rows = result_rows(result, mode)
-                journal.record(key, rows)
+                # Table first, then journal: an interrupt between the two leaves the row
+                # in the partial table (and scored again on resume), never lost from it.
                 rows_by_key.setdefault(key, []).extend(rows)
+                journal.record(key, rows)
                 outcome.studies += 1
                 outcome.failures += not result.ok
                 if on_result is not None:
