@@ -34,8 +34,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ import pandas as pd
 
 from ..config import PreprocessConfig
 from ..errors import CtscreenError, DatasetError
+from ..fileio import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +155,8 @@ def dequantize(q: np.ndarray) -> np.ndarray:
 
 def _atomic_write_bytes(path: Path, write: Any) -> None:
     """Call ``write(fh)`` on a temp file next to ``path``, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    with atomic_open(path, "wb") as fh:
+        write(fh)
 
 
 def save_entry(path: Path | str, x: np.ndarray) -> None:
@@ -284,7 +276,8 @@ def read_manifest(root: Path | str) -> dict[str, dict[str, Any]]:
 
 def _write_json(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=1, sort_keys=False, allow_nan=True)
-    _atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
+    with atomic_open(path, "wb") as fh:
+        fh.write(text.encode("utf-8"))
 
 
 def _write_manifest(root: Path, records: dict[str, dict[str, Any]]) -> None:
@@ -410,12 +403,19 @@ def build_cache(
                 record(_run_task(task))
         else:
             context = multiprocessing.get_context("spawn")
-            with cf.ProcessPoolExecutor(
+            pool = cf.ProcessPoolExecutor(
                 max_workers=min(workers, len(tasks)), mp_context=context, initializer=_init_worker
-            ) as pool:
+            )
+            try:
                 futures = [pool.submit(_run_task, task) for task in tasks]
                 for future in cf.as_completed(futures):
                     record(future.result())
+            except BaseException:
+                # Ctrl-C: drop the queued studies instead of decoding them all first
+                # (the context manager's shutdown would wait for every one).
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown()
     finally:
         bar.close()
         # Written even when interrupted, so finished entries and failures are kept.

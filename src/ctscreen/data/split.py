@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, DatasetError
+from ..fileio import atomic_open
 from .registry import LABELS, validate_registry
 
 log = logging.getLogger(__name__)
@@ -265,15 +265,8 @@ def write_keys(keys: Iterable[str], path: str | os.PathLike[str]) -> Path:
             raise DatasetError(
                 f"study key {key!r} cannot be written one per line; fix the registry."
             )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.writelines(f"{key}\n" for key in items)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w", encoding="utf-8", newline="\n") as handle:
+        handle.writelines(f"{key}\n" for key in items)
     return path
 
 

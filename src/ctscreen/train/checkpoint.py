@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..fileio import atomic_open
 from ..weights import TORCH_LOAD_ERRORS
 
 STATE_FORMAT = "ctscreen-train-state"
@@ -73,14 +73,8 @@ def save_train_state(path: Path | str, state: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": STATE_FORMAT, "format_version": STATE_FORMAT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path, "wb") as fh:
+        torch.save(payload, fh)
 
 
 def load_train_state(path: Path | str) -> dict[str, Any]:
