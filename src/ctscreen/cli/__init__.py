@@ -7,7 +7,8 @@ inside ``run`` so that ``--help`` and ``info`` stay fast.
 Exit codes:
     0  everything succeeded;
     1  the command ran but some studies (rows) failed;
-    2  the command could not run (bad arguments, missing weights, unreadable config).
+    2  the command could not run (bad arguments, missing weights, unreadable config);
+    130 stopped by Ctrl-C.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from ..errors import CtscreenError
 EXIT_OK = 0
 EXIT_PARTIAL = 1
 EXIT_ERROR = 2
+#: Stopped by Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
 
 #: Subcommands in the order ``--help`` lists them.
 COMMANDS: tuple[str, ...] = (
@@ -65,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _set_up_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    from .console import TqdmHandler
+
+    # Through tqdm.write: a warning logged while a progress bar is drawn gets its own
+    # line instead of breaking the bar's.
+    handler = TqdmHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("ctscreen")
     root.handlers = [h for h in root.handlers if isinstance(h, logging.NullHandler)]
@@ -87,4 +94,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("ctscreen: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
