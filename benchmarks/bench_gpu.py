@@ -4,7 +4,7 @@ Uses the 512x512 synthetic archive of ``bench_predict.py`` (written once into th
 cache) ``--studies`` times and a random-weight r3d_18 at (96, 192, 192), then prints
 one table:
 
-* read: discover + decode + preprocess alone (``iter_jobs``), per reader count;
+* read: discover + decode + preprocess alone (``prepare_inputs``), per reader count;
 * forward: the network alone on ready inputs, per batch size (CUDA synchronised);
 * predict: the whole pipeline per batch size and reader count, its studies/s,
   the slower stage's rate, and the speed-up over running the stages one after
@@ -38,12 +38,15 @@ def _sync(device) -> None:  # noqa: ANN001
 
 def read_rate(inputs: list[Path], config, readers: int) -> float:  # noqa: ANN001
     """Studies per second of reading alone."""
-    from ctscreen.inference import PredictOptions, iter_jobs
+    from ctscreen.config import SelectionConfig
+    from ctscreen.pipeline import prepare_inputs
 
     t = time.perf_counter()
     n = sum(
         job.array is not None
-        for job in iter_jobs(inputs, options=PredictOptions(readers=readers), config=config)
+        for job in prepare_inputs(
+            inputs, config=config, selection=SelectionConfig(), readers=readers
+        )
     )
     return n / (time.perf_counter() - t)
 
@@ -53,25 +56,22 @@ def forward_rate(scorer, batch: int, repeat: int = 3) -> float:  # noqa: ANN001
     import numpy as np
 
     x = np.random.default_rng(0).random((batch, *scorer.config.shape), dtype=np.float32)
-    scorer.score(x)  # warm-up (cuDNN autotuning, allocator)
+    scorer.forward(x)  # warm-up (cuDNN autotuning, allocator)
     _sync(scorer.device)
     t = time.perf_counter()
     for _ in range(repeat):
-        scorer.score(x)
+        scorer.forward(x)
     _sync(scorer.device)
     return batch * repeat / (time.perf_counter() - t)
 
 
 def predict_rate(inputs: list[Path], scorer, batch: int, readers: int) -> float:  # noqa: ANN001
-    from ctscreen.inference import PredictOptions, RunStats, predict
-
-    stats = RunStats()
-    options = PredictOptions(batch_size=batch, readers=readers, prefetch=max(2, batch))
+    scorer.batch_size, scorer.readers, scorer.prefetch = batch, readers, max(2, batch)
     t = time.perf_counter()
-    predict(inputs, scorer=scorer, options=options, stats=stats)
+    results = list(scorer.score(inputs))
     _sync(scorer.device)
-    assert stats.failures == 0
-    return stats.studies / (time.perf_counter() - t)
+    assert all(result.ok for result in results)
+    return len(results) / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -89,18 +89,12 @@ def main() -> None:
 
     import torch
 
-    from ctscreen.inference import Scorer, resolve_precision
-    from ctscreen.weights import load_checkpoint
+    from ctscreen.screener import Screener
 
     device = torch.device(args.device)
     archive, _ = make_data(args.cache, slices=args.slices, n_small=0)
     weights = random_weights(args.cache / "random-r3d18.pth")
-    scorer = Scorer(
-        load_checkpoint(weights, device=device),
-        device,
-        resolve_precision(args.precision, device),
-        backend="torch",
-    )
+    scorer = Screener(weights, device=device, precision=args.precision, backend="torch")
     inputs = [archive] * args.studies
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(

@@ -85,7 +85,7 @@ def evaluate_study(visual, label: dict[str, str]) -> StudyResult:  # noqa: ANN00
     """Score one study's localisation against its ``labels.csv`` row."""
     from ctscreen.explain import localization_box, slice_scores
 
-    volume = visual.volume
+    volume = visual.geometry
     affine = volume.affine
     n_slices, height, width = volume.shape
     scores = slice_scores(visual.cam, visual.bias, n_slices)
@@ -172,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch  # noqa: F401  (heavy: only once the arguments are fine)
 
-    from ctscreen.inference import PredictOptions, Scorer, predict
-    from ctscreen.model import select_device
-    from ctscreen.weights import load_checkpoint
+    from ctscreen.screener import Screener
 
     with open(args.data / "labels.csv", newline="", encoding="utf-8") as handle:
         labels = [row for row in csv.DictReader(handle) if int(row["n_lesions"] or 0) > 0]
@@ -184,25 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no study with a lesion in {args.data / 'labels.csv'}", file=sys.stderr)
         return 2
     by_uid = {row["study_uid"]: row for row in labels}
-    device = select_device(args.device)
-    loaded = load_checkpoint(args.weights, device=device)
-    scorer = Scorer(loaded, device)
+    scorer = Screener(args.weights, device=args.device)
+    device, loaded = scorer.device, scorer.loaded
     results: list[StudyResult] = []
-
-    def on_study(visual) -> None:  # noqa: ANN001
-        label = by_uid.get(visual.rows[0].study_uid)
-        if label is not None:
-            results.append(evaluate_study(visual, label))
-
+    failures = 0
     start = time.perf_counter()
-    rows = predict(
-        [args.data / row["path"] for row in labels],
-        scorer=scorer,
-        options=PredictOptions(),
-        on_study=on_study,
-    )
+    for scored in scorer.score([args.data / row["path"] for row in labels]):
+        label = by_uid.get(scored.study_uid)
+        if not scored.ok:
+            failures += 1
+        elif label is not None:
+            results.append(evaluate_study(scored, label))
     seconds = time.perf_counter() - start
-    failures = sum(r.processing_status == "Failure" for r in rows)
     summary = summarise(results)
     print(f"weights {args.weights} (sha256 {loaded.sha256[:12]}), device {device}")
     print(

@@ -31,7 +31,7 @@ CONFIGS = (
 
 
 def _probabilities(scorer, arrays: np.ndarray) -> np.ndarray:  # noqa: ANN001
-    logits = np.concatenate([scorer.score(a[None])[0] for a in arrays]).astype(np.float64)
+    logits = np.concatenate([scorer.forward(a[None])[0] for a in arrays]).astype(np.float64)
     return 1.0 / (1.0 + np.exp(-logits))
 
 
@@ -39,8 +39,7 @@ def compare(folder: Path, limit: int | None) -> None:
     import torch
 
     from ctscreen.data.cache import load_entry
-    from ctscreen.inference import Scorer
-    from ctscreen.weights import load_checkpoint
+    from ctscreen.screener import Screener
 
     weights = folder / "model.pth"
     entries = sorted((folder / "cache").glob("*/*.npy"))[:limit]
@@ -48,9 +47,10 @@ def compare(folder: Path, limit: int | None) -> None:
     cpu = torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
 
-        def scorer(backend: str, precision: str) -> Scorer:
-            loaded = load_checkpoint(weights)
-            return Scorer(loaded, cpu, precision, backend=backend, cache_dir=Path(tmp))
+        def scorer(backend: str, precision: str) -> Screener:
+            return Screener(
+                weights, device=cpu, precision=precision, backend=backend, cache_dir=Path(tmp)
+            )
 
         base = scorer("torch", "fp32")
         threshold = base.loaded.card.threshold

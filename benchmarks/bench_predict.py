@@ -152,20 +152,18 @@ def plain_forward_seconds(model, repeat: int) -> float:  # noqa: ANN001
 def _scorer(weights: Path, backend: str, precision: str):  # noqa: ANN202
     import torch
 
-    from ctscreen.inference import Scorer, resolve_precision
-    from ctscreen.weights import load_checkpoint
+    from ctscreen.screener import Screener
 
-    cpu = torch.device("cpu")
-    return Scorer(load_checkpoint(weights), cpu, resolve_precision(precision, cpu), backend=backend)
+    return Screener(weights, device=torch.device("cpu"), precision=precision, backend=backend)
 
 
 def _predict_wall(inputs: list[Path], scorer, *, mode: str = "study", repeat: int = 1) -> float:  # noqa: ANN001
-    from ctscreen.inference import PredictOptions, RunStats, predict
+    from ctscreen.report import result_rows
 
     def once() -> None:
-        stats = RunStats()
-        rows = predict(inputs, scorer=scorer, options=PredictOptions(mode=mode), stats=stats)
-        assert stats.failures == 0, [r.error for r in rows if r.error]
+        results = list(scorer.score(inputs))
+        rows = [row for result in results for row in result_rows(result, mode)]
+        assert all(result.ok for result in results), [r.error for r in rows if r.error]
 
     return _time(once, repeat)
 
@@ -238,7 +236,7 @@ def accuracy(weights: Path, small: list[Path], scorers: dict[str, object]) -> di
         arrays.append(preprocess(volume, base.config))
 
     def probs(scorer) -> np.ndarray:  # noqa: ANN001
-        logits = np.array([scorer.score(a[None])[0][0] for a in arrays], dtype=np.float64)
+        logits = np.array([scorer.forward(a[None])[0][0] for a in arrays], dtype=np.float64)
         return 1.0 / (1.0 + np.exp(-logits))
 
     ref = probs(base)
@@ -282,7 +280,7 @@ def main() -> None:
     import torch
 
     from ctscreen.backends import onnxruntime_version, openvino_version
-    from ctscreen.inference import cpu_supports_bf16
+    from ctscreen.hardware import cpu_supports_bf16
 
     load_start = _load()
     archive, small = make_data(args.cache, slices=args.slices, n_small=args.n_small)
@@ -308,8 +306,8 @@ def main() -> None:
             t = time.perf_counter()
             _scorer(weights, backend, precision)
             row["cached_load_s"] = time.perf_counter() - t
-        scorer.score(x)  # warm-up
-        row["forward_s"] = _time(lambda s=scorer: s.score(x), args.repeat)
+        scorer.forward(x)  # warm-up
+        row["forward_s"] = _time(lambda s=scorer: s.forward(x), args.repeat)
         row["study_s"] = _predict_wall([archive], scorer, repeat=args.repeat)
         row["engine"] = f"{scorer.engine.name}/{scorer.engine.precision}"  # type: ignore[assignment]
         results[name] = row
@@ -320,16 +318,11 @@ def main() -> None:
     per_study = _predict_wall([archive], auto, repeat=args.repeat)
     per_slice = _predict_wall([archive], auto, mode="slice", repeat=args.repeat)
 
-    from ctscreen.inference import PredictOptions, RunStats, predict
-
-    stats = RunStats()
     t = time.perf_counter()
-    rows = predict(
-        [archive] * args.batch, scorer=auto, options=PredictOptions(prefetch=2), stats=stats
-    )
+    results = list(auto.score([archive] * args.batch))
     batch_wall = time.perf_counter() - t
-    read = statistics.mean(r.extras["read_s"] + r.extras["preprocess_s"] for r in rows)
-    model = statistics.mean(r.extras["model_s"] for r in rows)
+    read = statistics.mean(r.timings["read_s"] + r.timings["preprocess_s"] for r in results)
+    model = statistics.mean(r.timings["model_s"] for r in results)
 
     acc = accuracy(weights, small, {k: v for k, v in scorers.items() if k != "auto/auto"})
     rss_one = _rss(weights, archive, 1)

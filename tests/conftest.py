@@ -1,4 +1,5 @@
-"""Shared fixtures: the real DICOM folder and a factory of tiny synthetic series."""
+"""Shared fixtures: the real DICOM folder, a factory of tiny synthetic series, a tiny
+random-weight checkpoint and an in-process CLI runner."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 from ctscreen.synth.dicom_writer import uid_from, write_series
 from ctscreen.synth.phantom import Phantom, make_phantom
 
+#: Network input of the tiny test checkpoints: small enough for a fast forward pass.
+TINY_INPUT = (16, 32, 32)
 #: Default size of synthetic test series: small enough for a fast test.
 SMALL_SHAPE = (24, 64, 64)
 SMALL_SPACING = (5.0, 5.0, 5.0)
@@ -76,3 +79,53 @@ def make_series(tmp_path: Path) -> MakeSeries:
         return paths, phantom
 
     return _make
+
+
+def make_checkpoint(
+    path: Path, *, seed: int = 1234, shape: tuple[int, int, int] = TINY_INPUT, **card: Any
+) -> Path:
+    """Save a random-weight r3d_18 checkpoint (model card input ``shape``) at ``path``."""
+    import torch
+
+    from ctscreen.card import ModelCard
+    from ctscreen.config import PreprocessConfig
+    from ctscreen.model import build_model
+    from ctscreen.weights import save_checkpoint
+
+    torch.manual_seed(seed)
+    save_checkpoint(
+        path, build_model(), ModelCard(preprocess=PreprocessConfig(shape=shape), **card)
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight checkpoint taking ``TINY_INPUT``, shared by the whole session
+    (read-only: copy it before changing it)."""
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint") / "model.pth")
+
+
+class CliRun:
+    """What one in-process ``ctscreen`` command gave."""
+
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture()
+def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliRun]:
+    """Run ``ctscreen <args>`` in this process (``--no-progress``), as ``main(argv)``.
+
+    Returns a function ``run_cli(*args) -> CliRun`` with the exit code and what
+    the command printed to stdout and stderr.
+    """
+    from ctscreen.cli import main
+
+    def _run(*args: object) -> CliRun:
+        capsys.readouterr()  # drop what came before
+        code = main(["--no-progress", *map(str, args)])
+        captured = capsys.readouterr()
+        return CliRun(code, captured.out, captured.err)
+
+    return _run

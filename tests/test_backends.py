@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from ctscreen import backends, inference
+from ctscreen import backends
 from ctscreen.backends import FallbackBackend, TorchBackend, make_backend, resolve_backend
 from ctscreen.card import ModelCard
 from ctscreen.config import PreprocessConfig
 from ctscreen.errors import ConfigError
-from ctscreen.inference import Scorer
 from ctscreen.model import build_model, forward_with_cam
-from ctscreen.weights import load_checkpoint, save_checkpoint
+from ctscreen.screener import Screener
+from ctscreen.weights import save_checkpoint
 
 SHAPE = (16, 32, 32)
 CPU = torch.device("cpu")
@@ -69,7 +69,13 @@ def ov_cache(model: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path
     """A cache folder holding the OpenVINO export of ``model`` (exported once per module)."""
     pytest.importorskip("openvino")
     root = tmp_path_factory.mktemp("ov-cache")
-    backends.cached_export(model, weights_sha256=MODEL_SHA, shape=SHAPE, cache_root=root)
+    backends.cached_export(
+        model,
+        weights_sha256=MODEL_SHA,
+        shape=SHAPE,
+        cache_root=root,
+        recipe=backends.openvino_recipe(),
+    )
     return root
 
 
@@ -79,7 +85,11 @@ def ort_cache(model: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Pat
     pytest.importorskip("onnxruntime")
     root = tmp_path_factory.mktemp("ort-cache")
     backends.cached_export(
-        model, weights_sha256=MODEL_SHA, shape=SHAPE, cache_root=root, backend="onnxruntime"
+        model,
+        weights_sha256=MODEL_SHA,
+        shape=SHAPE,
+        cache_root=root,
+        recipe=backends.onnxruntime_recipe(),
     )
     return root
 
@@ -169,8 +179,11 @@ def test_every_backend_keeps_the_cam_decomposition(
 def _count_exports(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Record the output folder of every OpenVINO or ONNX export from now on."""
     calls: list[Path] = []
-    for name in ("export_openvino", "export_onnx"):
-        real = getattr(backends, name)
+    for module, name in (
+        (backends.openvino_backend, "export_openvino"),
+        (backends.onnx_backend, "export_onnx"),
+    ):
+        real = getattr(module, name)
 
         def counting(
             model: nn.Module, *, shape: tuple[int, int, int], out_dir: Path, real=real
@@ -178,7 +191,7 @@ def _count_exports(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
             calls.append(out_dir)
             real(model, shape=shape, out_dir=out_dir)
 
-        monkeypatch.setattr(backends, name, counting)
+        monkeypatch.setattr(module, name, counting)
     return calls
 
 
@@ -190,24 +203,24 @@ def test_openvino_export_is_cached_and_rebuilt_when_the_weights_change(
     weights = _save(tmp_path / "model.pth", seed=0)
     x = _inputs(1, seed=5)[:, 0]
 
-    first = Scorer(load_checkpoint(weights), CPU, "fp32", backend="openvino")
+    first = Screener(weights, device="cpu", precision="fp32", backend="openvino")
     entries = list((tmp_path / ".ctscreen-export").iterdir())
     assert len(exports) == 1 and len(entries) == 1 and first.engine.name == "openvino"
     bin_file = entries[0] / "model.bin"
     stamp = bin_file.stat().st_mtime_ns
-    logits_a, _ = first.score(x)
+    logits_a, _ = first.forward(x)
 
-    second = Scorer(load_checkpoint(weights), CPU, "fp32", backend="openvino")
+    second = Screener(weights, device="cpu", precision="fp32", backend="openvino")
     assert len(exports) == 1, "the second load must reuse the export"
     assert bin_file.stat().st_mtime_ns == stamp
-    np.testing.assert_allclose(second.score(x)[0], logits_a, atol=1e-6)
+    np.testing.assert_allclose(second.forward(x)[0], logits_a, atol=1e-6)
 
     _save(weights, seed=1)  # same path, new weights
-    third = Scorer(load_checkpoint(weights), CPU, "fp32", backend="openvino")
+    third = Screener(weights, device="cpu", precision="fp32", backend="openvino")
     assert len(exports) == 2
     remaining = list((tmp_path / ".ctscreen-export").iterdir())
     assert len(remaining) == 1 and remaining[0] != entries[0]  # the stale entry is gone
-    logits_c, _ = third.score(x)
+    logits_c, _ = third.forward(x)
     np.testing.assert_allclose(logits_c, _reference(_model(1), x[:, None])[0], atol=1e-4)
     assert abs(float(logits_c[0]) - float(logits_a[0])) > 1e-3
 
@@ -257,7 +270,10 @@ def test_openvino_bf16_hands_fp16_on_between_the_largest_stages(ov_cache: Path) 
 
     (entry,) = [p for p in ov_cache.iterdir() if p.name.startswith("openvino-")]
     core = ov.Core()
-    graphs = [core.read_model(str(entry / f"{stage}.xml")) for stage in backends._OV_STAGES]
+    graphs = [
+        core.read_model(str(entry / f"{stage}.xml"))
+        for stage in backends.openvino_backend._OV_STAGES
+    ]
     half = backends.half_boundaries(graphs)
     f16, f32 = ov.Type.f16, ov.Type.f32
     assert [g.input(0).get_element_type() for g in half] == [f32, f16, f16, f32, f32]
@@ -414,18 +430,18 @@ def test_openvino_and_onnxruntime_exports_of_one_weight_file_coexist(
         return found
 
     for backend in ("openvino", "onnxruntime"):
-        scorer = Scorer(load_checkpoint(weights), CPU, "fp32", backend=backend)
+        scorer = Screener(weights, device="cpu", precision="fp32", backend=backend)
         assert scorer.engine.name == backend
     old = entries()
     assert set(old) == {"openvino", "onnxruntime"}
 
     _save(weights, seed=1)  # same path, new weights: the ONNX export is replaced ...
     x = _inputs(1, seed=5)[:, 0]
-    ort = Scorer(load_checkpoint(weights), CPU, "fp32", backend="onnxruntime")
+    ort = Screener(weights, device="cpu", precision="fp32", backend="onnxruntime")
     now = entries()
     assert now["onnxruntime"] != old["onnxruntime"] and now["openvino"] == old["openvino"]
-    np.testing.assert_allclose(ort.score(x)[0], _reference(_model(1), x[:, None])[0], atol=1e-4)
-    Scorer(load_checkpoint(weights), CPU, "fp32", backend="openvino")  # ... then the IR
+    np.testing.assert_allclose(ort.forward(x)[0], _reference(_model(1), x[:, None])[0], atol=1e-4)
+    Screener(weights, device="cpu", precision="fp32", backend="openvino")  # ... then the IR
     last = entries()
     assert last["openvino"] != old["openvino"] and last["onnxruntime"] == now["onnxruntime"]
 
@@ -523,7 +539,7 @@ def test_auto_on_the_cpu_picks_openvino_then_torch_bf16_then_onnxruntime(
 ) -> None:
     monkeypatch.setattr(backends, "openvino_version", lambda: openvino)
     monkeypatch.setattr(backends, "onnxruntime_version", lambda: onnxruntime)
-    monkeypatch.setattr(inference, "cpu_supports_bf16", lambda: native_bf16)
+    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda: native_bf16)
     assert resolve_backend("auto", CPU, precision) == expected
     assert resolve_backend("auto", torch.device("cuda"), precision) == "torch"
 
@@ -541,14 +557,14 @@ def test_auto_falls_back_to_torch_without_openvino(
 ) -> None:
     weights = _save(tmp_path / "model.pth", seed=0)
     with caplog.at_level(logging.WARNING, logger="ctscreen.backends"):
-        auto = Scorer(load_checkpoint(weights), CPU, "fp32", backend="auto")
+        auto = Screener(weights, device="cpu", precision="fp32", backend="auto")
     assert auto.engine.name == "torch" and not caplog.records  # auto: silent
     with caplog.at_level(logging.WARNING, logger="ctscreen.backends"):
-        asked = Scorer(load_checkpoint(weights), CPU, "fp32", backend="openvino")
+        asked = Screener(weights, device="cpu", precision="fp32", backend="openvino")
     assert asked.engine.name == "torch"
     assert len(caplog.records) == 1 and "not installed" in caplog.records[0].getMessage()
     x = _inputs(1)[:, 0]
-    np.testing.assert_allclose(asked.score(x)[0], _reference(_model(0), x[:, None])[0], atol=1e-4)
+    np.testing.assert_allclose(asked.forward(x)[0], _reference(_model(0), x[:, None])[0], atol=1e-4)
     assert not (tmp_path / ".ctscreen-export").exists()
 
 
@@ -601,9 +617,9 @@ def test_a_backend_that_fails_to_run_switches_to_torch_once(
 
 
 def test_scorer_checks_the_input_shape(tmp_path: Path) -> None:
-    scorer = Scorer(load_checkpoint(_save(tmp_path / "m.pth", seed=0)), CPU, "fp32")
+    scorer = Screener(_save(tmp_path / "m.pth", seed=0), device="cpu", precision="fp32")
     with pytest.raises(ConfigError, match="16, 32, 32"):
-        scorer.score(np.zeros((1, 16, 32, 30), np.float32))
+        scorer.forward(np.zeros((1, 16, 32, 30), np.float32))
 
 
 def test_export_cache_goes_to_the_user_cache_without_a_weights_folder(
@@ -615,5 +631,6 @@ def test_export_cache_goes_to_the_user_cache_without_a_weights_folder(
     weights = _save(tmp_path / "w" / "m.pth", seed=0)
     assert backends.export_cache_root(weights) == tmp_path / "w" / ".ctscreen-export"
     beside = tmp_path / "w" / ".ctscreen-export"
-    monkeypatch.setattr(backends, "_writable_dir", lambda p: p != beside)  # read-only folder
+    # the folder beside the weights is read-only
+    monkeypatch.setattr(backends.export_cache, "_writable_dir", lambda p: p != beside)
     assert backends.export_cache_root(weights) == tmp_path / "cache" / "export"

@@ -14,8 +14,8 @@ from ctscreen.config import PreprocessConfig
 from ctscreen.data import cache as cache_lib
 from ctscreen.data.dataset import StudyDataset, select_rows
 from ctscreen.errors import DatasetError, VolumeError
+from ctscreen.pipeline import read_study_volume
 from ctscreen.preprocess import preprocess
-from ctscreen.reader import load_volume
 from ctscreen.train.augment import AugmentConfig, augment_volume
 
 SMALL = PreprocessConfig(shape=(8, 16, 16))
@@ -90,7 +90,7 @@ def test_entry_matches_direct_preprocessing_within_quantisation(tmp_path) -> Non
     report = cache_lib.build_cache(frame, tmp_path / "c", SMALL, workers=1, progress=False)
     entry = next(report.root.glob("*.npy"))
     assert np.load(entry).dtype == np.uint8
-    direct = preprocess(load_volume(frame.loc[0, "path"], "nifti"), SMALL)
+    direct = preprocess(read_study_volume(frame.loc[0, "path"], "nifti"), SMALL)
     cached = cache_lib.load_entry(entry)
     assert np.abs(cached - direct).max() <= 0.5 / 255 + 1e-6
     # 1/510 of the 1500 HU window: under 3 HU

@@ -18,22 +18,22 @@ from PIL import Image
 from ctscreen.card import ModelCard
 from ctscreen.cli import predict as predict_cli
 from ctscreen.config import PreprocessConfig
-from ctscreen.explain import localization_box
+from ctscreen.explain import box_in_voxels, localization_box
 from ctscreen.html_report import (
     CLINICAL_NOTE,
     ReportWriter,
-    box_in_voxels,
     cam_on_slice,
     format_probability,
     interpolation_matrix,
     pick_key_slices,
 )
-from ctscreen.inference import PredictOptions, Scorer, StudyVisual, predict
 from ctscreen.model import build_model
+from ctscreen.report import result_rows
+from ctscreen.screener import Screener
 from ctscreen.synth.dicom_writer import uid_from, write_series
 from ctscreen.synth.phantom import canonical_affine, make_phantom
 from ctscreen.volume import Volume
-from ctscreen.weights import load_checkpoint, save_checkpoint
+from ctscreen.weights import save_checkpoint
 
 INPUT_SHAPE = (16, 32, 32)
 SPACING = (5.0, 5.0, 5.0)
@@ -136,13 +136,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         _write_study(root, 2, n_slices=20, pathology=None),
         _write_study(root, 3, n_slices=8, pathology=None),
     ]
-    loaded = load_checkpoint(weights)
-    scorer = Scorer(loaded, torch.device("cpu"))
-    visuals: list[StudyVisual] = []
-    rows = predict(
-        inputs, scorer=scorer, options=PredictOptions(prefetch=0), on_study=visuals.append
-    )
-    probabilities = [r.probability_of_pathology for r in rows]
+    scorer = Screener(weights, device="cpu", precision="fp32", backend="torch", prefetch=0)
+    visuals = list(scorer.score(inputs, keep_image=True))
+    probabilities = [r.probability for r in visuals]
     assert probabilities[0] != probabilities[1] and probabilities[2] is None
     threshold = (probabilities[0] + probabilities[1]) / 2  # one study on each side
     return dict(
@@ -254,7 +250,7 @@ def test_run_summary_names_the_model_and_counts(
     page = cli_run["page"]
     assert isinstance(page, str)
     scorer = setup["scorer"]
-    assert isinstance(scorer, Scorer)
+    assert isinstance(scorer, Screener)
     summary = page.split("<h2>Studies</h2>")[0]
     assert scorer.loaded.sha256 in summary
     assert '<th>failures</th><td class="">1</td>' in summary
@@ -267,8 +263,8 @@ def test_localisation_box_is_drawn_and_listed(setup: dict[str, object], tmp_path
     assert isinstance(visuals, list)
     visual = next(v for v in visuals if v.box is not None)
     writer = ReportWriter(tmp_path)
-    writer.add_study(visual)
-    page = writer.finish(list(visual.rows), run_info={"threshold": visual.threshold}).read_text()
+    writer.add(visual)
+    page = writer.finish(run_info={"threshold": visual.threshold}).read_text()
     assert "localisation box" in page and "LPS patient coordinates" in page
     x0, x1 = visual.box[0], visual.box[1]
     assert f"x {x0:g} to {x1:g} mm" in page
@@ -279,31 +275,27 @@ def test_large_runs_link_pictures_from_img_folder(setup: dict[str, object], tmp_
     assert isinstance(visuals, list)
     writer = ReportWriter(tmp_path, embed_limit=0)
     for visual in visuals:
-        writer.add_study(visual)
-    rows = [row for visual in visuals for row in visual.rows]
-    page = writer.finish(rows, run_info={}).read_text()
+        writer.add(visual)
+    page = writer.finish(run_info={}).read_text()
     assert not PNG_RE.search(page)
     linked = re.findall(r'src="(img/[^"]+\.png)"', page)
-    assert len(linked) == 2 * len(visuals)
+    assert len(linked) == 2 * sum(1 for visual in visuals if visual.ok)
     for name in linked:
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and image.width > 500
 
 
 def test_per_slice_rows_share_one_card(setup: dict[str, object], tmp_path: Path) -> None:
-    scorer = setup["scorer"]
-    inputs = setup["inputs"]
-    assert isinstance(scorer, Scorer) and isinstance(inputs, list)
-    writer = ReportWriter(tmp_path)
-    rows = predict(
-        inputs[:1],
-        scorer=scorer,
-        options=PredictOptions(mode="slice", prefetch=0),
-        on_study=writer.add_study,
-    )
+    visuals = setup["visuals"]
+    assert isinstance(visuals, list)
+    result = visuals[0]
+    rows = result_rows(result, "slice")
     assert len(rows) == 20
-    page = writer.finish(rows, run_info={"threshold": scorer.loaded.card.threshold}).read_text()
+    writer = ReportWriter(tmp_path)
+    writer.add(result)
+    page = writer.finish(run_info={"threshold": 0.5}).read_text()
     (card,) = _cards(page)
     study_probability = float(rows[0].extras["study_probability"])  # type: ignore[arg-type]
-    assert f"p = {format_probability(study_probability, 0.5)}" in card
+    assert study_probability == round(result.probability, 6)
+    assert f"p = {format_probability(result.probability, 0.5)}" in card
     assert len(_pngs(card)) == 2

@@ -7,7 +7,8 @@ import torch
 from torchvision.models.video import r3d_18
 
 from ctscreen.errors import ConfigError, WeightsError
-from ctscreen.model import build_model, count_parameters, forward_with_cam, select_device
+from ctscreen.hardware import select_device
+from ctscreen.model import build_model, count_parameters, forward_with_cam
 
 
 @pytest.fixture(scope="module")

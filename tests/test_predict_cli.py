@@ -431,7 +431,7 @@ def test_per_slice_scores_follow_the_slices_for_feet_first_and_shuffled_copies(
 def test_an_unforeseen_error_in_one_study_is_a_failure_row_not_a_crash(
     make_series, tmp_path: Path, weights: Path, monkeypatch
 ) -> None:
-    import ctscreen.inference as inference
+    import ctscreen.pipeline as inference
 
     bad, _ = make_series(seed=4, name="bad", study_uid="1.2.826.0.1.3680043.10.6")
     good, _ = make_series(seed=5, name="good", study_uid="1.2.826.0.1.3680043.10.7")

@@ -15,8 +15,8 @@ from ctscreen.dicom.discover import Series, discover
 from ctscreen.dicom.select import select_series
 from ctscreen.dicom.volume import build_volume
 from ctscreen.nifti import read_nifti
+from ctscreen.pipeline import read_study_volume
 from ctscreen.preprocess import preprocess
-from ctscreen.reader import load_volume
 from ctscreen.synth.nifti_writer import write_nifti
 
 CONFIG = PreprocessConfig(shape=(16, 32, 32))
@@ -101,7 +101,7 @@ def test_nifti_copy_gives_the_same_array(make_series, tmp_path: Path) -> None:
     np.testing.assert_allclose(
         preprocess(nifti_volume, CONFIG), preprocess(dicom_volume, CONFIG), atol=1e-4
     )
-    assert np.array_equal(load_volume(nifti_path, "nifti").hu, nifti_volume.hu)
+    assert np.array_equal(read_study_volume(nifti_path, "nifti").hu, nifti_volume.hu)
 
 
 def test_dropped_slice_is_reported_as_a_gap(make_series, tmp_path: Path) -> None:

@@ -7,18 +7,38 @@ The pipeline reads left to right::
 and, for training::
 
     registry -> dataset -> train -> evaluate
+
+The library API is :class:`Screener` (load a checkpoint, score inputs) and the
+:class:`StudyResult` it yields for every study; the command line, the report,
+``evaluate``, the service and the DICOM node all score through it::
+
+    from ctscreen import Screener
+
+    screener = Screener("model.pth")
+    for result in screener.score(["study.zip"]):
+        print(result.location, result.status, result.probability, result.error)
 """
 
 from __future__ import annotations
 
 import logging
-from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("ctscreen")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+from ._version import __version__
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["__version__"]
+__all__ = ["Screener", "StudyResult", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    # Imported on first use, so that ``import ctscreen`` (and the CLI's --help)
+    # does not pay for torch.
+    if name == "Screener":
+        from .screener import Screener
+
+        return Screener
+    if name == "StudyResult":
+        from .results import StudyResult
+
+        return StudyResult
+    raise AttributeError(f"module 'ctscreen' has no attribute {name!r}")

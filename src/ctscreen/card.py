@@ -12,7 +12,7 @@ import datetime as _dt
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .config import PreprocessConfig
 from .errors import WeightsError
 

@@ -188,15 +188,13 @@ def run_demo(config: DemoConfig, *, progress: bool = True, echo: Echo | None = N
     """
     from .data.sources.synthetic import build_synthetic
     from .evaluate import evaluate
-    from .inference import PredictOptions, RunStats, Scorer, predict, resolve_precision
-    from .model import select_device
-    from .report import rows_to_frame, write_table
+    from .report import result_rows, rows_to_frame, write_table
+    from .screener import Screener
     from .synth.dataset import generate_dataset
     from .train.config import TrainConfig
     from .train.loop import STATE_NAME, train
     from .train.metrics import metrics_with_ci
     from .train.progress import format_duration
-    from .weights import load_checkpoint
 
     say: Echo = echo if echo is not None else log.info
     out = config.out
@@ -284,7 +282,6 @@ def run_demo(config: DemoConfig, *, progress: bool = True, echo: Echo | None = N
         registry=registry,
         keys=split.val_keys,
         out_dir=out / "evaluation",
-        cache_dir=out / "cache",
         threshold_rule="youden",
         write_threshold=out / "model.pth",
         progress=progress,
@@ -292,32 +289,25 @@ def run_demo(config: DemoConfig, *, progress: bool = True, echo: Echo | None = N
     stages.stop()
 
     stages.start("predict")
-    loaded = load_checkpoint(out / "model.pth")
-    device = select_device("cpu")
-    scorer = Scorer(loaded, device, resolve_precision("auto", device))
+    screener = Screener(out / "model.pth", device="cpu")
     holdout = pd.read_csv(holdout_labels, dtype=str, keep_default_na=False)
     archives = [holdout_labels.parent / p for p in holdout["path"]]
-    stats = RunStats()
-    rows = predict(archives, scorer=scorer, options=PredictOptions(mode="study"), stats=stats)
+    results = list(screener.score(archives))
+    rows = [row for result in results for row in result_rows(result)]
     table = write_table(
         rows_to_frame(rows),
         out / "results.xlsx",
-        run_info={
-            "weights": str(out / "model.pth"),
-            "weights_sha256": loaded.sha256,
-            "threshold": loaded.card.threshold,
-            "note": "synthetic demo data",
-        },
+        run_info=screener.run_info() | {"note": "synthetic demo data; research tool"},
     )
     stages.stop()
 
     truth = dict(zip(holdout["study_uid"], holdout["label"].astype(int), strict=True))
-    scored = [r for r in rows if r.probability_of_pathology is not None]
+    scored = [r for r in results if r.ok]
     y = [truth[r.study_uid] for r in scored]
-    p = [float(r.probability_of_pathology) for r in scored]
-    holdout_metrics = metrics_with_ci(y, p, threshold=loaded.card.threshold, n_boot=1000, seed=0)
+    p = [float(r.probability) for r in scored]  # type: ignore[arg-type]
+    holdout_metrics = metrics_with_ci(y, p, threshold=screener.threshold, n_boot=1000, seed=0)
     holdout_metrics["n_studies"] = len(scored)
-    holdout_metrics["n_failures"] = len(rows) - len(scored)
+    holdout_metrics["n_failures"] = len(results) - len(scored)
     write_text_atomic(
         out / "holdout_metrics.json", json.dumps(holdout_metrics, indent=2, default=float)
     )

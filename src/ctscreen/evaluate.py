@@ -1,7 +1,9 @@
 """Evaluate a checkpoint on labelled studies: predictions, metrics with 95% CIs, plots.
 
-The preprocessing always comes from the checkpoint's model card, never from the
-command line, so a model is evaluated on the input it was trained on.
+Studies are scored by :class:`ctscreen.Screener`, the same path ``predict``
+takes (series choice, float preprocessing from the model card, backend and
+precision), so the threshold chosen here is chosen on the numbers ``predict``
+will give.
 
 Outputs in ``out_dir``:
 
@@ -30,12 +32,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader, Dataset
 
-from .data.dataset import StudyDataset, select_rows
-from .errors import CtscreenError, DatasetError
+from .data.dataset import select_rows
+from .errors import DatasetError
 from .fileio import json_safe, write_text_atomic
+from .results import StudyResult
+from .screener import Screener
 from .train import metrics as metrics_lib
 from .train import plots
 
@@ -66,67 +68,45 @@ class EvaluationResult:
     written_checkpoint: Path | None = None
 
 
-class _SafeItems(Dataset):
-    """Items ``(x, y, index, error)``; an unreadable study gives zeros and its error text."""
-
-    def __init__(self, base: StudyDataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, str]:
-        try:
-            x, y = self.base[index]
-            return x, y, index, ""
-        except CtscreenError as exc:
-            shape = self.base.config.shape
-            y = torch.tensor(float(self.base.labels[index]), dtype=torch.float32)
-            return torch.zeros((1, *shape), dtype=torch.float32), y, index, exc.message
-
-
-def predict_dataset(
-    model: torch.nn.Module,
-    dataset: StudyDataset,
-    *,
-    device: torch.device,
-    batch_size: int = 2,
-    num_workers: int = 0,
-    progress: bool = True,
+def score_registry_rows(
+    screener: Screener, rows: pd.DataFrame, *, progress: bool = True
 ) -> tuple[np.ndarray, list[str]]:
-    """Probabilities of pathology for every item, one forward pass per batch.
+    """Probabilities of pathology for every registry row, through ``screener``.
 
-    Args:
-        model: the network (put in eval mode here).
-        dataset: the studies.
-        device: where to run.
-        batch_size: studies per forward pass.
-        num_workers: DataLoader worker processes.
-        progress: draw a tqdm bar on stderr.
+    Each row's ``path`` must hold exactly one study (a folder, zip or NIfTI file).
 
     Returns:
         ``(probabilities, errors)``: ``nan`` and the error sentence for studies
-        that could not be read, ``""`` for the others.
+        that could not be scored, ``""`` for the others, in row order.
     """
     from tqdm.auto import tqdm
 
-    loader = DataLoader(
-        _SafeItems(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers
-    )
-    probs = np.full(len(dataset), np.nan, dtype=np.float64)
-    errors = [""] * len(dataset)
-    model.eval()
-    with torch.no_grad():
-        for x, _y, index, error in tqdm(
-            loader, desc="predicting", unit="batch", disable=not progress, leave=False
-        ):
-            p = torch.sigmoid(model(x.to(device)).float()).view(-1).cpu().numpy()
-            for i, e, value in zip(index.tolist(), error, p, strict=True):
-                if e:
-                    errors[i] = e
-                    log.warning("cannot read study %s: %s", dataset.study_key(i), e)
-                else:
-                    probs[i] = float(value)
+    paths = [str(p) for p in rows["path"]]
+    unique = list(dict.fromkeys(paths))
+    found: dict[str, list[StudyResult]] = {}
+    for result in tqdm(
+        screener.score(unique),
+        total=len(unique),
+        desc="scoring",
+        unit="study",
+        disable=not progress,
+        leave=False,
+    ):
+        found.setdefault(result.input_path, []).append(result)
+    probs = np.full(len(paths), np.nan, dtype=np.float64)
+    errors = [""] * len(paths)
+    for i, (key, path) in enumerate(zip(rows["study_key"], paths, strict=True)):
+        results = found.get(path, [])
+        if len(results) != 1:
+            errors[i] = (
+                f"{path} holds {len(results)} studies; point the registry entry at one study."
+            )
+        elif not results[0].ok:
+            errors[i] = results[0].error
+        else:
+            probs[i] = float(results[0].probability)  # type: ignore[arg-type]
+        if errors[i]:
+            log.warning("cannot score study %s: %s", key, errors[i])
     return probs, errors
 
 
@@ -155,13 +135,13 @@ def evaluate(
     registry: pd.DataFrame | Path | str,
     keys: Sequence[str] | Path | str,
     out_dir: Path | str,
-    cache_dir: Path | str | None = None,
     threshold_rule: str | None = None,
     target_sensitivity: float = 0.95,
     write_threshold: Path | str | None = None,
     device: str = "auto",
-    batch_size: int = 2,
-    num_workers: int = 0,
+    backend: str = "auto",
+    precision: str = "auto",
+    batch_size: int | None = None,
     n_boot: int = 2000,
     seed: int = 0,
     progress: bool = True,
@@ -173,16 +153,15 @@ def evaluate(
         registry: registry frame or CSV path.
         keys: study keys or a key-list file.
         out_dir: output folder (created).
-        cache_dir: preprocessing cache (entries for the card's preprocessing are
-            read, missing ones decoded and added).
         threshold_rule: None keeps the checkpoint's threshold; ``"youden"`` or
             ``"sensitivity"`` chooses one on these studies.
         target_sensitivity: target of the ``"sensitivity"`` rule.
         write_threshold: where to save a copy of the checkpoint whose card carries
             the chosen threshold, the rule and these metrics.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        batch_size: studies per forward pass.
-        num_workers: DataLoader worker processes.
+        backend: ``auto``, ``torch``, ``openvino`` or ``onnxruntime`` (as ``predict``).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (as ``predict``).
+        batch_size: studies per forward pass (default as ``predict``).
         n_boot: bootstrap resamples for the intervals.
         seed: bootstrap seed.
         progress: draw progress bars.
@@ -196,27 +175,21 @@ def evaluate(
         DatasetError: also when a threshold rule meets studies of one class only.
     """
     from .train.loop import read_keys_arg, read_registry_arg
-    from .weights import load_checkpoint, save_checkpoint
+    from .weights import save_checkpoint
 
     out_dir = Path(out_dir)
-    loaded = load_checkpoint(weights, device=device)
-    card = loaded.card
+    screener = Screener(
+        weights, device=device, backend=backend, precision=precision, batch_size=batch_size
+    )
+    loaded, card = screener.loaded, screener.card
     frame = read_registry_arg(registry)
     rows = select_rows(frame, read_keys_arg(keys), what="evaluation")
-    dataset = StudyDataset(rows, card.preprocess, cache_dir=cache_dir)
-    target = next(loaded.model.parameters()).device
-    probs, errors = predict_dataset(
-        loaded.model,
-        dataset,
-        device=target,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        progress=progress,
-    )
+    labels = rows["label"].astype(int).to_numpy()
+    probs, errors = score_registry_rows(screener, rows, progress=progress)
     ok = np.array([not e for e in errors])
     if not ok.any():
         raise DatasetError("no study of the evaluation list could be read; see the warnings.")
-    y = dataset.labels[ok]
+    y = labels[ok]
     p = probs[ok]
 
     if threshold_rule is None:
@@ -238,7 +211,7 @@ def evaluate(
         {
             "study_key": rows["study_key"].astype(str),
             "dataset": rows["dataset"].astype(str) if "dataset" in rows else "",
-            "label": dataset.labels,
+            "label": labels,
             "probability": probs,
             "prediction": np.where(ok, (np.nan_to_num(probs) >= threshold).astype(int), -1),
             "status": np.where(ok, "ok", "failed"),
@@ -251,6 +224,8 @@ def evaluate(
         "weights": str(loaded.path),
         "sha256": loaded.sha256,
         "preprocess": card.preprocess.to_dict(),
+        "backend": screener.engine.name,
+        "precision": screener.engine.precision,
         "n": int(ok.sum()),
         "n_with_pathology": int(y.sum()),
         "n_failed": int((~ok).sum()),

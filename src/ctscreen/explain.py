@@ -16,6 +16,7 @@ axis, as does canonical voxel ``i`` of ``N`` at ``(i + 0.5) / N``.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -66,23 +67,29 @@ def localization_box(cam: np.ndarray, volume: Volume) -> tuple[float, ...] | Non
     grid = np.asarray(cam.shape, dtype=np.float64)
     shape = np.asarray(volume.shape, dtype=np.float64)
     # fraction of the field of view -> continuous canonical voxel index (edge at -0.5)
-    edges_lo = lo / grid * shape - 0.5
-    edges_hi = hi / grid * shape - 0.5
-    corners = np.array(
-        [
-            [a, b, c, 1.0]
-            for a, b, c in itertools.product(
-                (edges_lo[0], edges_hi[0]), (edges_lo[1], edges_hi[1]), (edges_lo[2], edges_hi[2])
-            )
-        ]
-    )
-    world = (volume.affine @ corners.T).T[:, :3]
-    mins, maxs = world.min(axis=0), world.max(axis=0)
-    return (
-        round(float(mins[0]), 1),
-        round(float(maxs[0]), 1),
-        round(float(mins[1]), 1),
-        round(float(maxs[1]), 1),
-        round(float(mins[2]), 1),
-        round(float(maxs[2]), 1),
-    )
+    edges = np.stack([lo / grid * shape - 0.5, hi / grid * shape - 0.5], axis=1)
+    world = _corners(edges) @ volume.affine.T
+    mins, maxs = world[:, :3].min(axis=0), world[:, :3].max(axis=0)
+    return tuple(round(float(v), 1) for pair in zip(mins, maxs, strict=True) for v in pair)
+
+
+def _corners(ranges: np.ndarray) -> np.ndarray:
+    """The 8 corners ``[8, 4]`` (homogeneous) of the box ``[[a0, a1], [b0, b1], [c0, c1]]``."""
+    return np.array([[a, b, c, 1.0] for a, b, c in itertools.product(*ranges)], dtype=np.float64)
+
+
+def box_in_voxels(box: Sequence[float], volume: Volume) -> np.ndarray:
+    """A patient-coordinate box as canonical voxel-edge ranges: the inverse of
+    :func:`localization_box`'s mapping.
+
+    Args:
+        box: ``(x_min, x_max, y_min, y_max, z_min, z_max)`` in LPS mm.
+        volume: the volume whose affine maps voxel index to LPS mm.
+
+    Returns:
+        ``[[d_lo, d_hi], [h_lo, h_hi], [w_lo, w_hi]]`` in continuous voxel index
+        (voxel ``i`` spans ``i - 0.5`` to ``i + 0.5``), the bounds of the box's corners.
+    """
+    x0, x1, y0, y1, z0, z1 = (float(v) for v in box)
+    index = _corners(np.array([[x0, x1], [y0, y1], [z0, z1]])) @ np.linalg.inv(volume.affine).T
+    return np.stack([index[:, :3].min(axis=0), index[:, :3].max(axis=0)], axis=1)

@@ -1,22 +1,22 @@
-"""Small file helpers shared by the writers of run folders.
+"""File helpers every writer shares: one atomic writer, one hash, JSON-safe values.
 
-Every file ctscreen writes goes through a temporary file in the target folder and
-``os.replace``, so a reader never sees half a file. ``tempfile.mkstemp`` creates
-its file with mode 0600; :func:`atomic_open` gives it the mode an ordinary
-``open()`` would (0666 less the umask, usually 0644) before moving it into place,
-so every output of one run has the same permissions.
+A leaf module (standard library only). Every file ctscreen writes (tables,
+checkpoints, caches, registries, reports) goes through :func:`write_atomic`, so a
+crash never leaves a half-written file, an earlier file at that path survives a
+failed write, and every output gets the same permissions (the process umask, not
+``mkstemp``'s private 0600).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import hashlib
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 
 def json_safe(value: Any) -> Any:
@@ -32,42 +32,59 @@ def json_safe(value: Any) -> Any:
 
 @functools.lru_cache(maxsize=1)
 def new_file_mode() -> int:
-    """Permissions of a newly created file under the process umask (0666 & ~umask)."""
+    """Permissions of a newly created file under the process umask."""
     # os.umask can only be read by setting it; done once and restored at once.
     mask = os.umask(0o022)
     os.umask(mask)
     return 0o666 & ~mask
 
 
-@contextlib.contextmanager
-def atomic_open(path: Path | str, mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]]:
-    """Open a temporary file next to ``path``; on success it replaces ``path``.
+def write_atomic(path: Path | str, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it over ``path``.
 
-    Args:
-        path: the file to write (parent folders are created).
-        mode: ``"wb"`` or ``"w"``.
-        **kwargs: passed to ``os.fdopen`` (``encoding``, ``newline``).
-
-    Yields:
-        The open temporary file. If the block raises, ``path`` is left as it was.
+    The parent folder is created when missing. The temporary file keeps ``path``'s
+    suffix (writers such as openpyxl choose the format by it) and is removed when
+    ``write`` raises.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, mode, **kwargs) as fh:
-            yield fh
+        write(tmp)
         os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`write_atomic`)."""
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_text_atomic(path: Path | str, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace``."""
-    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
+    """Write ``text`` as UTF-8 to ``path`` atomically, newlines as given."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+
+    write_atomic(path, write)
+
+
+def file_sha256(path: Path | str, *, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks so big files never sit in memory.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def format_bytes(n: float) -> str:

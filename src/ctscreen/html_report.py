@@ -5,7 +5,7 @@ the per-slice score curve and a strip of key axial slices with the class
 activation map overlaid, all taken from the one forward pass that gave the
 probability (:mod:`ctscreen.explain`). Failure rows show their error sentence.
 
-Memory stays bounded whatever the number of studies: :meth:`ReportWriter.add_study`
+Memory stays bounded whatever the number of studies: :meth:`ReportWriter.add`
 renders a series' two PNGs as soon as its forward pass is done and writes them to
 ``<out>/img/``; only file names and a few numbers are kept. :meth:`ReportWriter.finish`
 then writes ``index.html``. When all pictures together stay under
@@ -23,10 +23,8 @@ import base64
 import datetime as _dt
 import html
 import logging
-import os
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +35,11 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from .config import PreprocessConfig
 from .errors import ConfigError
-from .explain import slice_scores
-from .inference import StudyVisual
-from .report import FAILURE, ResultRow
+from .explain import box_in_voxels, slice_scores
+from .fileio import write_text_atomic
+from .results import StudyResult
 from .volume import Volume
 
 log = logging.getLogger(__name__)
@@ -165,23 +164,6 @@ def pick_key_slices(
     return tuple(picks)
 
 
-def box_in_voxels(box: Sequence[float], volume: Volume) -> np.ndarray:
-    """A patient-coordinate box as canonical voxel-edge ranges.
-
-    Args:
-        box: ``(x_min, x_max, y_min, y_max, z_min, z_max)`` in LPS mm.
-        volume: the volume whose affine maps voxel index to LPS mm.
-
-    Returns:
-        ``[[d_lo, d_hi], [h_lo, h_hi], [w_lo, w_hi]]`` in continuous voxel index
-        (voxel ``i`` spans ``i - 0.5`` to ``i + 0.5``), the bounds of the box's corners.
-    """
-    x0, x1, y0, y1, z0, z1 = (float(v) for v in box)
-    corners = np.array([[x, y, z, 1.0] for x in (x0, x1) for y in (y0, y1) for z in (z0, z1)])
-    index = (np.linalg.inv(volume.affine) @ corners.T).T[:, :3]
-    return np.stack([index.min(axis=0), index.max(axis=0)], axis=1)
-
-
 # --------------------------------------------------------------------------- pictures
 
 
@@ -276,21 +258,24 @@ def render_curve(
 
 
 def render_strip(
-    visual: StudyVisual,
+    result: StudyResult,
     key_slices: Sequence[KeySlice],
     *,
     box_voxels: np.ndarray | None,
+    window: tuple[float, float],
 ) -> bytes:
     """Key axial slices with the activation map overlaid, as PNG bytes.
 
     Args:
-        visual: the series (its input array, activation map and geometry).
+        result: the scored series (its network input, activation map and geometry).
         key_slices: which slices, in display order.
         box_voxels: the localisation box from :func:`box_in_voxels`, or None.
+        window: ``(level, width)`` in HU of the network input, for the title.
     """
-    image = visual.image
-    volume = visual.volume
-    cam = np.nan_to_num(np.asarray(visual.cam, dtype=np.float64))
+    image = result.image
+    volume = result.geometry
+    assert image is not None and volume is not None and result.cam is not None
+    cam = np.nan_to_num(np.asarray(result.cam, dtype=np.float64))
     peak = float(cam.max())
     vmax = peak if peak > 0 else 1.0
     _, height_mm, width_mm = (n * s for n, s in zip(volume.shape, volume.spacing, strict=True))
@@ -300,7 +285,7 @@ def render_strip(
     fig = Figure(figsize=(panel * n + 1.0, panel * aspect + 0.9), layout="constrained")
     axes = fig.subplots(1, n + 1, width_ratios=[1.0] * n + [0.06], squeeze=False)[0]
     extent = (0.0, width_mm, height_mm, 0.0)
-    level, width = visual.window
+    level, width = window
     for ax, key in zip(axes[:-1], key_slices, strict=False):
         ax.imshow(
             image[key.input_index],
@@ -390,7 +375,6 @@ def _decorate_axial(ax: Any, width_mm: float, height_mm: float) -> None:
 class _Pictures:
     """File names of one series' pictures, kept until the HTML is written."""
 
-    key: tuple[str, str, str, str]
     curve: str
     strip: str
     key_slices: tuple[KeySlice, ...]
@@ -398,61 +382,36 @@ class _Pictures:
 
 @dataclass
 class _Entry:
-    """One card of the report: a scored series or a Failure row."""
+    """One card of the report: a scored series or a failure (its arrays already dropped)."""
 
-    rows: list[ResultRow] = field(default_factory=list)
+    result: StudyResult
     pictures: _Pictures | None = None
-
-    @property
-    def row(self) -> ResultRow:
-        return self.rows[0]
-
-    @property
-    def probability(self) -> float | None:
-        row = self.row
-        study = row.extras.get("study_probability")
-        value = study if study is not None else row.probability_of_pathology
-        return None if value is None else float(value)  # type: ignore[arg-type]
-
-    @property
-    def pathology(self) -> int | None:
-        row = self.row
-        study = row.extras.get("study_pathology")
-        value = study if study is not None else row.pathology
-        return None if value is None else int(value)  # type: ignore[call-overload]
-
-
-def _row_key(row: ResultRow) -> tuple[str, str, str, str]:
-    return (row.input_path, row.path_to_study, row.study_uid, row.series_uid)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class ReportWriter:
-    """Builds the HTML report of one run, a series at a time.
+    """Builds the HTML report of one run, a study at a time.
 
     Example:
         >>> writer = ReportWriter(Path("report"))  # doctest: +SKIP
-        >>> rows = predict(inputs, scorer=scorer, on_study=writer.add_study)  # doctest: +SKIP
-        >>> writer.finish(rows, run_info=run_info)  # doctest: +SKIP
+        >>> for result in screener.score(inputs, keep_image=True):  # doctest: +SKIP
+        ...     writer.add(result)
+        >>> writer.finish(run_info=screener.run_info())  # doctest: +SKIP
     """
 
-    def __init__(self, out_dir: Path, *, embed_limit: int = EMBED_LIMIT_BYTES) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        embed_limit: int = EMBED_LIMIT_BYTES,
+        window: tuple[float, float] | None = None,
+    ) -> None:
         """Prepare ``out_dir`` (created if missing).
 
         Args:
             out_dir: folder for ``index.html`` (and ``img/`` while the run lasts).
             embed_limit: embed the pictures as base64 when they total at most this many bytes.
+            window: ``(level, width)`` in HU of the network input (default: the
+                default preprocessing's lung window).
 
         Raises:
             ConfigError: the folder cannot be created or written.
@@ -460,7 +419,9 @@ class ReportWriter:
         self.out_dir = Path(out_dir)
         self.img_dir = self.out_dir / _IMG_DIR
         self.embed_limit = embed_limit
-        self._pictures: list[_Pictures] = []
+        default = PreprocessConfig()
+        self.window = window or (default.window_level, default.window_width)
+        self._entries: list[_Entry] = []
         self._bytes = 0
         try:
             self.img_dir.mkdir(parents=True, exist_ok=True)
@@ -472,28 +433,36 @@ class ReportWriter:
                 "choose a folder you can write to."
             ) from exc
 
-    def add_study(self, visual: StudyVisual) -> None:
-        """Render one scored series' pictures now and keep only their file names.
+    def add(self, result: StudyResult) -> None:
+        """Add one study's card; render its pictures now when it carries its activation
+        map and network input (``Screener.score(..., keep_image=True)``), keeping only
+        their file names so that memory stays bounded by one study.
 
         Raises:
             ConfigError: a picture cannot be written.
         """
-        n_slices = visual.volume.shape[0]
-        scores = slice_scores(visual.cam, visual.bias, n_slices)
-        input_scores = slice_scores(visual.cam, visual.bias, visual.image.shape[0])
+        pictures = None
+        if result.ok and result.image is not None and result.cam is not None:
+            pictures = self._render(result, f"series-{len(self._entries):05d}")
+        self._entries.append(_Entry(result.without_maps(), pictures))
+
+    def _render(self, result: StudyResult, stem: str) -> _Pictures:
+        volume, cam, image = result.geometry, result.cam, result.image
+        assert volume is not None and cam is not None and image is not None
+        assert result.bias is not None and result.probability is not None
+        scores = slice_scores(cam, result.bias, volume.shape[0])
+        input_scores = slice_scores(cam, result.bias, image.shape[0])
         keys = pick_key_slices(input_scores, scores)
-        box = visual.box
-        box_voxels = None if box is None else box_in_voxels(box, visual.volume)
+        box_voxels = None if result.box is None else box_in_voxels(result.box, volume)
         curve = render_curve(
             scores,
-            probability=visual.probability,
-            threshold=visual.threshold,
+            probability=result.probability,
+            threshold=float(result.threshold if result.threshold is not None else 0.5),
             key_slices=keys,
-            volume=visual.volume,
+            volume=volume,
             box_voxels=box_voxels,
         )
-        strip = render_strip(visual, keys, box_voxels=box_voxels)
-        stem = f"series-{len(self._pictures):05d}"
+        strip = render_strip(result, keys, box_voxels=box_voxels, window=self.window)
         names = (f"{stem}-curve.png", f"{stem}-slices.png")
         try:
             for name, data in zip(names, (curve, strip), strict=True):
@@ -504,15 +473,13 @@ class ReportWriter:
                 "free some disk space or choose another --report folder."
             ) from exc
         self._bytes += len(curve) + len(strip)
-        row = visual.rows[0]
-        self._pictures.append(_Pictures(_row_key(row), names[0], names[1], keys))
-        log.debug("rendered report pictures for %s", row.path_to_study)
+        log.debug("rendered report pictures for %s", result.location)
+        return _Pictures(names[0], names[1], keys)
 
-    def finish(self, rows: Sequence[ResultRow], *, run_info: Mapping[str, Any]) -> Path:
-        """Write ``index.html`` for all rows of the run.
+    def finish(self, *, run_info: Mapping[str, Any]) -> Path:
+        """Write ``index.html`` for every study added.
 
         Args:
-            rows: every row :func:`ctscreen.inference.predict` returned, in order.
             run_info: facts about the run (version, weights hash, threshold, device, ...).
 
         Returns:
@@ -521,16 +488,16 @@ class ReportWriter:
         Raises:
             ConfigError: the report cannot be written.
         """
-        entries = self._entries(rows)
         embed = self._bytes <= self.embed_limit
-        page = _page(entries, run_info, image_src=self._embedded if embed else self._linked)
+        page = _page(self._entries, run_info, image_src=self._embedded if embed else self._linked)
         index = self.out_dir / "index.html"
         try:
-            _atomic_write_text(index, page)
+            write_text_atomic(index, page)
             if embed:
-                for pictures in self._pictures:
-                    (self.img_dir / pictures.curve).unlink(missing_ok=True)
-                    (self.img_dir / pictures.strip).unlink(missing_ok=True)
+                for entry in self._entries:
+                    if entry.pictures is not None:
+                        (self.img_dir / entry.pictures.curve).unlink(missing_ok=True)
+                        (self.img_dir / entry.pictures.strip).unlink(missing_ok=True)
                 if not any(self.img_dir.iterdir()):
                     self.img_dir.rmdir()
         except OSError as exc:
@@ -541,7 +508,7 @@ class ReportWriter:
         log.info(
             "wrote the HTML report %s (%d cards, pictures %s)",
             index,
-            len(entries),
+            len(self._entries),
             "embedded" if embed else f"in {self.img_dir}",
         )
         return index
@@ -552,41 +519,6 @@ class ReportWriter:
 
     def _linked(self, name: str) -> str:
         return f"{_IMG_DIR}/{name}"
-
-    def _entries(self, rows: Iterable[ResultRow]) -> list[_Entry]:
-        """Group rows into cards (slice rows of one series share one) and attach pictures."""
-        waiting: dict[tuple[str, str, str, str], list[_Pictures]] = {}
-        for pictures in self._pictures:
-            waiting.setdefault(pictures.key, []).append(pictures)
-        entries: list[_Entry] = []
-        for row in rows:
-            previous = entries[-1] if entries else None
-            same_series = (
-                previous is not None
-                and row.processing_status != FAILURE
-                and "slice_index" in row.extras
-                and _row_key(previous.row) == _row_key(row)
-                and previous.row.extras.get("slice_index", -1) < row.extras["slice_index"]
-            )
-            if same_series:
-                assert previous is not None
-                previous.rows.append(row)
-                continue
-            entry = _Entry(rows=[row])
-            queue = waiting.get(_row_key(row))
-            if row.processing_status != FAILURE and queue:
-                entry.pictures = queue.pop(0)
-            entries.append(entry)
-        return entries
-
-
-def write_report(rows: Sequence[ResultRow], out_dir: Path, *, run_info: Mapping[str, Any]) -> Path:
-    """Write a report without pictures (rows only), e.g. from a saved result table.
-
-    Returns:
-        The path of ``index.html``.
-    """
-    return ReportWriter(out_dir).finish(rows, run_info=run_info)
 
 
 # --------------------------------------------------------------------------- HTML
@@ -636,9 +568,9 @@ def _e(value: object) -> str:
 
 def _decision(entry: _Entry) -> tuple[str, str]:
     """(css class, text) of an entry's decision."""
-    if entry.row.processing_status == FAILURE:
+    if not entry.result.ok:
         return "failure", "Failure (not scored)"
-    if entry.pathology == 1:
+    if entry.result.pathology == 1:
         return "pathology", "Pathology"
     return "normal", "No pathology"
 
@@ -661,11 +593,11 @@ def _format_box(box: Sequence[float]) -> str:
 
 
 def _summary(entries: Sequence[_Entry], run_info: Mapping[str, Any]) -> str:
-    scored = [e for e in entries if e.row.processing_status != FAILURE]
+    scored = [e.result for e in entries if e.result.ok]
     counts = {
         "series scored": len(scored),
-        "called pathology": sum(1 for e in scored if e.pathology == 1),
-        "called no pathology": sum(1 for e in scored if e.pathology == 0),
+        "called pathology": sum(1 for r in scored if r.pathology == 1),
+        "called no pathology": sum(1 for r in scored if r.pathology == 0),
         "failures": len(entries) - len(scored),
     }
     wanted = (
@@ -702,13 +634,13 @@ def _overview(entries: Sequence[_Entry], threshold: float | None) -> str:
     lines = []
     for number, entry in enumerate(entries, start=1):
         css, text = _decision(entry)
-        probability = entry.probability
+        result = entry.result
+        probability = result.probability
         shown = _DASH if probability is None else format_probability(probability, threshold)
-        row = entry.row
         lines.append(
             f'<tr><td class="num">{number}</td>'
-            f'<td><a href="#card-{number}">{_e(row.path_to_study)}</a></td>'
-            f'<td class="mono">{_e(row.study_uid or _DASH)}</td>'
+            f'<td><a href="#card-{number}">{_e(result.location)}</a></td>'
+            f'<td class="mono">{_e(result.study_uid or _DASH)}</td>'
             f'<td class="num">{shown}</td>'
             f'<td><span class="badge {css}">{_e(text)}</span></td></tr>'
         )
@@ -720,17 +652,17 @@ def _overview(entries: Sequence[_Entry], threshold: float | None) -> str:
 
 
 def _card(number: int, entry: _Entry, image_src: Any, threshold: float | None) -> str:
-    row = entry.row
+    row = entry.result
     css, text = _decision(entry)
-    probability = entry.probability
+    probability = row.probability
     title = [f"<span>#{number}</span>", f'<span class="badge {css}">{_e(text)}</span>']
     if probability is not None:
         shown = format_probability(probability, threshold)
         title.append(f'<span class="prob">p = {shown}</span>')
         if threshold is not None:
             title.append(f'<span class="muted">threshold {threshold:g}</span>')
-    facts: list[tuple[str, str]] = [("study", _e(row.path_to_study))]
-    if row.input_path and row.input_path != row.path_to_study:
+    facts: list[tuple[str, str]] = [("study", _e(row.location))]
+    if row.input_path and row.input_path != row.location:
         facts.append(("input", _e(row.input_path)))
     facts.append(("StudyInstanceUID", f'<span class="mono">{_e(row.study_uid or _DASH)}</span>'))
     if row.series_uid:
@@ -739,9 +671,9 @@ def _card(number: int, entry: _Entry, image_src: Any, threshold: float | None) -
         facts.append(("why this series", _e(row.series_reason)))
     if row.n_slices is not None:
         facts.append(("slices", _e(row.n_slices)))
-    if row.pathology_localization is not None:
-        facts.append(("localisation box", _e(_format_box(row.pathology_localization))))
-    facts.append(("processing time", f"{row.time_of_processing:.2f} s"))
+    if row.box is not None:
+        facts.append(("localisation box", _e(_format_box(row.box))))
+    facts.append(("processing time", f"{row.seconds:.2f} s"))
     dl = "".join(f"<dt>{label}</dt><dd>{value}</dd>" for label, value in facts)
     parts = [
         f'<section class="card {css}" id="card-{number}">',
@@ -768,7 +700,7 @@ def _card(number: int, entry: _Entry, image_src: Any, threshold: float | None) -
             "left); colour shows where the model found evidence of pathology.</figcaption>"
             "</figure>"
         )
-    elif row.processing_status != FAILURE:
+    elif row.ok:
         parts.append('<p class="muted">No pictures for this series.</p>')
     parts.append("</section>")
     return "".join(parts)

@@ -24,13 +24,12 @@ from torch import nn
 from torchvision.models.video import VideoResNet, r3d_18
 
 from .errors import ConfigError, WeightsError
+from .torchfile import read_torch_file
 
 log = logging.getLogger(__name__)
 
 #: Width of the last feature block of r3d_18 (input of the linear head).
 FEATURE_CHANNELS = 512
-
-_DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def _one_channel_stem_conv(original: nn.Conv3d) -> nn.Conv3d:
@@ -90,9 +89,6 @@ def _load_kinetics(model: nn.Module, path: Path) -> None:
     fan-in scale the rest of the network saw), and the batch norm that follows
     the stem re-estimates the response scale during fine-tuning.
     """
-    # Imported here because weights.py builds models with this module.
-    from .weights import read_torch_file
-
     state = read_torch_file(
         path,
         what="Kinetics-400 weight file",
@@ -201,46 +197,3 @@ def head_with_cam(model: nn.Module, features: torch.Tensor) -> tuple[torch.Tenso
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameters of ``model`` (all, or only those with ``requires_grad``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """Turn a device name into a ``torch.device``.
-
-    Args:
-        name: ``"auto"`` (CUDA when available, else CPU, logged), ``"cpu"``,
-            ``"cuda"`` or ``"cuda:N"``.
-
-    Returns:
-        The device.
-
-    Raises:
-        ConfigError: an unknown name, or CUDA requested on a machine without it.
-    """
-    key = str(name).strip().lower()
-    if key == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        log.info("no CUDA device found; running on the CPU")
-        return torch.device("cpu")
-    if key == "cpu":
-        return torch.device("cpu")
-    if key == "cuda" or key.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device {name!r} was requested but no CUDA GPU is available; "
-                "use --device cpu or --device auto."
-            )
-        try:
-            device = torch.device(key)
-        except RuntimeError as exc:
-            raise ConfigError(f"cannot parse device {name!r}; use cuda or cuda:N.") from exc
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device {name!r} does not exist; this machine has "
-                f"{torch.cuda.device_count()} CUDA device(s)."
-            )
-        return device
-    raise ConfigError(f"unknown device {name!r}; choose one of {', '.join(_DEVICE_CHOICES)}.")
-
-
-DEVICE_CHOICES: tuple[str, ...] = _DEVICE_CHOICES

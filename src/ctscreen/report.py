@@ -21,14 +21,11 @@ a half-written table (and an earlier table at that path survives a failed write)
 from __future__ import annotations
 
 import enum
-import functools
 import json
 import logging
 import math
 import numbers
-import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +33,8 @@ from typing import Any
 import pandas as pd
 
 from .errors import ConfigError
+from .fileio import write_atomic
+from .results import FAILURE, STATUSES, StudyResult
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +52,6 @@ EXTRA_COLUMNS: tuple[str, ...] = ("error", "warnings", "series_reason", "n_slice
 #: Every column a :class:`ResultRow` always has, in table order.
 FIXED_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS + EXTRA_COLUMNS
 
-SUCCESS = "Success"
-FAILURE = "Failure"
-STATUSES: tuple[str, str] = (SUCCESS, FAILURE)
 
 RESULTS_SHEET = "results"
 RUN_SHEET = "run"
@@ -181,6 +177,72 @@ class ResultRow:
         return record
 
 
+#: Row layouts: one row per study, per eligible series, or per slice of the scored series.
+ROW_MODES: tuple[str, ...] = ("study", "series", "slice")
+
+
+def _round(value: float | None, digits: int = 6) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def result_rows(result: StudyResult, mode: str = "study") -> list[ResultRow]:
+    """The table rows of one study result: the one place rows are made.
+
+    Args:
+        result: what :meth:`ctscreen.Screener.score` gave for a study (or series).
+        mode: ``study`` or ``series``: one row; ``slice``: one row per slice of
+            the scored series, each with its own score (a Failure stays one row).
+
+    Returns:
+        The rows, in table order.
+    """
+    if mode not in ROW_MODES:
+        raise ConfigError(f"row mode must be one of {', '.join(ROW_MODES)}, not {mode!r}.")
+    common: dict[str, Any] = dict(
+        path_to_study=result.location,
+        study_uid=result.study_uid,
+        series_uid=result.series_uid,
+        processing_status=result.status,
+        time_of_processing=round(result.seconds, 3),
+        error=result.error,
+        warnings=result.warnings,
+        series_reason=result.series_reason,
+        n_slices=result.n_slices,
+        input_path=result.input_path,
+    )
+    if not result.ok:
+        return [ResultRow(**common)]
+    probability = _round(result.probability)
+    if mode != "slice" or result.slice_scores is None:
+        return [
+            ResultRow(
+                **common,
+                probability_of_pathology=probability,
+                pathology=result.pathology,
+                pathology_localization=result.box,
+                extras={k: round(v, 3) for k, v in result.timings.items()},
+            )
+        ]
+    threshold = float(result.threshold if result.threshold is not None else 0.5)
+    return [
+        ResultRow(
+            **common,
+            probability_of_pathology=_round(score),
+            pathology=int(score >= threshold),
+            pathology_localization=result.box,
+            extras={
+                "slice_index": index,
+                "instance_number": ref.instance_number,
+                "sop_instance_uid": ref.sop_instance_uid,
+                "frame": ref.frame,
+                "study_probability": probability,
+                "study_pathology": result.pathology,
+            },
+        )
+        for index, (ref, score) in enumerate(zip(result.slices, result.slice_scores, strict=True))
+    ]
+
+
 def rows_to_frame(rows: Iterable[ResultRow]) -> pd.DataFrame:
     """Build the result table.
 
@@ -234,29 +296,6 @@ def _cell_value(value: object) -> object:
     if isinstance(value, (Mapping, list, tuple)):
         return json.dumps(value, ensure_ascii=False, default=str)
     return str(value)
-
-
-@functools.lru_cache(maxsize=1)
-def _new_file_mode() -> int:
-    """Permissions of a newly created file under the process umask (mkstemp uses 0o600)."""
-    # os.umask can only be read by setting it; done once and restored at once.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, _new_file_mode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _column_width(header: str, values: Sequence[object]) -> int:
@@ -330,12 +369,12 @@ def write_table(
     fmt = OutputFormat.from_path(path)
     try:
         if fmt is OutputFormat.XLSX:
-            _atomic_write(path, lambda tmp: _write_xlsx(frame, run_info, tmp))
+            write_atomic(path, lambda tmp: _write_xlsx(frame, run_info, tmp))
         else:
             writer = _write_csv if fmt is OutputFormat.CSV else _write_json
-            _atomic_write(path, lambda tmp: writer(frame, tmp))
+            write_atomic(path, lambda tmp: writer(frame, tmp))
             if run_info:
-                _atomic_write(run_info_path(path), lambda tmp: _write_run_json(run_info, tmp))
+                write_atomic(run_info_path(path), lambda tmp: _write_run_json(run_info, tmp))
     except OSError as exc:
         raise ConfigError(
             f"cannot write the result table {path} ({exc.strerror or exc}); "

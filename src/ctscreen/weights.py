@@ -21,13 +21,8 @@ Files of the original implementation are accepted too, with a made-up card
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import os
-import pickle
-import tempfile
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +34,10 @@ from torch import nn
 from .card import ModelCard
 from .config import PreprocessConfig
 from .errors import CtscreenError, WeightsError
-from .model import build_model, count_parameters, select_device
+from .fileio import file_sha256, write_atomic
+from .hardware import select_device
+from .model import build_model, count_parameters
+from .torchfile import read_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +50,6 @@ _HEAD_KEY = "fc.weight"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.")
 #: Keys older torch versions did not write; their absence is harmless.
 _OPTIONAL_SUFFIXES = ("num_batches_tracked",)
-#: Everything ``torch.load`` is seen to raise on a damaged or foreign file.
-TORCH_LOAD_ERRORS = (
-    pickle.UnpicklingError,
-    RuntimeError,
-    EOFError,
-    KeyError,
-    ValueError,
-    TypeError,
-    AttributeError,
-    IndexError,
-    UnicodeDecodeError,
-    ImportError,
-)
-_ZIP_MAGIC = b"PK\x03\x04"
-_PICKLE_MAGIC = b"\x80"
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
 
 
@@ -83,48 +66,6 @@ def _legacy_warning() -> str:
 
 #: The warning every legacy checkpoint carries.
 LEGACY_WARNING = _legacy_warning()
-
-
-@functools.lru_cache(maxsize=1)
-def _metadata_globals() -> tuple[Any, ...]:
-    """Data-only types a legacy checkpoint's metadata may hold, allowed when loading.
-
-    Training scripts often store metrics as numpy scalars (sklearn returns
-    ``np.float64``) and arguments as an ``argparse.Namespace``; both only carry
-    values and run no code of the file's choosing. Nothing else is allowed.
-    """
-    import argparse
-
-    import numpy as np
-
-    try:
-        scalar = np._core.multiarray.scalar
-    except AttributeError:  # numpy < 2
-        scalar = np.core.multiarray.scalar
-    dtype_classes = tuple(
-        type(np.dtype(name))
-        for name in (
-            "float16",
-            "float32",
-            "float64",
-            "int8",
-            "int16",
-            "int32",
-            "int64",
-            "uint8",
-            "bool",
-        )
-    )
-    return (scalar, np.dtype, *dtype_classes, argparse.Namespace)
-
-
-@functools.lru_cache(maxsize=1)
-def _new_file_mode() -> int:
-    """Permissions of a newly created file under the process umask (mkstemp uses 0o600)."""
-    # os.umask can only be read by setting it; done once and restored at once.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,22 +85,6 @@ class LoadedModel:
     warnings: tuple[str, ...]
     sha256: str
     path: Path
-
-
-def file_sha256(path: Path | str, *, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks so big files never sit in memory.
-
-    Raises:
-        WeightsError: the file cannot be read.
-    """
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(chunk_size):
-                digest.update(chunk)
-    except OSError as exc:
-        raise WeightsError(f"cannot read {path} to hash it ({exc.strerror}).") from exc
-    return digest.hexdigest()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -217,90 +142,18 @@ def save_checkpoint(path: Path, model: nn.Module, card: ModelCard) -> None:
         "card": card.to_dict(),
     }
     _check_plain(payload["card"], "card")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise WeightsError(
-            f"cannot write a checkpoint into {path.parent} ({exc.strerror})."
-        ) from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, _new_file_mode())
-        os.replace(tmp, path)
+
+    try:
+        write_atomic(path, write)
     except OSError as exc:
         raise WeightsError(f"cannot write checkpoint {path} ({exc.strerror}).") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     log.info("saved checkpoint %s", path)
-
-
-_CHECKPOINT_HINT = (
-    "pass --weights with the path to a checkpoint made by `ctscreen train` "
-    "(or run `ctscreen demo` to make one)"
-)
-
-
-def read_torch_file(path: Path, *, what: str = "weight file", hint: str = _CHECKPOINT_HINT) -> Any:
-    """Read a torch file without executing pickled code.
-
-    Runs ``torch.load(path, map_location="cpu", weights_only=True)`` and turns
-    every way it can fail into one sentence.
-
-    Args:
-        path: the file.
-        what: how to name the file in messages (``"weight file"``).
-        hint: what the user should do when the file does not exist.
-
-    Returns:
-        Whatever the file holds (tensors and plain containers only).
-
-    Raises:
-        WeightsError: the file is missing, empty, not a torch file, damaged or
-            truncated, or holds pickled objects other than tensors.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"{what} {path} does not exist; {hint}.")
-    if not path.is_file():
-        raise WeightsError(f"{what} {path} is not a file; {hint}.")
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-    except OSError as exc:
-        raise WeightsError(f"cannot read {what} {path} ({exc.strerror}).") from exc
-    if not head:
-        raise WeightsError(f"{what} {path} is empty; copy the checkpoint again.")
-    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
-        raise WeightsError(f"{what} {path} is not a PyTorch file; {hint}.")
-    try:
-        with warnings.catch_warnings():
-            # The weights-only unpickler warns about pickle protocols it was not
-            # written for; the outcome (loaded or refused) is what matters here.
-            warnings.simplefilter("ignore", UserWarning)
-            with torch.serialization.safe_globals(_metadata_globals()):
-                return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower():
-            raise WeightsError(
-                f"{what} {path} holds pickled Python objects besides tensors, which ctscreen "
-                "refuses to run for safety; if you trust the file, load it in Python and "
-                "save only its state_dict with torch.save."
-            ) from exc
-        raise WeightsError(
-            f"{what} {path} is damaged or truncated; copy the checkpoint again."
-        ) from exc
-    except OSError as exc:
-        raise WeightsError(f"cannot read {what} {path} ({exc.strerror}).") from exc
-    except TORCH_LOAD_ERRORS as exc:
-        raise WeightsError(
-            f"{what} {path} is damaged, truncated or not a PyTorch checkpoint "
-            f"({type(exc).__name__}); copy the checkpoint again."
-        ) from exc
 
 
 def _legacy_card() -> ModelCard:
@@ -413,7 +266,10 @@ def load_checkpoint(path: Path | str, *, device: str | torch.device = "cpu") -> 
     _check_fits(state, model, path)
     model.load_state_dict(state, strict=False)
     model.to(target).eval()
-    sha = file_sha256(path)
+    try:
+        sha = file_sha256(path)
+    except OSError as exc:
+        raise WeightsError(f"cannot read {path} to hash it ({exc.strerror}).") from exc
     for note in notes:
         log.warning("%s: %s", path, note)
     log.info("loaded %s (sha256 %s) on %s", path, sha[:12], target)

@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from . import EXIT_OK, EXIT_PARTIAL
-from .types import positive_int
+from .exit_codes import EXIT_OK, EXIT_PARTIAL
+from .types import add_runtime_arguments, positive_int
 
 
 def sensitivity_target(text: str) -> float:
@@ -44,7 +44,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, default=Path("evaluation"), help="output folder (default ./evaluation)"
     )
-    p.add_argument("--cache-dir", type=Path, default=None, help="preprocessing cache")
     p.add_argument(
         "--threshold-rule",
         choices=("youden", "sensitivity"),
@@ -64,8 +63,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="OUT.pth",
         help="save a copy of the checkpoint carrying the chosen threshold",
     )
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=positive_int, default=2)
+    add_runtime_arguments(p)
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        help="studies per forward pass (default: 1 on the CPU, 4 on a GPU)",
+    )
     p.add_argument(
         "--n-boot", type=positive_int, default=2000, help="bootstrap resamples (default 2000)"
     )
@@ -94,11 +97,12 @@ def run(args: argparse.Namespace) -> int:
         registry=args.registry,
         keys=args.keys,
         out_dir=args.out,
-        cache_dir=args.cache_dir,
         threshold_rule=args.threshold_rule,
         target_sensitivity=args.target_sensitivity,
         write_threshold=args.write_threshold,
         device=args.device,
+        backend=args.backend,
+        precision=args.precision,
         batch_size=args.batch_size,
         n_boot=args.n_boot,
         seed=args.seed,

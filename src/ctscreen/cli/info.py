@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import EXIT_OK
+from .exit_codes import EXIT_OK
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

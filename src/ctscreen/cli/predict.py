@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import EXIT_OK, EXIT_PARTIAL
-from .types import positive_int, probability
+from .exit_codes import EXIT_OK, EXIT_PARTIAL
+from .types import add_runtime_arguments, positive_int, probability
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +41,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--threshold", type=probability, help="decision threshold (default: the model card's)"
     )
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        help="auto: bf16 where the hardware computes it natively, else fp32",
-    )
-    p.add_argument(
-        "--backend",
-        default="auto",
-        choices=["auto", "torch", "openvino", "onnxruntime"],
-        help="auto (default): on the CPU OpenVINO when installed, else PyTorch for bf16, else "
-        "ONNX Runtime (fp32) when installed, else PyTorch; PyTorch off the CPU; "
-        "a backend that fails falls back to PyTorch with a warning",
-    )
+    add_runtime_arguments(p)
     p.add_argument(
         "--batch-size",
         type=positive_int,
@@ -76,102 +62,71 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import time
+
     from tqdm import tqdm
 
-    from .. import __version__
-    from ..config import SelectionConfig
     from ..errors import ConfigError
-    from ..inference import (
-        PredictOptions,
-        RunStats,
-        Scorer,
-        default_batch_size,
-        default_readers,
-        predict,
-        resolve_precision,
-    )
-    from ..model import select_device
-    from ..report import FAILURE, rows_to_frame, write_table
-    from ..weights import load_checkpoint
+    from ..report import result_rows, rows_to_frame, write_table
+    from ..screener import Screener
 
     missing = [str(p) for p in args.inputs if not p.exists()]
     if len(missing) == len(args.inputs):
         raise ConfigError(f"none of the inputs exist ({', '.join(missing)}); check the paths.")
-    device = select_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    if args.precision == "auto" and args.backend == "onnxruntime":
-        precision = "fp32"  # the only precision ONNX Runtime runs on the CPU
-    if precision == "fp16" and device.type == "cpu":
-        raise ConfigError("fp16 runs only on a GPU; use --precision bf16 or fp32 on the CPU.")
-    loaded = load_checkpoint(args.weights, device=device)
-    for warning in loaded.warnings:
-        log.warning(warning)
     mode = "series" if args.per_series else "slice" if args.per_slice else "study"
-    options = PredictOptions(
-        mode=mode,
+    screener = Screener(
+        args.weights,
+        device=args.device,
+        backend=args.backend,
+        precision=args.precision,
         threshold=args.threshold,
-        selection=SelectionConfig(min_slices=args.min_slices),
+        mode="series" if mode == "series" else "study",
+        min_slices=args.min_slices,
         localize=not args.no_localization,
-        batch_size=args.batch_size or default_batch_size(device),
-        readers=args.readers or default_readers(device),
+        batch_size=args.batch_size,
+        readers=args.readers,
     )
-    scorer = Scorer(loaded, device, precision, backend=args.backend)
+    for warning in screener.warnings:
+        log.warning(warning)
     report = None
     if args.report is not None:
         from ..html_report import ReportWriter
 
         report = ReportWriter(args.report)
-    stats = RunStats()
+    rows = []
+    studies = failures = 0
+    start = time.perf_counter()
     bar = tqdm(total=len(args.inputs), unit="input", disable=args.no_progress, file=sys.stderr)
     seen_inputs: set[str] = set()
-
-    def on_row(row: Any) -> None:
-        if row.input_path not in seen_inputs:
-            seen_inputs.add(row.input_path)
-            bar.update(1)
-        if row.processing_status == FAILURE:
-            bar.write(f"Failure: {row.path_to_study}: {row.error}", file=sys.stderr)
-
     try:
-        rows = predict(
-            args.inputs,
-            scorer=scorer,
-            options=options,
-            on_row=on_row,
-            stats=stats,
-            on_study=None if report is None else report.add_study,
-        )
+        for result in screener.score(args.inputs, keep_image=report is not None):
+            studies += 1
+            if result.input_path not in seen_inputs:
+                seen_inputs.add(result.input_path)
+                bar.update(1)
+            if not result.ok:
+                failures += 1
+                bar.write(f"Failure: {result.location}: {result.error}", file=sys.stderr)
+            if report is not None:
+                report.add(result)
+            rows.extend(result_rows(result, mode))
     finally:
         bar.close()
-    threshold = loaded.card.threshold if args.threshold is None else args.threshold
-    run_info = {
-        "ctscreen_version": __version__,
+    run_info = screener.run_info() | {
         "weights": str(args.weights),
-        "weights_sha256": loaded.sha256,
-        "threshold": threshold,
-        "threshold_rule": loaded.card.threshold_rule if args.threshold is None else "--threshold",
-        "preprocess": str(loaded.card.preprocess.to_dict()),
-        "device": str(device),
-        "precision": scorer.engine.precision,
-        "backend": scorer.engine.name,
         "mode": mode,
-        "batch_size": options.batch_size,
-        "readers": options.readers,
         "inputs": len(args.inputs),
-        "studies": stats.studies,
-        "failures": stats.failures,
-        "wall_seconds": round(stats.wall_seconds, 2),
-        "model_warnings": "; ".join(loaded.warnings),
-        "note": "research tool, not for clinical use",
+        "studies": studies,
+        "failures": failures,
+        "wall_seconds": round(time.perf_counter() - start, 2),
     }
-    frame = rows_to_frame(rows)
-    output = write_table(frame, args.output, run_info=run_info)
+    output = write_table(rows_to_frame(rows), args.output, run_info=run_info)
     if report is not None:
-        report.finish(rows, run_info=run_info)
-    ok = stats.studies - stats.failures
+        index = report.finish(run_info=run_info)
+        print(f"HTML report written to {index}", file=sys.stderr)
     print(
-        f"{ok} of {stats.studies} studies scored, {stats.failures} failed; "
+        f"{studies - failures} of {studies} studies scored, {failures} failed; "
         f"table written to {output}",
         file=sys.stderr,
     )
-    return EXIT_OK if stats.failures == 0 else EXIT_PARTIAL
+    return EXIT_OK if failures == 0 else EXIT_PARTIAL

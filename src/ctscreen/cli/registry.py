@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import EXIT_OK, EXIT_PARTIAL
+from .exit_codes import EXIT_OK, EXIT_PARTIAL
 
 #: Adapter names, kept here as data so that ``--help`` needs no dataset imports.
 SOURCE_NAMES: tuple[str, ...] = ("covid19_1110", "mosmed_vii", "ldct_lungcr", "custom", "synthetic")

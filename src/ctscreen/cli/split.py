@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import EXIT_OK
+from .exit_codes import EXIT_OK
 
 TRAIN_KEYS = "train_keys.txt"
 VAL_KEYS = "val_keys.txt"
@@ -61,11 +61,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _write_json(payload: dict[str, Any], path: Path) -> None:
-    from ..fileio import atomic_open
+    from ..fileio import write_text_atomic
 
-    with atomic_open(path, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:

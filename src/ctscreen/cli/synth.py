@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from . import EXIT_OK
+from .exit_codes import EXIT_OK
 from .types import positive_int, probability
 
 

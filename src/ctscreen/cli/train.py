@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from . import EXIT_INTERRUPTED, EXIT_OK
 from .cache import add_preprocess_arguments
+from .exit_codes import EXIT_INTERRUPTED, EXIT_OK
 from .types import non_negative_int, positive_float, positive_int
 
 BALANCE_CHOICES = ("none", "loss", "sampler", "both")

@@ -47,3 +47,22 @@ def probability(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], not {value}")
     return value
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--backend`` and ``--precision``, as every scoring command takes them."""
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto: bf16 where the hardware computes it natively, else fp32",
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "openvino", "onnxruntime"],
+        help="auto (default): on the CPU OpenVINO when installed, else PyTorch for bf16, else "
+        "ONNX Runtime (fp32) when installed, else PyTorch; PyTorch off the CPU; "
+        "a backend that fails falls back to PyTorch with a warning",
+    )

@@ -45,7 +45,7 @@ import pandas as pd
 
 from ..config import PreprocessConfig
 from ..errors import CtscreenError, DatasetError
-from ..fileio import atomic_open
+from ..fileio import write_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +153,10 @@ def dequantize(q: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * np.float32(1.0 / _QUANT)
 
 
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(fh)`` on a temp file next to ``path``, then move it into place."""
-    with atomic_open(path, "wb") as fh:
-        write(fh)
-
-
 def save_entry(path: Path | str, x: np.ndarray) -> None:
     """Write one preprocessed volume (float [0, 1]) as a uint8 ``.npy``, atomically."""
     q = quantize(x)
-    _atomic_write_bytes(Path(path), lambda fh: np.save(fh, q, allow_pickle=False))
+    write_atomic(path, lambda tmp: np.save(tmp, q, allow_pickle=False))
 
 
 def load_entry(path: Path | str) -> np.ndarray:
@@ -203,10 +197,10 @@ def decode_study(path: str | Path, path_type: str, config: PreprocessConfig) -> 
     Raises:
         CtscreenError: the study cannot be read (its subclass says why).
     """
+    from ..pipeline import read_study_volume
     from ..preprocess import preprocess
-    from ..reader import load_volume
 
-    return preprocess(load_volume(path, path_type), config)
+    return preprocess(read_study_volume(path, path_type), config)
 
 
 def check_columns(frame: pd.DataFrame, columns: Iterable[str] = REQUIRED_COLUMNS) -> None:
@@ -276,8 +270,7 @@ def read_manifest(root: Path | str) -> dict[str, dict[str, Any]]:
 
 def _write_json(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=1, sort_keys=False, allow_nan=True)
-    with atomic_open(path, "wb") as fh:
-        fh.write(text.encode("utf-8"))
+    write_text_atomic(path, text)
 
 
 def _write_manifest(root: Path, records: dict[str, dict[str, Any]]) -> None:

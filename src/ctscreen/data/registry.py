@@ -33,7 +33,7 @@ from typing import Literal
 import pandas as pd
 
 from ..errors import ConfigError, DatasetError
-from ..fileio import atomic_open
+from ..fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -309,8 +309,7 @@ def write_registry(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     clean = validate_registry(frame, where="registry to write")
     clean["path"] = paths_for_file(clean["path"], path.parent)
-    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
-        clean.to_csv(handle, index=False)
+    write_text_atomic(path, clean.to_csv(index=False, lineterminator="\n"))
     log.info("wrote %d registry rows to %s", len(clean), path)
     return path
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, DatasetError
-from ..fileio import atomic_open
+from ..fileio import write_text_atomic
 from .registry import LABELS, validate_registry
 
 log = logging.getLogger(__name__)
@@ -265,8 +265,7 @@ def write_keys(keys: Iterable[str], path: str | os.PathLike[str]) -> Path:
             raise DatasetError(
                 f"study key {key!r} cannot be written one per line; fix the registry."
             )
-    with atomic_open(path, "w", encoding="utf-8", newline="\n") as handle:
-        handle.writelines(f"{key}\n" for key in items)
+    write_text_atomic(path, "".join(f"{key}\n" for key in items))
     return path
 
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..fileio import atomic_open
-from ..weights import TORCH_LOAD_ERRORS
+from ..fileio import write_atomic
+from ..torchfile import TORCH_LOAD_ERRORS
 
 STATE_FORMAT = "ctscreen-train-state"
 STATE_FORMAT_VERSION = 1
@@ -73,8 +73,7 @@ def save_train_state(path: Path | str, state: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": STATE_FORMAT, "format_version": STATE_FORMAT_VERSION, **state}
-    with atomic_open(path, "wb") as fh:
-        torch.save(payload, fh)
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_train_state(path: Path | str) -> dict[str, Any]:

@@ -446,7 +446,8 @@ def train(
             state made with other preprocessing, TensorBoard requested but missing.
         WeightsError: an unreadable Kinetics weight file.
     """
-    from ..model import build_model, select_device
+    from ..hardware import select_device
+    from ..model import build_model
     from ..weights import save_checkpoint
 
     say: Echo = echo if echo is not None else log.info

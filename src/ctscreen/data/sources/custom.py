@@ -22,13 +22,12 @@ from pathlib import Path
 
 from ...errors import ConfigError, DatasetError
 from ..registry import RegistryRow, rows_to_frame
-from . import (
+from .common import (
     AdapterResult,
     StudyHeader,
     iter_files,
     parse_key_values,
     read_study_header,
-    read_zip_header,
     require_root,
 )
 
@@ -133,7 +132,7 @@ def build_custom(
                 header = read_study_header(entry)
             elif entry.suffix.lower() == ".zip":
                 try:
-                    header = read_zip_header(entry)
+                    header = read_study_header(entry)
                 except DatasetError as exc:
                     missing.append(f"{entry} ({exc.message})")
                     continue

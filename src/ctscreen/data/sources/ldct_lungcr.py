@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..registry import RegistryRow, rows_to_frame
-from . import (
+from .common import (
     AdapterResult,
     binary_rule,
     find_registry_table,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ...errors import ConfigError, DatasetError
 from ..registry import RegistryRow, rows_to_frame
-from . import (
+from .common import (
     AdapterResult,
     LabelRule,
     StudyHeader,

@@ -19,7 +19,7 @@ import pandas as pd
 
 from ...errors import DatasetError
 from ..registry import RegistryRow, rows_to_frame
-from . import AdapterResult
+from .common import AdapterResult
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,380 @@
+"""The reading stage: inputs -> studies -> the chosen series -> network input.
+
+For every input (zip archive, folder, DICOM file or NIfTI file) this module
+discovers the studies, selects the series to score, builds its canonical
+volume and preprocesses it, yielding one :class:`PreparedStudy` per study (or
+per eligible series). It never runs the network: :class:`ctscreen.Screener`
+does, while the next studies are read here in a background thread
+(:func:`prefetched`), so decoding overlaps the forward pass with a bounded
+queue and memory stays bounded by a few studies whatever the number of inputs.
+
+Every study in gives an item out: an input or a study that cannot be read
+becomes an item with ``error`` set (a sentence saying why) and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import PreprocessConfig, SelectionConfig
+from .data.registry import PATH_TYPES
+from .dicom.discover import Study, discover
+from .dicom.select import Candidate, select_series
+from .dicom.volume import build_volume
+from .errors import CtscreenError, InputError, SeriesSelectionError, VolumeError
+from .nifti import read_nifti
+from .preprocess import preprocess
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+#: Failures no rule foresaw (odd DICOM reaching a library bug, a full disk while
+#: unzipping, memory). They end that study with an error, never the run.
+UNEXPECTED = (
+    ArithmeticError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    LookupError,
+    MemoryError,
+    OSError,
+    RecursionError,
+    RuntimeError,
+    TypeError,
+    ValueError,
+)
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def error_sentence(exc: BaseException, where: str) -> str:
+    """The failure text for ``exc``: the library's own sentence, or one that says
+    what happened and what to do for an error nobody foresaw."""
+    if isinstance(exc, CtscreenError):
+        return exc.message
+    log.error("unexpected error on %s", where, exc_info=exc)
+    return (
+        f"unexpected error while reading this study ({type(exc).__name__}: {exc}); the other "
+        "studies were processed; please report it with the log (--log-level DEBUG)."
+    )
+
+
+def is_nifti(path: Path) -> bool:
+    """True for a file whose name ends in ``.nii`` or ``.nii.gz``."""
+    return path.name.lower().endswith(NIFTI_SUFFIXES) and path.is_file()
+
+
+@dataclass
+class PreparedStudy:
+    """One study (or series) read and preprocessed, or the reason it could not be.
+
+    Attributes:
+        input_path: the input as given.
+        location: where the study was found (the task's ``path_to_study``).
+        study_uid: StudyInstanceUID ("" when unknown).
+        series_uid: the chosen series ("" when none could be chosen).
+        reason: why this series was chosen and the others were not.
+        warnings: model, input, study and volume warnings, in that order.
+        array: the network input ``[D, H, W]`` float32 in [0, 1]; None on failure.
+        geometry: the volume without voxels; None on failure.
+        error: why the study failed ("" when ``array`` is set).
+        seconds: time spent reading and preprocessing it.
+        timings: ``read_s`` and ``preprocess_s``.
+    """
+
+    input_path: str
+    location: str
+    study_uid: str
+    series_uid: str = ""
+    reason: str = ""
+    warnings: tuple[str, ...] = ()
+    array: np.ndarray | None = None
+    geometry: Volume | None = None
+    error: str = ""
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def without_voxels(volume: Volume) -> Volume:
+    """The volume's geometry and slice list, without its voxels (no memory for them)."""
+    return Volume(
+        hu=np.broadcast_to(np.float32(np.nan), volume.shape),
+        spacing=volume.spacing,
+        affine=volume.affine,
+        slices=volume.slices,
+        warnings=volume.warnings,
+        source=volume.source,
+    )
+
+
+def _prepared(
+    volume: Volume, config: PreprocessConfig, *, started: float, **fields: object
+) -> PreparedStudy:
+    """Preprocess ``volume`` into a :class:`PreparedStudy` (``started``: when reading began)."""
+    t1 = time.perf_counter()
+    array = preprocess(volume, config)
+    t2 = time.perf_counter()
+    warnings = tuple(fields.pop("warnings", ())) + volume.warnings  # type: ignore[arg-type]
+    return PreparedStudy(
+        **fields,  # type: ignore[arg-type]
+        warnings=warnings,
+        array=array,
+        geometry=without_voxels(volume),
+        seconds=t2 - started,
+        timings={"read_s": t1 - started, "preprocess_s": t2 - t1},
+    )
+
+
+def prepare_study(
+    study: Study,
+    *,
+    input_path: str,
+    config: PreprocessConfig,
+    selection: SelectionConfig,
+    all_series: bool = False,
+    share_seconds: float = 0.0,
+    warnings: tuple[str, ...] = (),
+) -> Iterator[PreparedStudy]:
+    """Select, build and preprocess the series of one discovered study.
+
+    Args:
+        study: the study as :func:`ctscreen.dicom.discover.discover` grouped it.
+        input_path: the input it came from (for the table).
+        config: the model card's preprocessing.
+        selection: series selection rules.
+        all_series: one item per eligible series instead of the chosen one only.
+        share_seconds: this study's share of the input's discovery time.
+        warnings: model and input warnings to put before the study's own.
+    """
+    start = time.perf_counter() - share_seconds
+    base = dict(input_path=input_path, location=study.location, study_uid=study.study_uid)
+    notes = warnings + study.warnings
+    try:
+        chosen = select_series(study.series, selection)
+    except SeriesSelectionError as exc:
+        yield PreparedStudy(
+            **base, error=exc.message, warnings=notes, seconds=time.perf_counter() - start
+        )
+        return
+    candidates: Sequence[Candidate] = chosen.chosen if all_series else chosen.chosen[:1]
+    rejected = chosen.rejection_summary()
+    for rank, candidate in enumerate(candidates):
+        if rank > 0:
+            start = time.perf_counter()
+        reason = chosen.reason if rank == 0 else f"eligible series {rank + 1} of {len(candidates)}"
+        if rejected:
+            reason += f"; {rejected}"
+        fields = dict(base, series_uid=candidate.series_uid, reason=reason, warnings=notes)
+        try:
+            volume = build_volume(candidate.series)
+            item = _prepared(volume, config, started=start, **fields)
+        except (CtscreenError, *UNEXPECTED) as exc:
+            item = PreparedStudy(
+                **fields,  # type: ignore[arg-type]
+                error=error_sentence(exc, study.location),
+                seconds=time.perf_counter() - start,
+            )
+        yield item
+
+
+def prepare_input(
+    input_path: Path,
+    *,
+    config: PreprocessConfig,
+    selection: SelectionConfig,
+    all_series: bool = False,
+    warnings: tuple[str, ...] = (),
+) -> Iterator[PreparedStudy]:
+    """Discover, select, decode and preprocess one input, study by study.
+
+    A zip archive is extracted into a temporary folder that is removed once its
+    studies have been yielded (or the iterator is closed). A ``.nii``/``.nii.gz``
+    file is one study.
+    """
+    shown = str(input_path)
+    start = time.perf_counter()
+    if is_nifti(input_path):
+        try:
+            volume = read_nifti(input_path)
+            yield _prepared(
+                volume,
+                config,
+                started=start,
+                input_path=shown,
+                location=shown,
+                study_uid="",
+                reason="NIfTI file (one volume)",
+                warnings=warnings,
+            )
+        except (CtscreenError, *UNEXPECTED) as exc:
+            yield PreparedStudy(
+                input_path=shown,
+                location=shown,
+                study_uid="",
+                error=error_sentence(exc, shown),
+                warnings=warnings,
+                seconds=time.perf_counter() - start,
+            )
+        return
+    with tempfile.TemporaryDirectory(prefix="ctscreen-") as tmp:
+        try:
+            found = discover(input_path, work_dir=Path(tmp) / "extract")
+        except (CtscreenError, *UNEXPECTED) as exc:
+            yield PreparedStudy(
+                input_path=shown,
+                location=shown,
+                study_uid="",
+                error=error_sentence(exc, shown),
+                warnings=warnings,
+                seconds=time.perf_counter() - start,
+            )
+            return
+        share = (time.perf_counter() - start) / len(found.studies)
+        for study in found.studies:
+            yield from prepare_study(
+                study,
+                input_path=shown,
+                config=config,
+                selection=selection,
+                all_series=all_series,
+                share_seconds=share,
+                warnings=warnings + found.warnings,
+            )
+
+
+def prepare_inputs(
+    inputs: Sequence[Path],
+    *,
+    config: PreprocessConfig,
+    selection: SelectionConfig,
+    all_series: bool = False,
+    warnings: tuple[str, ...] = (),
+    readers: int = 1,
+) -> Iterator[PreparedStudy]:
+    """:func:`prepare_input` for every input, in input order.
+
+    With ``readers`` above 1, that many inputs are read at once in threads
+    (decoding and resizing release the GIL; header parsing takes turns), each
+    input's studies are kept until their turn comes, and at most ``readers``
+    inputs are in flight.
+    """
+
+    def one(path: Path) -> Iterator[PreparedStudy]:
+        return prepare_input(
+            Path(path), config=config, selection=selection, all_series=all_series, warnings=warnings
+        )
+
+    if readers <= 1 or len(inputs) <= 1:
+        for input_path in inputs:
+            yield from one(input_path)
+        return
+    with ThreadPoolExecutor(readers, thread_name_prefix="ctscreen-read") as pool:
+        pending: deque[Future[list[PreparedStudy]]] = deque()
+        upcoming = iter(inputs)
+        for input_path in upcoming:
+            pending.append(pool.submit(lambda p=input_path: list(one(p))))
+            if len(pending) >= readers:
+                break
+        while pending:
+            items = pending.popleft().result()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append(pool.submit(lambda p=following: list(one(p))))
+            yield from items
+
+
+def read_study_volume(
+    path: Path | str, path_type: str = "dicom", *, selection: SelectionConfig | None = None
+) -> Volume:
+    """The canonical volume of a registry entry: the one study in a folder or zip
+    (its chosen series, as :class:`ctscreen.Screener` chooses it), or a NIfTI file.
+
+    Raises:
+        InputError: an unknown ``path_type``.
+        VolumeError: the path holds several studies (point at one of them).
+        CtscreenError: any reading, selection or decoding error.
+    """
+    if path_type not in PATH_TYPES:
+        raise InputError(f"unknown path_type {path_type!r}; use one of {', '.join(PATH_TYPES)}.")
+    path = Path(path)
+    if path_type == "nifti":
+        return read_nifti(path)
+    with tempfile.TemporaryDirectory(prefix="ctscreen-") as tmp:
+        found = discover(path, work_dir=Path(tmp))
+        if len(found.studies) != 1:
+            raise VolumeError(
+                f"{path} holds {len(found.studies)} studies; point the registry at one study."
+            )
+        chosen = select_series(found.studies[0].series, selection)
+        return build_volume(chosen.best.series)
+
+
+def prefetched(items: Iterator[PreparedStudy], depth: int) -> Iterator[PreparedStudy]:
+    """Run ``items`` in a reader thread, at most ``depth`` finished items ahead."""
+    if depth <= 0:
+        yield from items
+        return
+    box: queue.Queue[object] = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # hand any crash to the consumer, never lose it
+            box.put(exc)
+            return
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # removes the work area of an input left half-read
+        box.put(done)
+
+    worker = threading.Thread(target=produce, name="ctscreen-reader", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = box.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        worker.join(timeout=5)
+
+
+def batches(items: Iterator[PreparedStudy], size: int) -> Iterator[list[PreparedStudy]]:
+    """``items`` in order, grouped so that each group holds at most ``size`` scorable ones.
+
+    A failed item travels with the group it arrived in, so results keep their order.
+    """
+    group: list[PreparedStudy] = []
+    scorable = 0
+    for item in items:
+        group.append(item)
+        scorable += item.array is not None
+        if scorable >= size:
+            yield group
+            group, scorable = [], 0
+    if group:
+        yield group

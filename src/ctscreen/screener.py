@@ -1,0 +1,289 @@
+"""The one scoring path: checkpoint + inputs -> :class:`~ctscreen.results.StudyResult`.
+
+Everything that scores studies — the ``predict`` command, ``evaluate``, the
+demo, the HTML report, the service and the DICOM node — goes through
+:class:`Screener`, so they read the same series, preprocess it the same way, run
+the same backend and give the same numbers.
+
+Example:
+    >>> from ctscreen import Screener
+    >>> screener = Screener("model.pth", device="cpu")  # doctest: +SKIP
+    >>> for result in screener.score([Path("study.zip")]):  # doctest: +SKIP
+    ...     print(result.location, result.status, result.probability)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._version import __version__
+from .backends import Backend, make_backend
+from .card import ModelCard
+from .config import PreprocessConfig, SelectionConfig
+from .errors import ConfigError
+from .explain import localization_box, slice_scores
+from .hardware import (
+    default_batch_size,
+    default_readers,
+    resolve_precision,
+    select_device,
+)
+from .pipeline import PreparedStudy, batches, prefetched, prepare_inputs
+from .results import StudyResult, sigmoid
+from .weights import LoadedModel, load_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+#: ``study``: one result per study (its chosen series); ``series``: one per eligible series.
+MODES: tuple[str, ...] = ("study", "series")
+
+
+class Screener:
+    """A loaded model and how to run it; scores inputs study by study.
+
+    Args:
+        weights: a checkpoint file (or a model already loaded with
+            :func:`ctscreen.weights.load_checkpoint`).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        backend: ``auto``, ``torch``, ``openvino`` or ``onnxruntime`` (see
+            :mod:`ctscreen.backends`); a backend that fails falls back to PyTorch
+            with one warning.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (GPU only).
+        threshold: decision threshold; None uses the model card's.
+        mode: ``study`` or ``series`` (see :data:`MODES`).
+        min_slices: series with fewer slices are not scored.
+        localize: compute the localisation box of studies called pathological.
+        batch_size: studies per forward pass (default 1 on the CPU, 4 on a GPU).
+        readers: inputs read at once in threads (default 1 on the CPU, up to 4 on a GPU).
+        prefetch: studies read ahead of the network (at least ``batch_size``).
+        cache_dir: where an exported OpenVINO/ONNX graph is kept (default beside
+            the weights, or the user cache when that folder is read-only).
+
+    Raises:
+        WeightsError: the checkpoint is missing, damaged or not a model.
+        ConfigError: an unknown device, backend, precision or mode, or one this
+            machine cannot run.
+    """
+
+    def __init__(
+        self,
+        weights: Path | str | LoadedModel,
+        *,
+        device: str | torch.device = "auto",
+        backend: str = "auto",
+        precision: str = "auto",
+        threshold: float | None = None,
+        mode: str = "study",
+        min_slices: int = 16,
+        localize: bool = True,
+        batch_size: int | None = None,
+        readers: int | None = None,
+        prefetch: int = 2,
+        cache_dir: Path | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {mode!r}.")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"the threshold must lie in [0, 1], not {threshold}.")
+        for name, value in (("batch size", batch_size), ("number of readers", readers)):
+            if value is not None and value < 1:
+                raise ConfigError(f"the {name} must be at least 1, not {value}.")
+        self.device = device if not isinstance(device, str) else select_device(device)
+        requested = resolve_precision(precision, self.device, backend=backend)
+        if isinstance(weights, LoadedModel):
+            self.loaded = weights
+        else:
+            self.loaded = load_checkpoint(weights, device=self.device)
+        self.loaded.model.to(self.device).eval()
+        self.mode = mode
+        self.selection = SelectionConfig(min_slices=min_slices)
+        self.localize = localize
+        self.batch_size = batch_size or default_batch_size(self.device)
+        self.readers = readers or default_readers(self.device)
+        self.prefetch = max(prefetch, self.batch_size)
+        self.threshold = self.card.threshold if threshold is None else float(threshold)
+        self.threshold_rule = self.card.threshold_rule if threshold is None else "given"
+        self.bias = float(self.loaded.model.fc.bias.detach().float().cpu()[0])
+        self.engine: Backend = make_backend(
+            self.loaded.model,
+            device=self.device,
+            backend=backend,
+            precision=requested,
+            weights_sha256=self.loaded.sha256,
+            weights_path=self.loaded.path,
+            shape=tuple(self.config.shape),
+            cache_root=cache_dir,
+        )
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def card(self) -> ModelCard:
+        """The model card of the checkpoint."""
+        return self.loaded.card
+
+    @property
+    def config(self) -> PreprocessConfig:
+        """The preprocessing the model was trained with (HU window, input shape)."""
+        return self.loaded.card.preprocess
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Sentences about the model that every result carries (e.g. a legacy file)."""
+        return self.loaded.warnings
+
+    def run_info(self) -> dict[str, Any]:
+        """Plain facts about this scorer for reports (the table's ``run`` sheet)."""
+        pre = self.config
+        return {
+            "ctscreen_version": __version__,
+            "weights": str(self.loaded.path),
+            "weights_sha256": self.loaded.sha256,
+            "threshold": self.threshold,
+            "threshold_rule": self.threshold_rule,
+            "preprocess": (
+                f"HU window level {pre.window_level:g} / width {pre.window_width:g}, "
+                f"input {' x '.join(str(s) for s in pre.shape)}"
+            ),
+            "device": str(self.device),
+            "precision": self.engine.precision,
+            "backend": self.engine.name,
+            "mode": self.mode,
+            "batch_size": self.batch_size,
+            "readers": self.readers,
+            "model_warnings": "; ".join(self.warnings),
+            "note": "research tool, not for clinical use",
+        }
+
+    # ------------------------------------------------------------------ scoring
+
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits ``[B]`` and activation maps ``[B, d', h', w']`` for ``batch [B, D, H, W]``.
+
+        Raises:
+            ConfigError: ``batch`` does not have the model card's input shape.
+        """
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != tuple(self.config.shape):
+            raise ConfigError(
+                f"the model takes [B, {', '.join(map(str, self.config.shape))}] but got "
+                f"{list(batch.shape)}; preprocess with the model card's settings."
+            )
+        return self.engine.run(np.ascontiguousarray(batch, dtype=np.float32)[:, None])
+
+    def score(
+        self, inputs: Sequence[Path | str], *, keep_image: bool = False
+    ) -> Iterator[StudyResult]:
+        """Score every study of every input.
+
+        Args:
+            inputs: zip archives, folders, DICOM files or NIfTI files, in order.
+            keep_image: attach the network input to each result (for pictures).
+
+        Yields:
+            One result per study (per eligible series in ``series`` mode), in
+            input order then study order, whatever the batch size; a study that
+            cannot be read or scored is a result with ``error`` set.
+        """
+        items = prefetched(
+            prepare_inputs(
+                [Path(p) for p in inputs],
+                config=self.config,
+                selection=self.selection,
+                all_series=self.mode == "series",
+                warnings=self.warnings,
+                readers=self.readers,
+            ),
+            self.prefetch,
+        )
+        try:
+            for group in batches(items, self.batch_size):
+                yield from self._score_group(group, keep_image=keep_image)
+        finally:
+            items.close()
+
+    def _score_group(
+        self, group: list[PreparedStudy], *, keep_image: bool
+    ) -> Iterator[StudyResult]:
+        scorable = [item for item in group if item.array is not None]
+        outputs: dict[int, tuple[float, np.ndarray]] = {}
+        share = 0.0
+        if scorable:
+            t0 = time.perf_counter()
+            logits, cams = self.forward(np.stack([item.array for item in scorable]))
+            share = (time.perf_counter() - t0) / len(scorable)  # each study's share
+            outputs = {
+                id(item): (float(lg), cam)
+                for item, lg, cam in zip(scorable, logits, cams, strict=True)
+            }
+        for item in group:
+            if item.array is None:
+                yield self._failure(item)
+            else:
+                logit, cam = outputs[id(item)]
+                yield self._success(item, logit, cam, model_seconds=share, keep_image=keep_image)
+            item.array = None  # the batch's inputs are not kept past their results
+
+    def _failure(self, item: PreparedStudy, *, error: str = "") -> StudyResult:
+        return StudyResult(
+            input_path=item.input_path,
+            location=item.location,
+            study_uid=item.study_uid,
+            series_uid=item.series_uid,
+            series_reason=item.reason,
+            error=error or item.error,
+            warnings=item.warnings,
+            threshold=self.threshold,
+            seconds=item.seconds,
+        )
+
+    def _success(
+        self,
+        item: PreparedStudy,
+        logit: float,
+        cam: np.ndarray,
+        *,
+        model_seconds: float,
+        keep_image: bool,
+    ) -> StudyResult:
+        geometry = item.geometry
+        assert geometry is not None
+        if not np.isfinite(logit) or not np.all(np.isfinite(cam)):
+            # A number nobody can trust is never a Success.
+            return self._failure(
+                item,
+                error="the network gave a non-finite output for this study (the input values "
+                "are not physical, or the weights are damaged); check both.",
+            )
+        probability = sigmoid(logit)
+        pathology = int(probability >= self.threshold)
+        box = localization_box(cam, geometry) if (self.localize and pathology) else None
+        return StudyResult(
+            input_path=item.input_path,
+            location=item.location,
+            study_uid=item.study_uid,
+            series_uid=item.series_uid,
+            series_reason=item.reason,
+            warnings=item.warnings,
+            probability=probability,
+            logit=logit,
+            pathology=pathology,
+            threshold=self.threshold,
+            box=box,
+            slice_scores=slice_scores(cam, self.bias, geometry.shape[0]),
+            slices=geometry.slices,
+            cam=cam,
+            bias=self.bias,
+            geometry=geometry,
+            image=item.array if keep_image else None,
+            seconds=item.seconds + model_seconds,
+            timings={**item.timings, "model_s": model_seconds},
+        )
