@@ -85,8 +85,8 @@ def test_synth_output_goes_through_every_step_from_another_directory(
             "keys/val_keys.txt",
             "--out",
             "eval",
-            "--cache-dir",
-            "cache",
+            "--device",
+            "cpu",
             "--n-boot",
             "50",
         ]
