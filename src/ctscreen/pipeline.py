@@ -87,6 +87,7 @@ class PreparedStudy:
         warnings: model, input, study and volume warnings, in that order.
         array: the network input ``[D, H, W]`` float32 in [0, 1]; None on failure.
         geometry: the volume without voxels; None on failure.
+        volume: the volume with its HU voxels, only when asked for (``keep_volume``).
         error: why the study failed ("" when ``array`` is set).
         seconds: time spent reading and preprocessing it.
         timings: ``read_s`` and ``preprocess_s``.
@@ -100,6 +101,7 @@ class PreparedStudy:
     warnings: tuple[str, ...] = ()
     array: np.ndarray | None = None
     geometry: Volume | None = None
+    volume: Volume | None = None
     error: str = ""
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -118,7 +120,12 @@ def without_voxels(volume: Volume) -> Volume:
 
 
 def _prepared(
-    volume: Volume, config: PreprocessConfig, *, started: float, **fields: object
+    volume: Volume,
+    config: PreprocessConfig,
+    *,
+    started: float,
+    keep_volume: bool = False,
+    **fields: object,
 ) -> PreparedStudy:
     """Preprocess ``volume`` into a :class:`PreparedStudy` (``started``: when reading began)."""
     t1 = time.perf_counter()
@@ -130,6 +137,7 @@ def _prepared(
         warnings=warnings,
         array=array,
         geometry=without_voxels(volume),
+        volume=volume if keep_volume else None,
         seconds=t2 - started,
         timings={"read_s": t1 - started, "preprocess_s": t2 - t1},
     )
@@ -144,6 +152,7 @@ def prepare_study(
     all_series: bool = False,
     share_seconds: float = 0.0,
     warnings: tuple[str, ...] = (),
+    keep_volume: bool = False,
 ) -> Iterator[PreparedStudy]:
     """Select, build and preprocess the series of one discovered study.
 
@@ -155,6 +164,7 @@ def prepare_study(
         all_series: one item per eligible series instead of the chosen one only.
         share_seconds: this study's share of the input's discovery time.
         warnings: model and input warnings to put before the study's own.
+        keep_volume: keep the HU volume on each item (for pictures at full resolution).
     """
     start = time.perf_counter() - share_seconds
     base = dict(input_path=input_path, location=study.location, study_uid=study.study_uid)
@@ -177,7 +187,7 @@ def prepare_study(
         fields = dict(base, series_uid=candidate.series_uid, reason=reason, warnings=notes)
         try:
             volume = build_volume(candidate.series)
-            item = _prepared(volume, config, started=start, **fields)
+            item = _prepared(volume, config, started=start, keep_volume=keep_volume, **fields)
         except (CtscreenError, *UNEXPECTED) as exc:
             item = PreparedStudy(
                 **fields,  # type: ignore[arg-type]
@@ -194,6 +204,7 @@ def prepare_input(
     selection: SelectionConfig,
     all_series: bool = False,
     warnings: tuple[str, ...] = (),
+    keep_volume: bool = False,
 ) -> Iterator[PreparedStudy]:
     """Discover, select, decode and preprocess one input, study by study.
 
@@ -210,6 +221,7 @@ def prepare_input(
                 volume,
                 config,
                 started=start,
+                keep_volume=keep_volume,
                 input_path=shown,
                 location=shown,
                 study_uid="",
@@ -249,6 +261,7 @@ def prepare_input(
                 all_series=all_series,
                 share_seconds=share,
                 warnings=warnings + found.warnings,
+                keep_volume=keep_volume,
             )
 
 
@@ -260,6 +273,7 @@ def prepare_inputs(
     all_series: bool = False,
     warnings: tuple[str, ...] = (),
     readers: int = 1,
+    keep_volume: bool = False,
 ) -> Iterator[PreparedStudy]:
     """:func:`prepare_input` for every input, in input order.
 
@@ -271,7 +285,12 @@ def prepare_inputs(
 
     def one(path: Path) -> Iterator[PreparedStudy]:
         return prepare_input(
-            Path(path), config=config, selection=selection, all_series=all_series, warnings=warnings
+            Path(path),
+            config=config,
+            selection=selection,
+            all_series=all_series,
+            warnings=warnings,
+            keep_volume=keep_volume,
         )
 
     if readers <= 1 or len(inputs) <= 1:

@@ -99,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(args.inputs), unit="input", disable=args.no_progress, file=sys.stderr)
     seen_inputs: set[str] = set()
     try:
-        for result in screener.score(args.inputs, keep_image=report is not None):
+        for result in screener.score(
+            args.inputs, keep_image=report is not None, keep_volume=report is not None
+        ):
             studies += 1
             if result.input_path not in seen_inputs:
                 seen_inputs.add(result.input_path)
