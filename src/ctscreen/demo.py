@@ -292,7 +292,17 @@ def run_demo(config: DemoConfig, *, progress: bool = True, echo: Echo | None = N
     screener = Screener(out / "model.pth", device="cpu")
     holdout = pd.read_csv(holdout_labels, dtype=str, keep_default_na=False)
     archives = [holdout_labels.parent / p for p in holdout["path"]]
-    results = list(screener.score(archives))
+    from tqdm.auto import tqdm
+
+    results = list(
+        tqdm(
+            screener.score(archives),
+            total=len(archives),
+            desc="predict",
+            unit="archive",
+            disable=not progress,
+        )
+    )
     rows = [row for result in results for row in result_rows(result)]
     table = write_table(
         rows_to_frame(rows),
