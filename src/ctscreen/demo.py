@@ -186,6 +186,8 @@ def run_demo(config: DemoConfig, *, progress: bool = True, echo: Echo | None = N
         A :class:`DemoResult`; ``interrupted`` is true when Ctrl-C stopped the
         training (running the demo again continues it).
     """
+    from tqdm.auto import tqdm
+
     from .data.sources.synthetic import build_synthetic
     from .evaluate import evaluate
     from .report import result_rows, rows_to_frame, write_table
@@ -292,8 +294,6 @@ def run_demo(config: DemoConfig, *, progress: bool = True, echo: Echo | None = N
     screener = Screener(out / "model.pth", device="cpu")
     holdout = pd.read_csv(holdout_labels, dtype=str, keep_default_na=False)
     archives = [holdout_labels.parent / p for p in holdout["path"]]
-    from tqdm.auto import tqdm
-
     results = list(
         tqdm(
             screener.score(archives),
