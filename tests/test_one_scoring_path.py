@@ -132,3 +132,19 @@ def test_study_rows_slice_rows_and_failures_come_from_one_result(
     frame = rows_to_frame([*result_rows(scored), *result_rows(failed)])
     assert list(frame["processing_status"]) == ["Success", "Failure"]
     assert frame.loc[1, "error"] == failed.error
+
+
+def test_a_nifti_copy_scores_like_its_dicom_series(
+    make_series, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    from ctscreen.pipeline import read_study_volume
+    from ctscreen.synth.nifti_writer import write_nifti
+
+    paths, _ = make_series(seed=9, pathology="consolidation", name="dicom")
+    nifti = write_nifti(read_study_volume(paths[0].parent), path=tmp_path / "copy.nii.gz")
+    screener = Screener(tiny_checkpoint, device="cpu", backend="torch", precision="fp32")
+    from_dicom, from_nifti = screener.score([paths[0].parent, nifti])
+    assert from_dicom.ok and from_nifti.ok, from_nifti.error
+    assert from_nifti.location == str(nifti) and "NIfTI" in from_nifti.series_reason
+    assert abs(from_dicom.probability - from_nifti.probability) < 1e-4
+    np.testing.assert_allclose(from_dicom.geometry.affine, from_nifti.geometry.affine, atol=1e-4)

@@ -279,8 +279,6 @@ def test_evaluate_with_threshold_choice(runs, data, tmp_path, capsys) -> None:
             str(data["val"]),
             "--out",
             str(out),
-            "--cache-dir",
-            str(data["cache"]),
             "--threshold-rule",
             "youden",
             "--write-threshold",

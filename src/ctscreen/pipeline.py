@@ -214,11 +214,21 @@ def prepare_input(
     """
     shown = str(input_path)
     start = time.perf_counter()
+
+    def failed(exc: BaseException) -> PreparedStudy:
+        return PreparedStudy(
+            input_path=shown,
+            location=shown,
+            study_uid="",
+            error=error_sentence(exc, shown),
+            warnings=warnings,
+            seconds=time.perf_counter() - start,
+        )
+
     if is_nifti(input_path):
         try:
-            volume = read_nifti(input_path)
-            yield _prepared(
-                volume,
+            item = _prepared(
+                read_nifti(input_path),
                 config,
                 started=start,
                 keep_volume=keep_volume,
@@ -229,27 +239,14 @@ def prepare_input(
                 warnings=warnings,
             )
         except (CtscreenError, *UNEXPECTED) as exc:
-            yield PreparedStudy(
-                input_path=shown,
-                location=shown,
-                study_uid="",
-                error=error_sentence(exc, shown),
-                warnings=warnings,
-                seconds=time.perf_counter() - start,
-            )
+            item = failed(exc)
+        yield item
         return
     with tempfile.TemporaryDirectory(prefix="ctscreen-") as tmp:
         try:
             found = discover(input_path, work_dir=Path(tmp) / "extract")
         except (CtscreenError, *UNEXPECTED) as exc:
-            yield PreparedStudy(
-                input_path=shown,
-                location=shown,
-                study_uid="",
-                error=error_sentence(exc, shown),
-                warnings=warnings,
-                seconds=time.perf_counter() - start,
-            )
+            yield failed(exc)
             return
         share = (time.perf_counter() - start) / len(found.studies)
         for study in found.studies:

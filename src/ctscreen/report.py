@@ -34,9 +34,20 @@ import pandas as pd
 
 from .errors import ConfigError
 from .fileio import write_atomic
-from .results import FAILURE, STATUSES, StudyResult
+from .results import FAILURE, STATUSES, SUCCESS, StudyResult
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "FAILURE",
+    "REQUIRED_COLUMNS",
+    "SUCCESS",
+    "OutputFormat",
+    "ResultRow",
+    "result_rows",
+    "rows_to_frame",
+    "write_table",
+]
 
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "path_to_study",

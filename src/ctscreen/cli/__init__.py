@@ -44,6 +44,7 @@ COMMANDS: tuple[str, ...] = (
     "train",
     "evaluate",
     "demo",
+    "serve",
 )
 
 log = logging.getLogger("ctscreen")

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..fileio import write_text_atomic
 from .exit_codes import EXIT_OK
 
 TRAIN_KEYS = "train_keys.txt"
@@ -61,8 +62,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _write_json(payload: dict[str, Any], path: Path) -> None:
-    from ..fileio import write_text_atomic
-
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 

@@ -70,8 +70,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def save_train_state(path: Path | str, state: dict[str, Any]) -> None:
     """Write a resume state atomically (temp file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": STATE_FORMAT, "format_version": STATE_FORMAT_VERSION, **state}
     write_atomic(path, lambda tmp: torch.save(payload, tmp))
 

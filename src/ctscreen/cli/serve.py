@@ -1,0 +1,162 @@
+"""``ctscreen serve``: the screening service (web page, REST API, persistent job store)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from . import EXIT_OK
+from .types import positive_float, positive_int, probability
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "CTSCREEN_TOKEN"
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the screening service: web page, REST API, persistent job store",
+        description=(
+            "Serve a web page and a versioned REST API (/docs) that take zip archives or DICOM "
+            "files and return the result table. Jobs, uploads and results persist in --data; "
+            "scoring runs in a child process with a hard time limit per study. Needs the "
+            "'serve' extra: pip install 'ctscreen[serve]'."
+        ),
+    )
+    p.add_argument("--weights", "-w", type=Path, required=True, help="checkpoint file (.pth)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=Path("ctscreen-data"),
+        help="folder of the job store, uploads and results (default: ./ctscreen-data)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=positive_int, default=8000, help="port (8000)")
+    p.add_argument(
+        "--token",
+        default=None,
+        help=f"API token (default: ${TOKEN_ENV}); required when --host is not loopback",
+    )
+    p.add_argument(
+        "--study-timeout",
+        type=positive_float,
+        default=600.0,
+        help="seconds one study may take before its job is stopped and recorded (600)",
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=positive_int,
+        default=4096,
+        help="largest upload (one job) in MiB (4096)",
+    )
+    p.add_argument(
+        "--max-files", type=positive_int, default=100, help="most files in one upload (100)"
+    )
+    p.add_argument(
+        "--max-jobs",
+        type=positive_int,
+        default=50,
+        help="most jobs queued or running at once; more get 429 (50)",
+    )
+    p.add_argument(
+        "--threshold", type=probability, help="decision threshold (default: the model card's)"
+    )
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="as predict"
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "openvino", "onnxruntime"],
+        help="as predict",
+    )
+    p.add_argument("--batch-size", type=positive_int, help="as predict")
+    p.add_argument("--readers", type=positive_int, help="as predict")
+    p.add_argument("--min-slices", type=positive_int, default=16, help="reject thinner series")
+    p.add_argument(
+        "--no-localization", action="store_true", help="leave pathology_localization empty"
+    )
+    p.add_argument(
+        "--no-report-pictures",
+        action="store_true",
+        help="job reports without the score curve and key-slice pictures (saves their drawing "
+        "time per study)",
+    )
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`ServiceSettings` the arguments ask for (checks the listen address).
+
+    Raises:
+        ConfigError: a non-loopback host without a token, or the extra is missing.
+        WeightsError: the weight file does not exist.
+    """
+    from ..errors import ConfigError, WeightsError
+
+    try:
+        from ..service.app import ServiceSettings, check_listen_address
+        from ..service.worker import WorkerConfig
+    except ImportError as exc:
+        raise ConfigError(
+            f"ctscreen serve needs the 'serve' extra ({exc.name} is missing): "
+            "pip install 'ctscreen[serve]'."
+        ) from exc
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV, "")
+    check_listen_address(args.host, token)
+    if not args.weights.is_file():
+        raise WeightsError(f"weight file {args.weights} not found; pass --weights PATH.")
+    worker = WorkerConfig(
+        weights=str(args.weights.resolve()),
+        device=args.device,
+        backend=args.backend,
+        precision=args.precision,
+        threshold=args.threshold,
+        min_slices=args.min_slices,
+        localize=not args.no_localization,
+        batch_size=args.batch_size,
+        readers=args.readers,
+        report_pictures=not args.no_report_pictures,
+        log_level=args.log_level,
+    )
+    return ServiceSettings(
+        data_dir=args.data,
+        worker=worker,
+        token=token,
+        study_timeout=args.study_timeout,
+        max_upload_bytes=args.max_upload_mb * 1024**2,
+        max_files=args.max_files,
+        max_active_jobs=args.max_jobs,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..service.app import create_app
+
+    settings = settings_from_args(args)
+    app = create_app(settings)
+    worker = app.state.worker
+    worker.start()
+    try:
+        # A weight file that cannot load stops here, with its sentence and exit code 2,
+        # instead of a server that answers but never scores.
+        worker.wait_ready(settings.load_timeout)
+    except BaseException:
+        worker.stop()
+        raise
+    log.warning(
+        "ctscreen serve on http://%s:%d (data in %s, token %s)",
+        args.host,
+        args.port,
+        settings.data_dir,
+        "required" if settings.token else "off: loopback only",
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    return EXIT_OK

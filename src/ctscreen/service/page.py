@@ -1,0 +1,241 @@
+"""The service's web page: server-rendered HTML in English and Russian.
+
+The page is one HTML document; :func:`jobs_fragment` renders its jobs table,
+which ``static/app.js`` fetches again every two seconds (the same idea as
+htmx's ``hx-get``/``hx-trigger="every 2s"``, in 80 lines of plain JavaScript,
+so there is no build step and no third-party script). Every value from a job or
+a client is escaped.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+from collections.abc import Mapping, Sequence
+
+from ..html_report import format_probability
+from ..report import ResultRow
+from ..results import FAILURE
+from .store import Job
+
+LANGUAGES: tuple[str, ...] = ("en", "ru")
+
+TEXT: dict[str, dict[str, str]] = {
+    "title": {"en": "ctscreen: chest CT screening", "ru": "ctscreen: скрининг КТ грудной клетки"},
+    "note": {
+        "en": "Research tool, not for clinical use.",
+        "ru": "Исследовательский инструмент, не для клинического применения.",
+    },
+    "drop": {
+        "en": "Drop zip archives or DICOM files here, or choose them",
+        "ru": "Перетащите сюда zip-архивы или файлы DICOM или выберите их",
+    },
+    "choose": {"en": "Choose files", "ru": "Выбрать файлы"},
+    "upload": {"en": "Upload and score", "ru": "Загрузить и оценить"},
+    "per_slice": {"en": "one row per slice", "ru": "строка на каждый срез"},
+    "uploading": {"en": "Uploading…", "ru": "Загрузка…"},
+    "jobs": {"en": "Jobs", "ru": "Задания"},
+    "no_jobs": {"en": "No jobs yet.", "ru": "Заданий пока нет."},
+    "created": {"en": "Created", "ru": "Создано"},
+    "files": {"en": "Files", "ru": "Файлы"},
+    "status": {"en": "Status", "ru": "Статус"},
+    "progress": {"en": "Progress", "ru": "Ход"},
+    "results": {"en": "Results", "ru": "Результаты"},
+    "download": {"en": "Download", "ru": "Скачать"},
+    "report": {"en": "report", "ru": "отчёт"},
+    "delete": {"en": "Delete", "ru": "Удалить"},
+    "study": {"en": "Study", "ru": "Исследование"},
+    "probability": {"en": "Probability", "ru": "Вероятность"},
+    "decision": {"en": "Decision", "ru": "Заключение"},
+    "pathology": {"en": "pathology", "ru": "патология"},
+    "no_pathology": {"en": "no pathology", "ru": "без патологии"},
+    "failure": {"en": "failure", "ru": "ошибка"},
+    "queued": {"en": "queued", "ru": "в очереди"},
+    "running": {"en": "running", "ru": "выполняется"},
+    "done": {"en": "done", "ru": "готово"},
+    "failed": {"en": "failed", "ru": "сбой"},
+    "timeout": {"en": "timed out", "ru": "превышено время"},
+    "of_files": {"en": "of {n} files", "ru": "из {n} файлов"},
+    "studies": {"en": "studies", "ru": "исследований"},
+    "all_results": {"en": "All results", "ru": "Все результаты"},
+    "token": {"en": "Access token", "ru": "Токен доступа"},
+    "sign_in": {"en": "Sign in", "ru": "Войти"},
+    "token_needed": {
+        "en": "This server needs its access token (ask the administrator who started it).",
+        "ru": "Для этого сервера нужен токен доступа (спросите администратора).",
+    },
+    "wrong_token": {"en": "Wrong token.", "ru": "Неверный токен."},
+    "api": {"en": "API documentation", "ru": "Документация API"},
+    "threshold": {"en": "threshold", "ru": "порог"},
+    "more_rows": {"en": "{n} more rows in the downloads", "ru": "ещё строк в файлах: {n}"},
+}
+
+
+def pick_language(query: str | None, cookie: str | None, accept_language: str | None) -> str:
+    """``?lang=``, then the ``lang`` cookie, then the browser's Accept-Language; English last."""
+    for choice in (query, cookie):
+        if choice in LANGUAGES:
+            return str(choice)
+    for part in (accept_language or "").split(","):
+        code = part.split(";")[0].strip().lower()[:2]
+        if code in LANGUAGES:
+            return code
+    return "en"
+
+
+def t(key: str, lang: str, **values: object) -> str:
+    """The label ``key`` in ``lang`` (English when missing), formatted with ``values``."""
+    entry = TEXT[key]
+    return entry.get(lang, entry["en"]).format(**values)
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _time(unix: float | None) -> str:
+    if unix is None:
+        return ""
+    return _dt.datetime.fromtimestamp(unix).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _decision(row: ResultRow, lang: str) -> str:
+    if row.processing_status == FAILURE:
+        return f'<span class="badge failure">{_e(t("failure", lang))}</span>'
+    if row.pathology == 1:
+        return f'<span class="badge pathology">{_e(t("pathology", lang))}</span>'
+    return f'<span class="badge normal">{_e(t("no_pathology", lang))}</span>'
+
+
+def _result_rows(rows: Sequence[ResultRow], threshold: float | None, lang: str, limit: int) -> str:
+    if not rows:
+        return ""
+    lines = []
+    for row in rows[:limit]:
+        if row.probability_of_pathology is None:
+            probability = f'<span class="error">{_e(row.error)}</span>'
+        else:
+            probability = _e(format_probability(row.probability_of_pathology, threshold))
+        lines.append(
+            f'<tr class="result"><td class="mono study">{_e(row.path_to_study)}</td>'
+            f'<td class="num probability">{probability}</td>'
+            f'<td class="decision">{_decision(row, lang)}</td></tr>'
+        )
+    more = ""
+    if len(rows) > limit:
+        more = f'<p class="muted">{_e(t("more_rows", lang, n=len(rows) - limit))}</p>'
+    return (
+        f'<table class="results"><thead><tr><th>{_e(t("study", lang))}</th>'
+        f"<th>{_e(t('probability', lang))}</th><th>{_e(t('decision', lang))}</th></tr></thead>"
+        f"<tbody>{''.join(lines)}</tbody></table>{more}"
+    )
+
+
+def _downloads(job: Job, lang: str) -> str:
+    base = f"/api/v1/jobs/{job.id}"
+    links = " ".join(
+        f'<a href="{base}/result.{fmt}" download>{fmt}</a>' for fmt in ("xlsx", "csv", "json")
+    )
+    return (
+        f"{_e(t('download', lang))}: {links} "
+        f'<a href="{base}/report" target="_blank" rel="noopener">{_e(t("report", lang))}</a>'
+    )
+
+
+def jobs_fragment(
+    jobs: Sequence[Job],
+    rows: Mapping[str, Sequence[ResultRow]],
+    *,
+    threshold: float | None,
+    lang: str,
+    rows_per_job: int = 20,
+) -> str:
+    """The ``<tbody>`` of the jobs table (what the page fetches every two seconds)."""
+    if not jobs:
+        return f'<tr><td colspan="5" class="muted">{_e(t("no_jobs", lang))}</td></tr>'
+    out = []
+    for job in jobs:
+        names = ", ".join(f.name for f in job.inputs)
+        progress = (
+            f"{job.inputs_done} {_e(t('of_files', lang, n=len(job.inputs)))}, "
+            f"{job.rows_done} {_e(t('studies', lang))}"
+        )
+        message = f'<div class="error">{_e(job.message)}</div>' if job.message else ""
+        actions = _downloads(job, lang) if job.final else ""
+        delete = (
+            f'<button type="button" class="delete" data-job="{_e(job.id)}">'
+            f"{_e(t('delete', lang))}</button>"
+            if job.status != "running"
+            else ""
+        )
+        out.append(
+            f'<tr class="job" id="job-{_e(job.id)}" data-status="{_e(job.status)}">'
+            f'<td class="nowrap">{_e(_time(job.created))}</td>'
+            f'<td class="mono">{_e(names)}</td>'
+            f'<td><span class="status {_e(job.status)}">{_e(t(job.status, lang))}</span></td>'
+            f"<td>{progress}</td>"
+            f"<td>{_result_rows(rows.get(job.id, ()), threshold, lang, rows_per_job)}{message}"
+            f'<div class="actions">{actions} {delete}</div></td></tr>'
+        )
+    return "".join(out)
+
+
+def _head(lang: str) -> str:
+    return (
+        f'<!doctype html><html lang="{lang}"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(t('title', lang))}</title>"
+        '<link rel="stylesheet" href="/static/app.css"></head>'
+    )
+
+
+def _language_links(lang: str) -> str:
+    return " ".join(
+        f'<a href="/?lang={code}"{" class=current" if code == lang else ""}>{code.upper()}</a>'
+        for code in LANGUAGES
+    )
+
+
+def main_page(body_rows: str, *, lang: str, run_info: Mapping[str, object]) -> str:
+    """The whole page: upload form, jobs table (``body_rows`` from :func:`jobs_fragment`)."""
+    model = _e(
+        f"ctscreen {run_info.get('ctscreen_version', '')} · {run_info.get('device', '')} · "
+        f"{t('threshold', lang)} {run_info.get('threshold', '')}"
+    )
+    return (
+        f'{_head(lang)}<body data-lang="{lang}"><main>'
+        f"<header><h1>{_e(t('title', lang))}</h1><nav>{_language_links(lang)} · "
+        f'<a href="/docs">{_e(t("api", lang))}</a></nav></header>'
+        f'<p class="note">{_e(t("note", lang))}</p><p class="muted">{model}</p>'
+        '<form id="upload" class="drop" enctype="multipart/form-data">'
+        f"<p>{_e(t('drop', lang))}</p>"
+        f'<label class="button">{_e(t("choose", lang))}'
+        '<input id="files" type="file" name="files" multiple hidden></label> '
+        f'<label><input type="checkbox" name="mode" value="slice"> {_e(t("per_slice", lang))}'
+        f'</label> <button type="submit">{_e(t("upload", lang))}</button>'
+        f'<p id="upload-status" class="muted" data-uploading="{_e(t("uploading", lang))}"></p>'
+        "</form>"
+        f"<h2>{_e(t('jobs', lang))}</h2>"
+        f'<p>{_e(t("all_results", lang))}: <a href="/api/v1/results.xlsx" download>xlsx</a> '
+        '<a href="/api/v1/results.csv" download>csv</a> '
+        '<a href="/api/v1/results.json" download>json</a></p>'
+        f'<table class="jobs"><thead><tr><th>{_e(t("created", lang))}</th>'
+        f"<th>{_e(t('files', lang))}</th><th>{_e(t('status', lang))}</th>"
+        f"<th>{_e(t('progress', lang))}</th><th>{_e(t('results', lang))}</th></tr></thead>"
+        f'<tbody id="jobs">{body_rows}</tbody></table>'
+        '</main><script src="/static/app.js"></script></body></html>'
+    )
+
+
+def login_page(*, lang: str, wrong: bool = False) -> str:
+    """The token form shown to a browser without a valid session."""
+    error = f'<p class="error">{_e(t("wrong_token", lang))}</p>' if wrong else ""
+    return (
+        f"{_head(lang)}<body><main><header><h1>{_e(t('title', lang))}</h1>"
+        f"<nav>{_language_links(lang)}</nav></header>"
+        f"<p>{_e(t('token_needed', lang))}</p>{error}"
+        f'<form method="post" action="/ui/login?lang={lang}" class="login">'
+        f'<label>{_e(t("token", lang))} <input type="password" name="token" '
+        'autocomplete="current-password" required></label> '
+        f'<button type="submit">{_e(t("sign_in", lang))}</button></form></main></body></html>'
+    )

@@ -1,0 +1,92 @@
+// ctscreen service page: upload by drag-and-drop or file picker, and a jobs table that
+// the server renders and this script refreshes every two seconds (no framework).
+"use strict";
+(function () {
+  const lang = document.body.dataset.lang || "en";
+  const form = document.getElementById("upload");
+  const picker = document.getElementById("files");
+  const status = document.getElementById("upload-status");
+  const jobs = document.getElementById("jobs");
+  let chosen = [];
+
+  function show(text) {
+    status.textContent = text;
+  }
+
+  function choose(files) {
+    chosen = Array.from(files);
+    show(chosen.map((f) => f.name).join(", "));
+  }
+
+  async function refresh() {
+    try {
+      const answer = await fetch("/ui/jobs?lang=" + encodeURIComponent(lang), {
+        credentials: "same-origin",
+      });
+      if (answer.ok) {
+        jobs.innerHTML = await answer.text();
+      }
+    } catch (err) {
+      // the server is restarting: try again on the next tick
+    }
+  }
+
+  async function upload(event) {
+    event.preventDefault();
+    if (!chosen.length) {
+      picker.click();
+      return;
+    }
+    const body = new FormData();
+    for (const file of chosen) {
+      body.append("files", file, file.name);
+    }
+    const perSlice = form.querySelector("input[name=mode]");
+    body.append("mode", perSlice && perSlice.checked ? "slice" : "study");
+    show(status.dataset.uploading);
+    const answer = await fetch("/api/v1/jobs", {
+      method: "POST",
+      body: body,
+      credentials: "same-origin",
+    });
+    const reply = await answer.json().catch(() => ({}));
+    if (answer.ok) {
+      show(reply.id ? reply.id + ": " + reply.status : "");
+      chosen = [];
+      picker.value = "";
+    } else {
+      show(answer.status + ": " + (reply.detail || answer.statusText));
+    }
+    refresh();
+  }
+
+  async function remove(event) {
+    const button = event.target.closest("button.delete");
+    if (!button) {
+      return;
+    }
+    await fetch("/api/v1/jobs/" + encodeURIComponent(button.dataset.job), {
+      method: "DELETE",
+      credentials: "same-origin",
+    });
+    refresh();
+  }
+
+  picker.addEventListener("change", () => choose(picker.files));
+  form.addEventListener("submit", upload);
+  ["dragenter", "dragover"].forEach((name) =>
+    form.addEventListener(name, (event) => {
+      event.preventDefault();
+      form.classList.add("over");
+    })
+  );
+  ["dragleave", "drop"].forEach((name) =>
+    form.addEventListener(name, (event) => {
+      event.preventDefault();
+      form.classList.remove("over");
+    })
+  );
+  form.addEventListener("drop", (event) => choose(event.dataTransfer.files));
+  jobs.addEventListener("click", remove);
+  setInterval(refresh, 2000);
+})();
