@@ -10,7 +10,7 @@ import pytest
 
 from ctscreen import Screener
 from ctscreen.data.cache import build_cache, entry_path, load_entry
-from ctscreen.data.registry import REGISTRY_COLUMNS, write_registry
+from ctscreen.data.registry import REGISTRY_COLUMNS, read_registry, write_registry
 from ctscreen.report import REQUIRED_COLUMNS, result_rows, rows_to_frame
 from ctscreen.weights import load_checkpoint
 
@@ -61,7 +61,7 @@ def test_evaluate_and_predict_give_the_same_probabilities_and_decisions(
     predictions = pd.read_csv(tmp_path / "eval" / "predictions.csv")
     assert list(predictions["status"]) == ["ok"] * len(STUDIES)
 
-    paths = pd.read_csv(registry, dtype=str)["path"].tolist()
+    paths = read_registry(registry)["path"].tolist()  # paths relative to the registry file
     table_path = tmp_path / "results.csv"
     predicted = run_cli("predict", *paths, "--weights", chosen, "-o", table_path, *common)
     assert predicted.code == 0, predicted.err
@@ -89,7 +89,7 @@ def test_training_cache_holds_the_predict_input_to_its_quantisation(
     They differ by at most half a quantisation step (1/510 of the [0, 1] range, 2.9 HU
     of the lung window)."""
     screener = Screener(tiny_checkpoint, device="cpu", backend="torch", precision="fp32")
-    frame = pd.read_csv(registry, dtype=str, keep_default_na=False)
+    frame = read_registry(registry)
     report = build_cache(frame, tmp_path / "cache", screener.config, progress=False)
     assert report.n_failed == 0
     results = list(screener.score(frame["path"].tolist(), keep_image=True))

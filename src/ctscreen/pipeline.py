@@ -88,6 +88,7 @@ class PreparedStudy:
         warnings: model, input, study and volume warnings, in that order.
         array: the network input ``[D, H, W]`` float32 in [0, 1]; None on failure.
         geometry: the volume without voxels; None on failure.
+        volume: the volume with its HU voxels, only when asked for (``keep_volume``).
         error: why the study failed ("" when ``array`` is set).
         seconds: time spent reading and preprocessing it.
         timings: ``read_s`` and ``preprocess_s``.
@@ -101,6 +102,7 @@ class PreparedStudy:
     warnings: tuple[str, ...] = ()
     array: np.ndarray | None = None
     geometry: Volume | None = None
+    volume: Volume | None = None
     error: str = ""
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -119,7 +121,12 @@ def without_voxels(volume: Volume) -> Volume:
 
 
 def _prepared(
-    volume: Volume, config: PreprocessConfig, *, started: float, **fields: object
+    volume: Volume,
+    config: PreprocessConfig,
+    *,
+    started: float,
+    keep_volume: bool = False,
+    **fields: object,
 ) -> PreparedStudy:
     """Preprocess ``volume`` into a :class:`PreparedStudy` (``started``: when reading began)."""
     t1 = time.perf_counter()
@@ -131,6 +138,7 @@ def _prepared(
         warnings=warnings,
         array=array,
         geometry=without_voxels(volume),
+        volume=volume if keep_volume else None,
         seconds=t2 - started,
         timings={"read_s": t1 - started, "preprocess_s": t2 - t1},
     )
@@ -145,6 +153,7 @@ def prepare_study(
     all_series: bool = False,
     share_seconds: float = 0.0,
     warnings: tuple[str, ...] = (),
+    keep_volume: bool = False,
 ) -> Iterator[PreparedStudy]:
     """Select, build and preprocess the series of one discovered study.
 
@@ -156,6 +165,7 @@ def prepare_study(
         all_series: one item per eligible series instead of the chosen one only.
         share_seconds: this study's share of the input's discovery time.
         warnings: model and input warnings to put before the study's own.
+        keep_volume: keep the HU volume on each item (for pictures at full resolution).
     """
     start = time.perf_counter() - share_seconds
     base = dict(input_path=input_path, location=study.location, study_uid=study.study_uid)
@@ -182,7 +192,11 @@ def prepare_study(
                 volume, candidate.series.first.region_tags, where=volume.source
             )
             item = _prepared(
-                volume, config, started=start, **(fields | {"warnings": notes + chest_notes})
+                volume,
+                config,
+                started=start,
+                keep_volume=keep_volume,
+                **(fields | {"warnings": notes + chest_notes}),
             )
         except (CtscreenError, *UNEXPECTED) as exc:
             item = PreparedStudy(
@@ -201,6 +215,7 @@ def prepare_input(
     all_series: bool = False,
     warnings: tuple[str, ...] = (),
     work_root: Path | None = None,
+    keep_volume: bool = False,
 ) -> Iterator[PreparedStudy]:
     """Discover, select, decode and preprocess one input, study by study.
 
@@ -229,6 +244,7 @@ def prepare_input(
                 volume,
                 config,
                 started=start,
+                keep_volume=keep_volume,
                 input_path=shown,
                 location=shown,
                 study_uid="",
@@ -255,6 +271,7 @@ def prepare_input(
                 all_series=all_series,
                 share_seconds=share,
                 warnings=warnings + found.warnings,
+                keep_volume=keep_volume,
             )
 
 
@@ -353,6 +370,7 @@ def prepare_inputs(
     readers: int = 1,
     study_timeout: float | None = None,
     work_root: Path | None = None,
+    keep_volume: bool = False,
 ) -> Iterator[PreparedStudy]:
     """:func:`prepare_input` for every input, in input order.
 
@@ -373,6 +391,7 @@ def prepare_inputs(
                 all_series=all_series,
                 warnings=warnings,
                 work_root=work_root,
+                keep_volume=keep_volume,
             )
 
         return with_deadline(make, input_path=Path(path), limit=study_timeout, warnings=warnings)

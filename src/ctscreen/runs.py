@@ -272,6 +272,7 @@ def score_to_table(
     overwrite: bool = False,
     resume: bool = False,
     keep_image: bool = False,
+    keep_volume: bool = False,
     on_result: Callable[[StudyResult], None] | None = None,
     run_info: Mapping[str, Any] | None = None,
 ) -> RunOutcome:
@@ -286,6 +287,7 @@ def score_to_table(
         overwrite: replace an existing table and journal.
         resume: continue the unfinished run whose journal lies beside ``output``.
         keep_image: results carry the network input (for ``on_result`` pictures).
+        keep_volume: results carry the HU volume (the report's native-resolution slices).
         on_result: called with each new result as it arrives (progress, HTML report).
         run_info: extra facts for the ``run`` sheet.
 
@@ -314,7 +316,7 @@ def score_to_table(
     if outcome.resumed_inputs:
         log.info("resuming: %d input(s) already scored in %s", outcome.resumed_inputs, journal.path)
     todo = [Path(p) for p in inputs if input_key(p) not in rows_by_key]
-    results = screener.score(todo, keep_image=keep_image)
+    results = screener.score(todo, keep_image=keep_image, keep_volume=keep_volume)
     current: str | None = None
     try:
         with terminate_as_interrupt():

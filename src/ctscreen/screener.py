@@ -146,8 +146,9 @@ class Screener:
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        """Sentences about the model that every result carries (e.g. a legacy file)."""
-        return self.loaded.warnings
+        """Sentences about the model that every result carries (a legacy file, a model
+        trained on synthetic data or at another input shape)."""
+        return self.loaded.warnings + self.card.caveats()
 
     def run_info(self) -> dict[str, Any]:
         """Plain facts about this scorer for reports (the table's ``run`` sheet)."""
@@ -170,6 +171,7 @@ class Screener:
             "readers": self.readers,
             "study_timeout_s": self.study_timeout,
             "model_warnings": "; ".join(self.warnings),
+            "borderline_band": self.card.borderline_band,
             "note": "research tool, not for clinical use",
         }
 
@@ -189,13 +191,19 @@ class Screener:
         return self.engine.run(np.ascontiguousarray(batch, dtype=np.float32)[:, None])
 
     def score(
-        self, inputs: Sequence[Path | str], *, keep_image: bool = False
+        self,
+        inputs: Sequence[Path | str],
+        *,
+        keep_image: bool = False,
+        keep_volume: bool = False,
     ) -> Iterator[StudyResult]:
         """Score every study of every input.
 
         Args:
             inputs: zip archives, folders, DICOM files or NIfTI files, in order.
             keep_image: attach the network input to each result (for pictures).
+            keep_volume: attach the scored HU volume at the study's own resolution
+                (for pictures drawn from its pixels; the largest array by far).
 
         Yields:
             One result per study (per eligible series in ``series`` mode), in
@@ -215,6 +223,7 @@ class Screener:
                 readers=self.readers,
                 study_timeout=self.study_timeout,
                 work_root=work_root,
+                keep_volume=keep_volume,
             ),
             self.prefetch,
         )
@@ -246,6 +255,7 @@ class Screener:
                 logit, cam = outputs[id(item)]
                 yield self._success(item, logit, cam, model_seconds=share, keep_image=keep_image)
             item.array = None  # the batch's inputs are not kept past their results
+            item.volume = None
 
     def _failure(self, item: PreparedStudy, *, error: str = "") -> StudyResult:
         return StudyResult(
@@ -281,13 +291,21 @@ class Screener:
         probability = sigmoid(logit)
         pathology = int(probability >= self.threshold)
         box = localization_box(cam, geometry) if (self.localize and pathology) else None
+        borderline = self.card.is_borderline(probability, self.threshold)
+        warnings = item.warnings
+        if borderline:
+            warnings += (
+                f"borderline: the probability {probability:.3f} lies within "
+                f"{self.card.borderline_band:g} of the threshold {self.threshold:.3f}, so the "
+                "decision is not a firm one",
+            )
         return StudyResult(
             input_path=item.input_path,
             location=item.location,
             study_uid=item.study_uid,
             series_uid=item.series_uid,
             series_reason=item.reason,
-            warnings=item.warnings,
+            warnings=warnings,
             probability=probability,
             logit=logit,
             pathology=pathology,
@@ -299,6 +317,8 @@ class Screener:
             bias=self.bias,
             geometry=geometry,
             image=item.array if keep_image else None,
+            volume=item.volume,
+            borderline=borderline,
             seconds=item.seconds + model_seconds,
             timings={**item.timings, "model_s": model_seconds},
         )

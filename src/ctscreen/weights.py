@@ -38,6 +38,7 @@ from .fileio import file_sha256, write_atomic
 from .hardware import select_device
 from .model import build_model, count_parameters
 from .torchfile import read_torch_file
+from .train.metrics import format_interval
 
 log = logging.getLogger(__name__)
 
@@ -296,10 +297,9 @@ def load_checkpoint(path: Path | str, *, device: str | torch.device = "cpu") -> 
 def _format_metric(value: Any) -> str:
     if isinstance(value, Mapping) and "value" in value:
         text = _format_number(value["value"])
-        if value.get("ci_low") is not None and value.get("ci_high") is not None:
-            text += (
-                f" (95% CI {_format_number(value['ci_low'])}–{_format_number(value['ci_high'])})"
-            )
+        low, high = value.get("ci_low"), value.get("ci_high")
+        if low is not None and high is not None:
+            text += f" (95% CI {format_interval(float(low), float(high))})"
         return text
     return _format_number(value)
 

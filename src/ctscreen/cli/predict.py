@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             resume=args.resume,
             keep_image=report is not None,
+            keep_volume=report is not None,
             on_result=on_result,
             run_info={"weights": str(args.weights)},
         )

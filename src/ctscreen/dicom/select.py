@@ -63,12 +63,20 @@ class Candidate:
 
     def describe(self) -> str:
         f = self.facts
-        step = "?" if f.slice_step_mm is None else f"{f.slice_step_mm:.2f} mm"
         desc = self.series.first.series_description
-        label = f"series {self.series.first.series_number or '?'}"
+        number = self.series.first.series_number
+        label = f"series {number}" if number else "series without a number"
         if desc:
             label += f" '{desc}'"
-        return f"{label}: {f.n_positions} slices, {step} apart, {f.coverage_mm:.0f} mm in z"
+        if f.n_positions == 1:
+            return f"{label}: 1 slice"
+        if f.slice_step_mm is None:
+            # No orientation or position to order the slices by: their spacing is unknown.
+            return f"{label}: {f.n_positions} slices, spacing unknown"
+        return (
+            f"{label}: {f.n_positions} slices, {f.slice_step_mm:.2f} mm apart, "
+            f"{f.coverage_mm:.0f} mm in z"
+        )
 
 
 @dataclass(frozen=True)
