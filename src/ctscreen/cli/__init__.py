@@ -28,6 +28,7 @@ __all__ = ["COMMANDS", "EXIT_ERROR", "EXIT_OK", "EXIT_PARTIAL", "build_parser", 
 COMMANDS: tuple[str, ...] = (
     "predict",
     "info",
+    "quantize",
     "synth",
     "registry",
     "split",
