@@ -217,3 +217,31 @@ def test_candidates_follow_capability_not_speed() -> None:
     assert [c.label for c in gpu] == ["torch/fp32", "torch/fp16"]
     only = backends.candidates(CPU, "openvino", "fp32", openvino=True)
     assert [c.label for c in only] == ["openvino/fp32"]
+
+
+def test_a_recorded_passed_check_replaces_the_phantom_gate_but_not_finiteness() -> None:
+    def reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return x.reshape(len(x), -1).mean(axis=1), x[:, 0]
+
+    def shifted(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, cam = reference(x)
+        return logits + 3 * GATE_MAX_LOGIT, cam  # beyond the phantom gate
+
+    def broken(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, cam = reference(x)
+        return logits * np.nan, cam
+
+    checked, unchecked, nan = (
+        Candidate("openvino", "int8"),
+        Candidate("openvino", "bf16"),
+        Candidate("openvino", "fp32"),
+    )
+    x = [np.random.default_rng(0).random((1, 1, 4, 8, 8), dtype=np.float32)]
+    runners = {REFERENCE: reference, checked: shifted, unchecked: shifted, nan: broken}
+    trials = {
+        t.candidate: t for t in measure_candidates(runners, x, rounds=1, checked=[checked, nan])
+    }
+    assert trials[checked].passed and "recorded check" in trials[checked].note
+    assert trials[checked].worst_dp > GATE_MAX_DP  # shown, though not the judge
+    assert not trials[unchecked].passed
+    assert not trials[nan].passed and trials[nan].worst_dp == 1.0

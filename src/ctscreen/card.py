@@ -94,3 +94,9 @@ def failed_check(card: ModelCard) -> str | None:
     if not isinstance(check, dict) or check.get("passed", True):
         return None
     return str(check.get("summary") or "failed its recorded check against fp32")
+
+
+def passed_check(card: ModelCard) -> bool:
+    """True when the card's INT8 graph passed a recorded check against fp32."""
+    check = card.quantization.get("check") if card.quantization else None
+    return isinstance(check, dict) and check.get("passed") is True

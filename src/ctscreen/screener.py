@@ -24,7 +24,7 @@ import numpy as np
 
 from ._version import __version__
 from .backends import Backend, make_backend
-from .card import ModelCard, failed_check
+from .card import ModelCard, failed_check, passed_check
 from .config import PreprocessConfig, SelectionConfig
 from .errors import ConfigError
 from .explain import localization_box, slice_scores
@@ -120,6 +120,7 @@ class Screener:
             cache_root=cache_dir,
             int8_graph=self.loaded.int8_graph,
             int8_failed_check=failed_check(self.card),
+            int8_passed_check=passed_check(self.card),
         )
 
     # ------------------------------------------------------------------ facts

@@ -373,6 +373,7 @@ def choose_backend(
     cache_root: Path | None = None,
     int8_graph: Int8Graph | None = None,
     int8_failed_check: str | None = None,
+    int8_passed_check: bool = False,
     choices_file: Path | None = None,
     remeasure: bool = False,
     rounds: int | None = None,
@@ -390,6 +391,8 @@ def choose_backend(
         cache_root: export cache folder (default beside the weights).
         int8_graph: the checkpoint's INT8 graph, when it carries one.
         int8_failed_check: why the INT8 graph failed its recorded check, if it did.
+        int8_passed_check: the INT8 graph passed a recorded check on real studies
+            (it is then judged by that, not by the phantom gate; see :mod:`.choice`).
         choices_file: the JSON file of measured choices (default :func:`choices_path`).
         remeasure: measure even when a choice is kept for this key.
         rounds: timed forwards per candidate (default :data:`.choice.DEFAULT_ROUNDS`).
@@ -458,8 +461,9 @@ def choose_backend(
             failures[candidate] = f"cannot load: {reason}"
             built[candidate] = _NotRun(candidate)
     runners = {c: b.run for c, b in built.items()}
+    checked = [c for c in built if c.precision == "int8" and int8_passed_check]
     trials = measure_candidates(
-        runners, gate_inputs(preprocess), recorded=failures, **_rounds(rounds)
+        runners, gate_inputs(preprocess), recorded=failures, checked=checked, **_rounds(rounds)
     )
     winner = pick(trials, allowed=fits)
     facts = {
@@ -516,6 +520,7 @@ def make_backend(
     cache_root: Path | None = None,
     int8_graph: Int8Graph | None = None,
     int8_failed_check: str | None = None,
+    int8_passed_check: bool = False,
     choices_file: Path | None = None,
 ) -> Backend:
     """The backend that will run ``model``, falling back to PyTorch fp32 when it fails.
@@ -531,6 +536,7 @@ def make_backend(
         cache_root: export cache folder; default beside the weights or in the user cache.
         int8_graph: the checkpoint's INT8 graph, when it carries one.
         int8_failed_check: why that graph failed its recorded check, if it did.
+        int8_passed_check: that graph passed its recorded check on real studies.
         choices_file: the JSON file of measured choices (default in the user cache).
 
     Returns:
@@ -577,6 +583,7 @@ def make_backend(
             cache_root=cache_root,
             int8_graph=int8_graph,
             int8_failed_check=int8_failed_check,
+            int8_passed_check=int8_passed_check,
             choices_file=choices_file,
         )
         chosen = choice.winner

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 def _backend_table(loaded: Any, device_name: str, *, remeasure: bool) -> str:
     """The measured table of ``auto`` for ``loaded`` on this machine (measured when needed)."""
     from ..backends import choose_backend
-    from ..card import failed_check
+    from ..card import failed_check, passed_check
     from ..hardware import cpu_model, select_device, usable_cores
 
     device = select_device(device_name)
@@ -87,6 +87,7 @@ def _backend_table(loaded: Any, device_name: str, *, remeasure: bool) -> str:
         preprocess=loaded.card.preprocess,
         int8_graph=loaded.int8_graph,
         int8_failed_check=failed_check(loaded.card),
+        int8_passed_check=passed_check(loaded.card),
         remeasure=remeasure,
     )
     where = "kept from" if choice.from_cache else "measured"
