@@ -331,7 +331,12 @@ def _format_metric(value: Any) -> str:
 
 def _format_number(value: Any) -> str:
     if isinstance(value, (list, tuple)):
-        return ", ".join(_format_number(v) for v in value)
+        if not value:
+            return "none"
+        separator = "; " if any(isinstance(v, Mapping) for v in value) else ", "
+        return separator.join(_format_number(v) for v in value)
+    if isinstance(value, Mapping):
+        return " ".join(f"{k} {_format_number(v)}" for k, v in value.items())
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
