@@ -40,6 +40,14 @@ MAX_DP = 0.01
 MAX_AUC_DROP = 0.005
 #: Calibration studies used at most (the first ones, in sorted order).
 DEFAULT_CALIBRATION_LIMIT = 64
+#: ``keep="auto"`` tries these in order until the check passes (cheapest first:
+#: layer4 runs at 1/8 of the input's resolution, layer1 at its full half-resolution).
+AUTO_KEEP: tuple[tuple[str, ...], ...] = (
+    ("stem", "head"),
+    ("stem", "layer4", "head"),
+    ("stem", "layer1", "head"),
+    ("stem", "layer1", "layer4", "head"),
+)
 
 
 @dataclass(frozen=True)
@@ -263,7 +271,7 @@ def quantize_checkpoint(
     calibration: Path | str,
     out: Path | str,
     check: Path | str | None = None,
-    keep: Sequence[str] | None = None,
+    keep: Sequence[str] | str | None = None,
     limit: int = DEFAULT_CALIBRATION_LIMIT,
 ) -> QuantizeResult:
     """Quantize ``weights`` to INT8, check it, and write ``out`` carrying the graph.
@@ -274,7 +282,9 @@ def quantize_checkpoint(
         out: the checkpoint to write (same weights; card and INT8 graph added).
         check: folder of check studies (``labels.csv`` inside gives ROC-AUC); None: no check.
         keep: parts kept in floating point (default
-            :data:`ctscreen.backends.DEFAULT_KEEP`).
+            :data:`ctscreen.backends.DEFAULT_KEEP`), or ``"auto"``: with a check,
+            each set of :data:`AUTO_KEEP` in turn until the check passes (the
+            last one tried is written when none passes); without, the first.
         limit: calibration studies used at most.
 
     Raises:
@@ -295,39 +305,51 @@ def quantize_checkpoint(
     )
     from .weights import load_checkpoint, save_checkpoint
 
-    keep = tuple(DEFAULT_KEEP if keep is None else keep)
+    if keep == "auto":
+        tries = AUTO_KEEP if check is not None else AUTO_KEEP[:1]
+    else:
+        tries = (tuple(DEFAULT_KEEP if keep is None else keep),)
     loaded = load_checkpoint(weights, device="cpu")
     config = loaded.card.preprocess
     shape = tuple(config.shape)
     calib = read_studies(calibration, config, limit=limit)
     log.info("calibrating on %d %s from %s", len(calib.arrays), calib.kind, calib.source)
-    graph = quantize_openvino(loaded.model, shape=shape, calibration=calib.arrays, keep=keep)
-    result = None
+    scored = None
     if check is not None:
         checked = read_studies(check, config)
         truth = read_labels(Path(check))
         reference = TorchBackend(loaded.model, torch.device("cpu"), "fp32")
-        with tempfile.TemporaryDirectory(prefix="ctscreen-quantize-") as tmp:
-            int8 = load_openvino_int8(
-                loaded.model,
-                graph,
-                weights_sha256=loaded.sha256,
-                weights_path=None,
-                shape=shape,
-                cache_root=Path(tmp),
+        scored = (checked, _probabilities(reference.run, checked.arrays))
+    attempts: list[dict[str, Any]] = []
+    for kept in tries:
+        graph = quantize_openvino(loaded.model, shape=shape, calibration=calib.arrays, keep=kept)
+        result = None
+        if scored is not None:
+            checked, p_fp32 = scored
+            with tempfile.TemporaryDirectory(prefix="ctscreen-quantize-") as tmp:
+                int8 = load_openvino_int8(
+                    loaded.model,
+                    graph,
+                    weights_sha256=loaded.sha256,
+                    weights_path=None,
+                    shape=shape,
+                    cache_root=Path(tmp),
+                )
+                p_int8 = _probabilities(int8.run, checked.arrays)
+            result = compare(
+                p_fp32,
+                p_int8,
+                names=checked.names,
+                labels=[truth.get(uid) for uid in checked.study_uids],
+                threshold=loaded.card.threshold,
             )
-            p_int8 = _probabilities(int8.run, checked.arrays)
-        p_fp32 = _probabilities(reference.run, checked.arrays)
-        result = compare(
-            p_fp32,
-            p_int8,
-            names=checked.names,
-            labels=[truth.get(uid) for uid in checked.study_uids],
-            threshold=loaded.card.threshold,
-        )
+            attempts.append({"kept_in_floating_point": list(kept), "summary": result.summary})
+            log.info("keeping %s in floating point: %s", ", ".join(kept), result.summary)
+        if result is None or result.passed:
+            break
     record: dict[str, Any] = {
         "method": "NNCF post-training quantization (MIXED preset), OpenVINO INT8",
-        "kept_in_floating_point": list(keep),
+        "kept_in_floating_point": list(kept),
         "calibration": {
             "source": str(Path(calibration).resolve()),
             "kind": calib.kind,
@@ -341,6 +363,8 @@ def quantize_checkpoint(
     }
     if result is not None:
         record["check"] = {"source": str(Path(check).resolve()), **result.to_dict()}  # type: ignore[arg-type]
+    if len(attempts) > 1:
+        record["attempts"] = attempts
     card = loaded.card.replace(quantization=record)
     save_checkpoint(Path(out), loaded.model, card, int8_graph=graph)
     return QuantizeResult(Path(out), result, record)
@@ -349,6 +373,8 @@ def quantize_checkpoint(
 def iter_report(result: QuantizeResult) -> Iterator[str]:
     """Lines telling what was calibrated and what the check found."""
     cal = result.record["calibration"]
+    for attempt in result.record.get("attempts", [])[:-1]:
+        yield f"kept {', '.join(attempt['kept_in_floating_point'])}: {attempt['summary']}"
     yield (
         f"INT8 graph calibrated on {cal['n_studies']} {cal['kind']} from {cal['source']}; "
         f"kept in floating point: {', '.join(result.record['kept_in_floating_point']) or '-'}"

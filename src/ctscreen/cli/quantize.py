@@ -47,9 +47,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", type=Path, required=True, help="the INT8 checkpoint to write")
     p.add_argument(
         "--keep",
-        default="stem,head",
+        default="auto",
         help="parts kept in floating point, comma-separated from stem, layer1, layer2, layer3, "
-        "layer4, head (default: stem,head)",
+        "layer4, head; or auto (default): with --check, stem,head then stem,layer4,head then "
+        "stem,layer1,head then stem,layer1,layer4,head until the check passes",
     )
     p.add_argument(
         "--max-calibration",
@@ -70,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
     """
     from ..quantize import iter_report, quantize_checkpoint
 
-    keep = [part.strip() for part in str(args.keep).split(",") if part.strip()]
+    keep: str | list[str] = "auto"
+    if args.keep != "auto":
+        keep = [part.strip() for part in str(args.keep).split(",") if part.strip()]
     result = quantize_checkpoint(
         args.weights,
         calibration=args.calibration,
