@@ -185,6 +185,7 @@ class CheckResult:
         n_labelled: studies with a label.
         passed: ``max_dp <= MAX_DP`` and (no AUC or ``auc_fp32 - auc_int8 <= MAX_AUC_DROP``).
         summary: one line saying so.
+        largest: the study that moved most, with both probabilities (None without studies).
     """
 
     n_studies: int
@@ -197,10 +198,12 @@ class CheckResult:
     n_labelled: int
     passed: bool
     summary: str
+    largest: Flip | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["flips"] = [asdict(f) for f in self.flips]
+        d["largest"] = None if self.largest is None else asdict(self.largest)
         return d
 
 
@@ -233,9 +236,12 @@ def compare(
         auc_fp32 = float(roc_auc_score(y, p_fp32[known]))
         auc_int8 = float(roc_auc_score(y, p_int8[known]))
     max_dp = float(dp.max()) if dp.size else 0.0
+    top = int(np.argmax(dp)) if dp.size else None
+    largest = None if top is None else Flip(names[top], float(p_fp32[top]), float(p_int8[top]))
     auc_ok = auc_fp32 is None or auc_fp32 - auc_int8 <= MAX_AUC_DROP  # type: ignore[operator]
     passed = bool(max_dp <= MAX_DP and auc_ok)
-    summary = f"max |p - p_fp32| {max_dp:.4f} (limit {MAX_DP})"
+    summary = f"max |p - p_fp32| {max_dp:.4f} (limit {MAX_DP}"
+    summary += f"; at p_fp32 {largest.p_fp32:.4f})" if largest is not None else ")"
     if auc_fp32 is not None:
         summary += (
             f", ROC-AUC {auc_fp32:.4f} fp32 vs {auc_int8:.4f} INT8 (drop limit {MAX_AUC_DROP})"
@@ -253,6 +259,7 @@ def compare(
         n_labelled=len(known),
         passed=passed,
         summary=summary,
+        largest=largest,
     )
 
 
