@@ -24,7 +24,8 @@ def translate(argv: list[str]) -> list[str]:
     if not any(a in ("--weights", "-w") or a.startswith("--weights=") for a in args):
         args += ["--weights", DEFAULT_WEIGHTS]
     if not any(a in ("-o", "--output") or a.startswith("--output=") for a in args):
-        args += ["-o", DEFAULT_OUTPUT]
+        # The original command replaced its fixed output file on every run.
+        args += ["-o", DEFAULT_OUTPUT, "--overwrite"]
     return ["predict", *args]
 
 

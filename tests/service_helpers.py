@@ -1,4 +1,4 @@
-"""Shared helpers of the service tests: a tiny checkpoint, synthetic study archives, polling."""
+"""Shared helpers of the service tests: synthetic study archives, a free port, polling."""
 
 from __future__ import annotations
 
@@ -9,24 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ctscreen.card import ModelCard
-from ctscreen.config import PreprocessConfig
-from ctscreen.model import build_model
 from ctscreen.synth.dicom_writer import uid_from, write_series
 from ctscreen.synth.phantom import make_phantom
-from ctscreen.weights import save_checkpoint
-
-#: Input shape of the tiny test model (a forward pass takes well under a second).
-TINY_SHAPE = (16, 32, 32)
-
-
-def tiny_checkpoint(path: Path, shape: tuple[int, int, int] = TINY_SHAPE, seed: int = 1234) -> Path:
-    """A random-weight checkpoint with a real model card."""
-    torch.manual_seed(seed)
-    save_checkpoint(path, build_model(), ModelCard(preprocess=PreprocessConfig(shape=shape)))
-    return path
 
 
 def study_zip(

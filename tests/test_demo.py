@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ctscreen.demo import DemoConfig, run_demo
+from ctscreen.demo import STAGES, DemoConfig, disk_budget, run_demo
 from ctscreen.report import REQUIRED_COLUMNS
 from ctscreen.weights import load_checkpoint
 
@@ -25,7 +25,8 @@ def test_demo_writes_every_artefact_and_a_table_for_each_holdout_archive(tmp_pat
         # tests already started OpenVINO's thread pool crashed that process later.
         workers=0,
     )
-    result = run_demo(config, progress=False)
+    lines: list[str] = []
+    result = run_demo(config, progress=False, echo=lines.append)
     for name in ("registry.csv", "train_keys.txt", "val_keys.txt", "holdout_metrics.json"):
         assert (out / name).is_file(), name
     for name in ("metrics.csv", "learning_curves.png", "best.pth", "config.json"):
@@ -42,3 +43,17 @@ def test_demo_writes_every_artefact_and_a_table_for_each_holdout_archive(tmp_pat
     train_keys = set((out / "train_keys.txt").read_text().split())
     val_keys = set((out / "val_keys.txt").read_text().split())
     assert train_keys and val_keys and not train_keys & val_keys
+
+    # what it said: an overall estimate, the disk budget, a header per stage, epoch lines
+    assert lines[0].startswith(f"ctscreen demo: {len(STAGES)} stages, about")
+    assert lines[1].startswith("disk: about")
+    headers = [line for line in lines if line.startswith("[")]
+    assert [h.split("]")[0] for h in headers] == [f"[{i}/5" for i in range(1, 6)]
+    assert any(line.startswith("epoch 1/1") and "val ROC-AUC" in line for line in lines)
+    # what it left: best and the final model, no resume state, no per-epoch weights,
+    # within the budget it stated
+    assert not (out / "run" / "last_state.pth").exists()
+    assert not list((out / "run").glob("epochs/*/*.pth"))
+    assert result.disk_bytes <= 1.1 * sum(disk_budget(config).values())
+    # the table says the demo's model was trained on synthetic data at a small input
+    assert table["warnings"].str.contains("synthetic studies only").all()

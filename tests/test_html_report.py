@@ -234,14 +234,17 @@ def test_report_pictures_are_valid_pngs_of_readable_size(cli_run: dict[str, obje
     page = cli_run["page"]
     assert isinstance(page, str)
     for card in _cards(page)[:2]:
-        curve, strip = _pngs(card)
+        curve, *slices = _pngs(card)
         assert curve.width >= 800 and 200 <= curve.height <= 400
-        assert strip.width >= 900 and 200 <= strip.height <= 400
-        pixels = np.asarray(strip.convert("RGB"), dtype=np.float64)
-        assert pixels.std() > 20  # anatomy, not a blank canvas
-        panels = pixels[:, : int(0.85 * strip.width)]  # leave out the colour bar
-        warm = panels[..., 0] - panels[..., 2]  # the box outline is cyan, the overlay warm
-        assert (warm > 60).mean() > 0.01  # the activation overlay is visible
+        # key slices from the study's own pixels: one PNG pixel per CT pixel (48 x 48)
+        assert 1 <= len(slices) <= 5
+        for picture in slices:
+            assert picture.size == (48, 48)
+            pixels = np.asarray(picture.convert("RGB"), dtype=np.float64)
+            assert pixels.std() > 20  # anatomy, not a blank canvas
+        coloured = [np.asarray(s.convert("RGB"), dtype=np.float64) for s in slices]
+        warm = [(c[..., 0] - c[..., 2] > 60).mean() for c in coloured]
+        assert max(warm) > 0.01  # the activation overlay is visible somewhere
 
 
 def test_run_summary_names_the_model_and_counts(

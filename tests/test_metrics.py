@@ -134,3 +134,16 @@ def test_plots_write_pngs(tmp_path, noisy: tuple[np.ndarray, np.ndarray]) -> Non
         assert path.stat().st_size > 5000
     rows = plots.read_metrics_csv(csv)
     assert rows[0]["epoch"] == 1.0 and math.isnan(rows[0]["val_roc_auc"])
+
+
+def test_interval_text_says_when_there_is_no_interval() -> None:
+    from ctscreen.train.metrics import format_interval
+
+    assert format_interval(0.8123, 0.9701) == "0.8123 – 0.9701"
+    # every study of a class got the same decision: all resamples give one accuracy
+    y = np.array([0, 0, 1, 1])
+    p = np.array([0.9, 0.9, 0.9, 0.9])
+    ci = M.metrics_with_ci(y, p, threshold=0.5, n_boot=200, seed=0)["accuracy"]
+    assert ci["ci_low"] == ci["ci_high"] == 0.5
+    assert format_interval(ci["ci_low"], ci["ci_high"]) == "none (every resample gives 0.5000)"
+    assert format_interval(float("nan"), 0.9) == "undefined"

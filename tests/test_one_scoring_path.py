@@ -10,7 +10,7 @@ import pytest
 
 from ctscreen import Screener
 from ctscreen.data.cache import build_cache, entry_path, load_entry
-from ctscreen.data.registry import REGISTRY_COLUMNS, write_registry
+from ctscreen.data.registry import REGISTRY_COLUMNS, read_registry, write_registry
 from ctscreen.report import REQUIRED_COLUMNS, result_rows, rows_to_frame
 from ctscreen.weights import load_checkpoint
 
@@ -61,7 +61,7 @@ def test_evaluate_and_predict_give_the_same_probabilities_and_decisions(
     predictions = pd.read_csv(tmp_path / "eval" / "predictions.csv")
     assert list(predictions["status"]) == ["ok"] * len(STUDIES)
 
-    paths = pd.read_csv(registry, dtype=str)["path"].tolist()
+    paths = read_registry(registry)["path"].tolist()  # paths relative to the registry file
     table_path = tmp_path / "results.csv"
     predicted = run_cli("predict", *paths, "--weights", chosen, "-o", table_path, *common)
     assert predicted.code == 0, predicted.err
@@ -89,7 +89,7 @@ def test_training_cache_holds_the_predict_input_to_its_quantisation(
     They differ by at most half a quantisation step (1/510 of the [0, 1] range, 2.9 HU
     of the lung window)."""
     screener = Screener(tiny_checkpoint, device="cpu", backend="torch", precision="fp32")
-    frame = pd.read_csv(registry, dtype=str, keep_default_na=False)
+    frame = read_registry(registry)
     report = build_cache(frame, tmp_path / "cache", screener.config, progress=False)
     assert report.n_failed == 0
     results = list(screener.score(frame["path"].tolist(), keep_image=True))
@@ -132,3 +132,19 @@ def test_study_rows_slice_rows_and_failures_come_from_one_result(
     frame = rows_to_frame([*result_rows(scored), *result_rows(failed)])
     assert list(frame["processing_status"]) == ["Success", "Failure"]
     assert frame.loc[1, "error"] == failed.error
+
+
+def test_a_nifti_copy_scores_like_its_dicom_series(
+    make_series, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    from ctscreen.pipeline import read_study_volume
+    from ctscreen.synth.nifti_writer import write_nifti
+
+    paths, _ = make_series(seed=9, pathology="consolidation", name="dicom")
+    nifti = write_nifti(read_study_volume(paths[0].parent), path=tmp_path / "copy.nii.gz")
+    screener = Screener(tiny_checkpoint, device="cpu", backend="torch", precision="fp32")
+    from_dicom, from_nifti = screener.score([paths[0].parent, nifti])
+    assert from_dicom.ok and from_nifti.ok, from_nifti.error
+    assert from_nifti.location == str(nifti) and "NIfTI" in from_nifti.series_reason
+    assert abs(from_dicom.probability - from_nifti.probability) < 1e-4
+    np.testing.assert_allclose(from_dicom.geometry.affine, from_nifti.geometry.affine, atol=1e-4)

@@ -56,6 +56,7 @@ def _predict(
             str(out),
             "--precision",
             "fp32",
+            "--overwrite",  # the helper writes one scratch table per test folder
             *extra,
         ]
     )

@@ -13,25 +13,24 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from ctscreen.cli import main  # noqa: E402
 from ctscreen.errors import ConfigError  # noqa: E402
 from ctscreen.report import REQUIRED_COLUMNS  # noqa: E402
 from ctscreen.service.app import ServiceSettings, check_listen_address, create_app  # noqa: E402
 from ctscreen.service.worker import WorkerConfig  # noqa: E402
-from service_helpers import study_zip, tiny_checkpoint, wait_for  # noqa: E402
+from service_helpers import study_zip, wait_for  # noqa: E402
 
 TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def files(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("svc")
     damaged = folder / "damaged.zip"
     good = study_zip(folder, "norma_anon", seed=3)
     damaged.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 3])
     return {
-        "weights": tiny_checkpoint(folder / "model.pth"),
+        "weights": tiny_checkpoint,
         "good": good,
         "other": study_zip(folder, "pneumonia_anon", seed=4, pathology="consolidation"),
         "damaged": damaged,
@@ -44,7 +43,7 @@ def _settings(data: Path, weights: Path, **overrides: object) -> ServiceSettings
         worker=WorkerConfig(weights=str(weights), precision="fp32", backend="torch"),
         token=TOKEN,
         study_timeout=120.0,
-        load_timeout=120.0,
+        load_timeout=300.0,
     )
     values.update(overrides)
     return ServiceSettings(**values)  # type: ignore[arg-type]
@@ -57,7 +56,7 @@ def client(
     data = tmp_path_factory.mktemp("data")
     app = create_app(_settings(data, files["weights"], max_files=3, max_upload_bytes=20 * 2**20))
     with TestClient(app) as test_client:
-        app.state.worker.wait_ready(120)
+        app.state.worker.wait_ready(300)
         yield test_client
 
 
@@ -69,7 +68,7 @@ def _upload(client: TestClient, *paths: Path, names: list[str] | None = None, **
     return client.post("/api/v1/jobs", files=parts, data=data, headers=AUTH)
 
 
-def _finished(client: TestClient, job_id: str, timeout: float = 120) -> dict:
+def _finished(client: TestClient, job_id: str, timeout: float = 300) -> dict:
     def check() -> dict | None:
         job = client.get(f"/api/v1/jobs/{job_id}", headers=AUTH).json()
         return job if job["status"] in ("done", "failed", "timeout") else None
@@ -78,7 +77,7 @@ def _finished(client: TestClient, job_id: str, timeout: float = 120) -> dict:
 
 
 def test_upload_scores_like_predict_and_tables_start_with_the_seven_columns(
-    client: TestClient, files: dict[str, Path], tmp_path: Path
+    client: TestClient, files: dict[str, Path], tmp_path: Path, run_cli
 ) -> None:
     answer = _upload(client, files["good"], files["damaged"], files["other"])
     assert answer.status_code == 202, answer.text
@@ -98,10 +97,19 @@ def test_upload_scores_like_predict_and_tables_start_with_the_seven_columns(
     # The same files through `ctscreen predict` give the same numbers.
     out = tmp_path / "predict.xlsx"
     inputs = [str(files[k]) for k in ("good", "damaged", "other")]
-    main(
-        ["--no-progress", "predict", *inputs, "-w", str(files["weights"]), "-o", str(out)]
-        + ["--precision", "fp32", "--backend", "torch"]
+    predicted = run_cli(
+        "predict",
+        *inputs,
+        "-w",
+        files["weights"],
+        "-o",
+        out,
+        "--precision",
+        "fp32",
+        "--backend",
+        "torch",
     )
+    assert predicted.code == 1  # one Failure row
     expected = pd.read_excel(out)
     assert list(expected["processing_status"]) == ["Success", "Failure", "Success"]
     for row, (_, ref) in zip(job["rows"], expected.iterrows(), strict=True):
@@ -295,23 +303,16 @@ def test_openapi_lists_the_versioned_routes_and_docs_need_no_network(client: Tes
     assert json.loads(json.dumps(spec))["info"]["title"] == "ctscreen"
 
 
-def test_listening_beyond_loopback_needs_a_token(files: dict[str, Path], tmp_path: Path) -> None:
+def test_listening_beyond_loopback_needs_a_token(
+    files: dict[str, Path], tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CTSCREEN_TOKEN", raising=False)
     check_listen_address("127.0.0.1", "")
     check_listen_address("0.0.0.0", "t")
     with pytest.raises(ConfigError, match="CTSCREEN_TOKEN"):
         check_listen_address("0.0.0.0", "")
-    code = main(
-        [
-            "serve",
-            "-w",
-            str(files["weights"]),
-            "--data",
-            str(tmp_path),
-            "--host",
-            "0.0.0.0",
-            "--token",
-            "",
-        ]
+    refused = run_cli(
+        "serve", "-w", files["weights"], "--data", tmp_path, "--host", "0.0.0.0", "--token", ""
     )
-    assert code == 2
+    assert refused.code == 2 and "needs a token" in refused.err
     assert not (tmp_path / "ctscreen.db").exists()

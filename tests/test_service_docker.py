@@ -78,11 +78,13 @@ def test_compose_file_follows_the_compose_specification() -> None:
 
 
 @pytest.mark.slow
-def test_image_command_and_healthcheck_work_in_a_fresh_venv(tmp_path: Path) -> None:
+def test_image_command_and_healthcheck_work_in_a_fresh_venv(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
     pytest.importorskip("fastapi")
     import httpx
 
-    from service_helpers import free_port, study_zip, tiny_checkpoint, wait_for
+    from service_helpers import free_port, study_zip, wait_for
 
     found = _instructions(ROOT / "Dockerfile")
     entrypoint, command = json.loads(found["ENTRYPOINT"]), json.loads(found["CMD"])
@@ -124,7 +126,8 @@ def test_image_command_and_healthcheck_work_in_a_fresh_venv(tmp_path: Path) -> N
     assert where.startswith(str(venv)), where
 
     port = free_port()
-    weights = tiny_checkpoint(tmp_path / "model.pth")
+    # A copy: backend auto may cache an exported graph beside the weights.
+    weights = Path(shutil.copy(tiny_checkpoint, tmp_path / "model.pth"))
     swaps = {"/models/model.pth": str(weights), "/data": str(tmp_path / "data"), "8000": str(port)}
     argv = [str(venv / "bin" / entrypoint[0]), *entrypoint[1:]]
     argv += [swaps.get(arg, arg) for arg in command]
@@ -141,7 +144,7 @@ def test_image_command_and_healthcheck_work_in_a_fresh_venv(tmp_path: Path) -> N
     try:
         wait_for(
             lambda: subprocess.run(probe, capture_output=True).returncode == 0,
-            timeout=180,
+            timeout=300,
             interval=1.0,
         )
         archive = study_zip(tmp_path, "norma_anon", seed=7)
@@ -155,7 +158,7 @@ def test_image_command_and_healthcheck_work_in_a_fresh_venv(tmp_path: Path) -> N
                     (j := http.get(f"/api/v1/jobs/{job.json()['id']}").json())["status"] == "done"
                     and j
                 ),
-                timeout=120,
+                timeout=300,
             )
             assert done["rows"][0]["processing_status"] == "Success"
             assert http.get("/").status_code == 200

@@ -19,24 +19,25 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from ctscreen.service.app import ServiceSettings, create_app  # noqa: E402
 from ctscreen.service.worker import WorkerConfig  # noqa: E402
-from service_helpers import free_port, study_zip, tiny_checkpoint, wait_for  # noqa: E402
+from service_helpers import free_port, study_zip, wait_for  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FINAL = ("done", "failed", "timeout")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def files(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("faults")
     # A real slow input: an export of 60,000 files, none of them DICOM. Unzipping and
     # looking at each file takes about 18 s on a 2-core machine before any study
-    # (here: a Failure row) comes out, far beyond the 6 s limit the tests set.
+    # (here: a Failure row) comes out, beyond the 10 s limit the tests set. The other
+    # waits are generous: the tests assert what happens, not how fast, on a shared machine.
     slow = folder / "huge_export.zip"
     with zipfile.ZipFile(slow, "w", zipfile.ZIP_STORED) as zf:
         for i in range(60_000):
             zf.writestr(f"export/{i:06d}", b"not dicom")
     return {
-        "weights": tiny_checkpoint(folder / "model.pth"),
+        "weights": tiny_checkpoint,
         "good": study_zip(folder, "norma_anon", seed=5),
         "slow": slow,
     }
@@ -64,12 +65,12 @@ def client(tmp_path: Path, files: dict[str, Path]) -> Iterator[TestClient]:
     settings = ServiceSettings(
         data_dir=tmp_path / "data",
         worker=WorkerConfig(weights=str(files["weights"]), precision="fp32", backend="torch"),
-        study_timeout=6.0,
-        load_timeout=120.0,
+        study_timeout=10.0,
+        load_timeout=300.0,
     )
     app = create_app(settings)
     with TestClient(app) as test_client:
-        app.state.worker.wait_ready(120)
+        app.state.worker.wait_ready(300)
         yield test_client
 
 
@@ -78,15 +79,15 @@ def test_a_study_over_the_time_limit_times_out_and_the_next_job_runs(
 ) -> None:
     slow = _upload(client, files["slow"], files["good"])
     after = _upload(client, files["good"])
-    job = _final(client, slow, timeout=60)
+    job = _final(client, slow, timeout=120)
     assert job["status"] == "timeout"
-    assert "no study finished within 6 s" in job["message"]
+    assert "no study finished within 10 s" in job["message"]
     assert "huge_export.zip" in job["message"]
     stuck, skipped = job["rows"]
     assert stuck["processing_status"] == "Failure" and stuck["path_to_study"] == "huge_export.zip"
     assert "time limit" in stuck["error"]
     assert skipped["processing_status"] == "Failure" and "again" in skipped["error"]
-    next_job = _final(client, after, timeout=60)
+    next_job = _final(client, after, timeout=300)
     assert next_job["status"] == "done"
     assert next_job["rows"][0]["processing_status"] == "Success"
     worker = client.app.state.worker
@@ -100,13 +101,13 @@ def test_a_crashing_scorer_fails_its_job_and_the_next_job_runs(
     worker = client.app.state.worker
     crashed = _upload(client, files["slow"])
     after = _upload(client, files["good"])
-    wait_for(lambda: _job(client, crashed)["status"] == "running", timeout=30)
+    wait_for(lambda: _job(client, crashed)["status"] == "running", timeout=120)
     os.kill(worker._process.pid, signal.SIGKILL)  # what the kernel's OOM killer does
-    job = _final(client, crashed, timeout=30)
+    job = _final(client, crashed, timeout=120)
     assert job["status"] == "failed"
     assert "killed by SIGKILL" in job["message"]
     assert job["rows"][0]["processing_status"] == "Failure"
-    assert _final(client, after, timeout=60)["status"] == "done"
+    assert _final(client, after, timeout=300)["status"] == "done"
     assert worker.stats.crashes == 1
 
 
@@ -150,7 +151,7 @@ def test_server_killed_mid_job_finishes_the_job_after_restart(
     base = f"http://127.0.0.1:{port}"
     server = _start_server(data, files["weights"], port)
     try:
-        wait_for(lambda: _ready(base), timeout=120, interval=0.5)
+        wait_for(lambda: _ready(base), timeout=300, interval=0.5)
         with httpx.Client(base_url=base, timeout=30) as http:
             job_id = _upload(http, files["slow"], files["good"])
             wait_for(lambda: _job(http, job_id)["status"] == "running", timeout=30)
@@ -167,9 +168,9 @@ def test_server_killed_mid_job_finishes_the_job_after_restart(
 
     server = _start_server(data, files["weights"], port)
     try:
-        wait_for(lambda: _ready(base), timeout=120, interval=0.5)
+        wait_for(lambda: _ready(base), timeout=300, interval=0.5)
         with httpx.Client(base_url=base, timeout=30) as http:
-            job = _final(http, job_id, timeout=120)
+            job = _final(http, job_id, timeout=600)
             assert job["status"] == "done"
             assert [r["path_to_study"] for r in job["rows"]] == [
                 "huge_export.zip",

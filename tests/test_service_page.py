@@ -27,7 +27,7 @@ import uvicorn  # noqa: E402
 from ctscreen.html_report import format_probability  # noqa: E402
 from ctscreen.service.app import ServiceSettings, create_app  # noqa: E402
 from ctscreen.service.worker import WorkerConfig  # noqa: E402
-from service_helpers import free_port, study_zip, tiny_checkpoint, wait_for  # noqa: E402
+from service_helpers import free_port, study_zip, wait_for  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TOKEN = "page-test-token"
@@ -75,7 +75,7 @@ class Browser:
         self._id = 0
         self.session = ""
 
-    def call(self, method: str, timeout: float = 30, **params: Any) -> dict[str, Any]:
+    def call(self, method: str, timeout: float = 60, **params: Any) -> dict[str, Any]:
         self._id += 1
         message: dict[str, Any] = {"id": self._id, "method": method, "params": params}
         if self.session and not method.startswith("Target."):
@@ -112,7 +112,7 @@ class Browser:
 
     def go(self, url: str) -> None:
         self.call("Page.navigate", url=url)
-        wait_for(lambda: self.js("document.readyState") == "complete", timeout=30)
+        wait_for(lambda: self.js("document.readyState") == "complete", timeout=60)
 
     def js(self, expression: str) -> Any:
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
@@ -142,13 +142,13 @@ class Browser:
 
 
 @pytest.fixture()
-def server(tmp_path: Path) -> Iterator[tuple[str, Any]]:
-    weights = tiny_checkpoint(tmp_path / "model.pth")
+def server(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[tuple[str, Any]]:
+    weights = tiny_checkpoint
     settings = ServiceSettings(
         data_dir=tmp_path / "data",
         worker=WorkerConfig(weights=str(weights), precision="fp32", backend="torch"),
         token=TOKEN,
-        load_timeout=120,
+        load_timeout=300,
     )
     app = create_app(settings)
     port = free_port()
@@ -158,7 +158,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Any]]:
     thread.start()
     try:
         wait_for(lambda: uvicorn_server.started, timeout=60)
-        app.state.worker.wait_ready(120)
+        app.state.worker.wait_ready(300)
         yield f"http://127.0.0.1:{port}", app
     finally:
         uvicorn_server.should_exit = True
@@ -180,7 +180,7 @@ def test_upload_through_the_page_shows_the_result_row(
             f"document.querySelector('input[name=token]').value = {TOKEN!r};"
             "document.querySelector('form.login').submit();"
         )
-        wait_for(lambda: browser.js("!!document.getElementById('upload')"), timeout=30)
+        wait_for(lambda: browser.js("!!document.getElementById('upload')"), timeout=60)
         assert "Загрузить и оценить" in browser.js("document.body.innerText")
 
         browser.set_files("#files", [archive])
@@ -189,7 +189,7 @@ def test_upload_through_the_page_shows_the_result_row(
                 "pneumonia_anon.zip"
                 in browser.js("document.getElementById('upload-status').textContent")
             ),
-            timeout=10,
+            timeout=30,
         )
         browser.js("document.querySelector('#upload button[type=submit]').click()")
         cells = wait_for(
@@ -199,7 +199,7 @@ def test_upload_through_the_page_shows_the_result_row(
                 "return r && ['.study', '.probability', '.decision'].map("
                 "s => r.querySelector(s).textContent); })()"
             ),
-            timeout=120,
+            timeout=300,
             interval=0.5,
         )
         browser.screenshot(tmp_path / "service-page.png")

@@ -163,3 +163,17 @@ def test_database_is_in_wal_mode(tmp_path: Path) -> None:
     JobStore(tmp_path).close()
     with sqlite3.connect(tmp_path / "ctscreen.db") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_release_puts_a_running_job_back_without_counting_the_attempt(tmp_path: Path) -> None:
+    store = JobStore(tmp_path)
+    job_id = _queue(store)
+    store.start(job_id)
+    store.add_rows(job_id, 0, [SUCCESS_ROW])
+    store.release(job_id)
+    job = store.get(job_id)
+    assert job.status == QUEUED and job.attempts == 0 and job.rows_done == 0
+    assert job.started is None
+    store.finish(job_id, DONE)
+    store.release(job_id)  # only a running job goes back
+    assert store.get(job_id).status == DONE

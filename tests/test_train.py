@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -45,6 +46,7 @@ OPTIONS = {
 def _write_study(path: Path, label: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     hu = np.full((20, 20, 12), -1000.0, dtype=np.float32)
+    hu[:, :, 1:-1] = 40.0  # a body around the "lung", so the chest check passes
     hu[3:-3, 3:-3, 2:-2] = rng.normal(-750, 150, (14, 14, 8))
     if label:
         hu[8:13, 8:13, 4:8] = 40.0  # a dense "lesion"
@@ -97,9 +99,11 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def runs(data) -> dict[str, Path]:
-    """Run A: 1 epoch via the API, then resumed to 2 via the CLI. Run B: 2 epochs straight."""
+    """Run A: 1 epoch via the API, then resumed to 2 via the CLI, keeping per-epoch
+    weights. Run B: 2 epochs straight, default folder (best + last only)."""
     run_a = data["root"] / "run_a"
-    config = load_train_config(data["config"]).replace(epochs=1)
+    config = load_train_config(data["config"]).replace(epochs=1, save_every_epoch=True)
+    lines: list[str] = []
     first = train(
         registry=data["registry"],
         train_keys=data["train"],
@@ -108,8 +112,10 @@ def runs(data) -> dict[str, Path]:
         config=config,
         cache_dir=data["cache"],
         progress=False,
+        echo=lines.append,
     )
     assert first.last_epoch == 1
+    (run_a / "first_lines.txt").write_text("\n".join(lines))
     args = _parse(
         cli_train,
         [
@@ -130,6 +136,7 @@ def runs(data) -> dict[str, Path]:
             "--cache-dir",
             str(data["cache"]),
             "--resume",
+            "--save-every-epoch",
         ],
     )
     assert args.func(args) == 0
@@ -203,6 +210,38 @@ def test_run_folder_artefacts(runs) -> None:
     assert TrainConfig.from_dict(resolved).epochs == 2
     state = torch.load(run / "last_state.pth", map_location="cpu", weights_only=True)
     assert state["epoch"] == 2 and len(state["history"]) == 2
+
+
+def test_default_run_keeps_best_and_last_only(runs) -> None:
+    run = runs["b"]
+    assert (run / "best.pth").is_file() and (run / "last_state.pth").is_file()
+    assert sorted(p.name for p in run.glob("epochs/*/*.pth")) == []
+    for epoch in (1, 2):
+        assert (run / "epochs" / f"epoch_{epoch:03d}" / "val_report.txt").is_file()
+    # outputs get the mode a plain open() gives, not mkstemp's 0600
+    modes = {p.name: p.stat().st_mode & 0o777 for p in run.iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1 and all(m & 0o044 for m in modes.values()), modes
+
+
+def test_run_states_its_disk_use_estimate_and_one_line_per_epoch(runs) -> None:
+    lines = (runs["a"] / "first_lines.txt").read_text().splitlines()
+    disk = next(line for line in lines if "will hold about" in line)
+    # the sizes stated before training are those of the files written
+    stated = {
+        m[0]: float(m[1]) for m in re.findall(r"(best.pth|last_state.pth) ([0-9.]+) MB", disk)
+    }
+    for name in ("best.pth", "last_state.pth"):
+        actual = (runs["a"] / name).stat().st_size / 1e6
+        assert stated[name] == pytest.approx(actual, rel=0.01), name
+    assert "per-epoch weights" in disk
+    estimate = next(line for line in lines if line.startswith("measured"))
+    assert "s per training batch of 2 on cpu" in estimate
+    epoch_lines = [line for line in lines if line.startswith("epoch 1/1")]
+    assert len(epoch_lines) == 1
+    assert "val ROC-AUC" in epoch_lines[0] and "95% CI" in epoch_lines[0]
+    metrics = pd.read_csv(runs["a"] / "metrics.csv")
+    low, auc, high = metrics.loc[0, ["val_roc_auc_ci_low", "val_roc_auc", "val_roc_auc_ci_high"]]
+    assert low <= auc <= high
 
 
 def test_resume_gives_the_uninterrupted_history(runs) -> None:

@@ -91,7 +91,7 @@ def test_round_trip_keeps_outputs_and_card(tmp_path, reference, x, expected) -> 
 
     text = describe_card(loaded)
     assert "0.3100" in text and "youden" in text
-    assert "0.9000 (95% CI 0.8000–0.9700)" in text
+    assert "0.9000 (95% CI 0.8000 – 0.9700)" in text
     assert "level -500 / width 1400" in text
     assert loaded.sha256 in text
 

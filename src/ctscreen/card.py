@@ -18,6 +18,12 @@ from .errors import WeightsError
 
 ARCHITECTURE = "r3d_18"
 CLASS_NAMES: tuple[str, str] = ("no_pathology", "pathology")
+#: Default half-width of the borderline band around the threshold. Backends and
+#: reduced precision move probabilities by up to ~0.01 (benchmarks/bench_precision.py);
+#: a decision within twice that of the threshold is not a firm one.
+DEFAULT_BORDERLINE_BAND = 0.02
+#: The dataset name the synthetic generator's registries carry.
+SYNTHETIC_DATASET = "synthetic"
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class ModelCard:
             calibrated its INT8 graph, what stayed in floating point, the tool
             versions and the measured check against fp32 (``check``, with
             ``passed``); empty otherwise.
+        borderline_band: a probability closer than this to the threshold is
+            flagged as a borderline decision.
     """
 
     architecture: str = ARCHITECTURE
@@ -57,6 +65,7 @@ class ModelCard:
     )
     legacy: bool = False
     quantization: dict[str, Any] = field(default_factory=dict)
+    borderline_band: float = DEFAULT_BORDERLINE_BAND
 
     def __post_init__(self) -> None:
         if self.architecture != ARCHITECTURE:
@@ -65,6 +74,40 @@ class ModelCard:
             )
         if not 0.0 <= float(self.threshold) <= 1.0:
             raise WeightsError(f"threshold must lie in [0, 1], got {self.threshold}.")
+        if not 0.0 <= float(self.borderline_band) < 0.5:
+            raise WeightsError(f"borderline_band must lie in [0, 0.5), got {self.borderline_band}.")
+
+    @property
+    def synthetic_only(self) -> bool:
+        """Whether every training and validation study was synthetic."""
+        datasets = self.training_data.get("datasets") or {}
+        return bool(datasets) and all(SYNTHETIC_DATASET in str(name) for name in datasets)
+
+    def caveats(self) -> tuple[str, ...]:
+        """Sentences every result scored with this model must carry (no semicolons:
+        reports join them with "; ").
+
+        A model trained on synthetic studies only, or at an input shape other than
+        the standard one, says so wherever its numbers appear.
+        """
+        notes = []
+        if self.synthetic_only:
+            notes.append(
+                "this model was trained on synthetic studies only (ctscreen synth or the "
+                "demo), so its probabilities on real CT are not validated"
+            )
+        standard = PreprocessConfig().shape
+        if tuple(self.preprocess.shape) != tuple(standard):
+            shape = "x".join(map(str, self.preprocess.shape))
+            notes.append(
+                f"this model takes a {shape} input, not the standard "
+                f"{'x'.join(map(str, standard))}: it sees less detail and localises coarsely"
+            )
+        return tuple(notes)
+
+    def is_borderline(self, probability: float, threshold: float) -> bool:
+        """Whether ``probability`` lies within :attr:`borderline_band` of ``threshold``."""
+        return abs(float(probability) - float(threshold)) < float(self.borderline_band)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

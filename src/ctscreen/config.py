@@ -57,6 +57,14 @@ class PreprocessConfig:
         d["shape"] = list(self.shape)
         return d
 
+    def describe(self) -> str:
+        """One line for people, e.g. ``"HU window level -600 / width 1500, input 96x192x192"``."""
+        d, h, w = self.shape
+        return (
+            f"HU window level {self.window_level:g} / width {self.window_width:g}, "
+            f"input {d}x{h}x{w}"
+        )
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
         known = {f.name for f in fields(cls)}

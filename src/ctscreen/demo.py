@@ -5,21 +5,31 @@ Everything is written under one folder. The training configuration is small
 (a low-resolution input and a few epochs) so that it finishes in minutes on two
 CPU cores; the numbers it prints are real, measured on held-out synthetic
 studies the model never saw.
+
+The demo says what it will do before doing it: the stages with an overall time
+estimate (refined after every stage from the pace measured so far) and the disk
+it will use. Only ``best.pth`` and the final ``model.pth`` are kept on disk; the
+training resume state (~400 MB) is written only if the run is stopped with
+Ctrl-C, and running the same command again continues from there.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from .config import PreprocessConfig
-from .data.registry import REGISTRY_COLUMNS, write_registry
+from .data.registry import read_registry, write_registry
 from .data.split import split_registry, write_keys
+from .fileio import folder_bytes, format_bytes, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -61,56 +71,155 @@ class DemoConfig:
     workers: int = 2
 
 
+#: The demo's stages and their wall time in seconds on two free cores of the
+#: reference machine (AMD EPYC, 2 vCPUs) at the default sizes; the estimate given
+#: at the start scales these by the default sizes, later ones by the pace measured.
+STAGES: tuple[tuple[str, str, float], ...] = (
+    ("synthesise", "write synthetic DICOM studies and held-out zip archives", 16.0),
+    ("registry", "build the registry and split it by patient", 1.0),
+    ("train", "cache the network inputs and train the model", 170.0),
+    ("evaluate", "evaluate on the validation studies, choose the threshold", 15.0),
+    ("predict", "score the held-out archives into results.xlsx", 15.0),
+)
+#: Bytes on disk per synthetic study of the "tiny" matrix preset (folder, zip).
+_STUDY_BYTES = 330_000
+_ARCHIVE_BYTES = 170_000
+#: r3d_18's float32 weights (one checkpoint).
+_CHECKPOINT_BYTES = 132_700_000
+
+Echo = Callable[[str], None]
+#: PyTorch scores the demo's small inputs in milliseconds; an OpenVINO or ONNX export
+#: would cost more time than it saves and leave a second copy of the model on disk.
+DEMO_BACKEND = "torch"
+
+
 @dataclass
 class DemoResult:
     """Where the demo wrote its outputs and what it measured."""
 
     out: Path
     weights: Path
-    results_table: Path
+    results_table: Path | None
     holdout_metrics: dict[str, object]
     seconds: dict[str, float] = field(default_factory=dict)
+    disk_bytes: int = 0
+    interrupted: bool = False
 
 
-def registry_from_labels(labels_csv: Path, *, dataset: str = "synthetic") -> pd.DataFrame:
-    """Registry rows for a dataset written by :func:`ctscreen.synth.dataset.generate_dataset`."""
-    labels = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
-    root = labels_csv.parent
-    frame = pd.DataFrame(
-        {
-            "study_key": dataset + ":" + labels["study_id"],
-            "path": [str((root / p).resolve()) for p in labels["path"]],
-            "path_type": "dicom",
-            "label": labels["label"].astype(int),
-            "dataset": dataset,
-            "patient_id": labels["patient_id"],
-            "study_uid": labels["study_uid"],
-            "source_category": labels["pathology_type"].replace("", "normal"),
-        }
+def stage_seconds(config: DemoConfig) -> dict[str, float]:
+    """Expected wall seconds of each stage on the reference machine at ``config``'s sizes."""
+    base = DemoConfig()
+    reference = {name: seconds for name, _, seconds in STAGES}
+    voxels = math.prod(config.shape) / math.prod(base.shape)
+    studies = (config.train_studies + config.holdout_studies) / (
+        base.train_studies + base.holdout_studies
     )
-    return frame[list(REGISTRY_COLUMNS)]
+    train_work = config.train_studies * config.epochs * voxels
+    return {
+        "synthesise": reference["synthesise"] * studies,
+        "registry": reference["registry"],
+        "train": reference["train"] * train_work / (base.train_studies * base.epochs),
+        "evaluate": reference["evaluate"] * config.train_studies / base.train_studies,
+        "predict": reference["predict"] * config.holdout_studies / base.holdout_studies,
+    }
 
 
-def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
-    """Run every stage and return where the outputs are."""
+def disk_budget(config: DemoConfig) -> dict[str, int]:
+    """Bytes the demo leaves in ``config.out``, by part."""
+    return {
+        "synthetic studies": config.train_studies * _STUDY_BYTES
+        + config.holdout_studies * _ARCHIVE_BYTES,
+        "cache": config.train_studies * (math.prod(config.shape) + 128),
+        "best.pth and model.pth": 2 * _CHECKPOINT_BYTES,
+    }
+
+
+def budget_line(config: DemoConfig) -> str:
+    """The disk budget as one sentence."""
+    parts = disk_budget(config)
+    detail = ", ".join(f"{name} {format_bytes(n)}" for name, n in parts.items())
+    return (
+        f"disk: about {format_bytes(sum(parts.values()))} in {config.out} ({detail}); "
+        f"{format_bytes(3 * _CHECKPOINT_BYTES)} more for a resume state only if you stop "
+        "it with Ctrl-C"
+    )
+
+
+class _Stages:
+    """Prints a header per stage with the time still to go, from the pace so far."""
+
+    def __init__(self, expected: dict[str, float], echo: Echo) -> None:
+        self.expected = expected
+        self.echo = echo
+        self.seconds: dict[str, float] = {}
+        self._name = ""
+        self._started = 0.0
+
+    def remaining(self) -> float:
+        done_expected = sum(self.expected[n] for n in self.seconds)
+        pace = sum(self.seconds.values()) / done_expected if done_expected else 1.0
+        left = sum(v for n, v in self.expected.items() if n not in self.seconds)
+        return left * pace
+
+    def start(self, name: str) -> None:
+        from .train.progress import format_duration
+
+        index = [s[0] for s in STAGES].index(name) + 1
+        what = dict((s[0], s[1]) for s in STAGES)[name]
+        self.echo(
+            f"[{index}/{len(STAGES)}] {name}: {what} "
+            f"(about {format_duration(self.remaining())} to go)"
+        )
+        self._name, self._started = name, time.perf_counter()
+
+    def stop(self) -> None:
+        self.seconds[self._name] = time.perf_counter() - self._started
+
+
+def run_demo(config: DemoConfig, *, progress: bool = True, echo: Echo | None = None) -> DemoResult:
+    """Run every stage and return where the outputs are.
+
+    Args:
+        config: sizes and the output folder.
+        progress: draw progress bars on stderr.
+        echo: receives the lines meant for the user (stage headers, estimates,
+            training lines); default: this module's logger at INFO level.
+
+    Returns:
+        A :class:`DemoResult`; ``interrupted`` is true when Ctrl-C stopped the
+        training (running the demo again continues it).
+    """
+    from tqdm.auto import tqdm
+
+    from .data.sources.synthetic import build_synthetic
     from .evaluate import evaluate
     from .report import result_rows, rows_to_frame, write_table
     from .screener import Screener
     from .synth.dataset import generate_dataset
     from .train.config import TrainConfig
-    from .train.loop import train
+    from .train.loop import STATE_NAME, train
     from .train.metrics import metrics_with_ci
+    from .train.progress import format_duration
 
+    say: Echo = echo if echo is not None else log.info
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
+    expected = stage_seconds(config)
+    say(
+        f"ctscreen demo: {len(STAGES)} stages, about {format_duration(sum(expected.values()))} "
+        "on two free CPU cores (longer on a busy or slower machine)"
+    )
+    say(budget_line(config))
+    stages = _Stages(expected, say)
+
+    stages.start("synthesise")
     labels = generate_dataset(
         out / "data",
         n_studies=config.train_studies,
         seed=config.seed,
         matrix=config.matrix,
         pathologies=config.pathologies,
+        progress=progress,
     )
     holdout_labels = generate_dataset(
         out / "holdout",
@@ -119,18 +228,21 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
         matrix=config.matrix,
         zip_archives=True,
         pathologies=config.pathologies,
+        progress=progress,
     )
-    seconds["synthesise"] = time.perf_counter() - t
+    stages.stop()
 
-    t = time.perf_counter()
-    registry = registry_from_labels(labels)
-    write_registry(registry, out / "registry.csv")
+    stages.start("registry")
+    # Read back: the same absolute paths as any later command reading registry.csv.
+    registry = read_registry(
+        write_registry(build_synthetic(labels.parent).rows, out / "registry.csv")
+    )
     split = split_registry(registry, val_fraction=0.25, seed=config.seed)
     write_keys(split.train_keys, out / "train_keys.txt")
     write_keys(split.val_keys, out / "val_keys.txt")
-    seconds["registry"] = time.perf_counter() - t
+    stages.stop()
 
-    t = time.perf_counter()
+    stages.start("train")
     train_config = TrainConfig(
         epochs=config.epochs,
         batch_size=config.batch_size,
@@ -143,25 +255,34 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
         # A few epochs from scratch: augmentation would only slow the first signal down.
         augment=False,
         lr_schedule="cosine",
+        # Two minutes of training: a crash costs little, 400 MB per epoch would not.
+        resume_state="on_interrupt",
     )
+    run_dir = out / "run"
+    resume = (run_dir / STATE_NAME).exists()
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # a finished run of an earlier demo: train afresh
     result = train(
         registry=registry,
         train_keys=split.train_keys,
         val_keys=split.val_keys,
-        out_dir=out / "run",
+        out_dir=run_dir,
         config=train_config,
         cache_dir=out / "cache",
-        resume=(out / "run" / "last_state.pth").exists(),
+        resume=resume,
         progress=progress,
+        echo=say,
     )
+    stages.stop()
+    if result.interrupted:
+        return DemoResult(out, out / "model.pth", None, {}, stages.seconds, interrupted=True)
     if result.best_path is None:
         raise RuntimeError(
             "training validated no epoch"
         )  # cannot happen: the last epoch is validated
-    seconds["train"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    evaluation = evaluate(
+    stages.start("evaluate")
+    evaluate(
         weights=result.best_path,
         registry=registry,
         keys=split.val_keys,
@@ -169,22 +290,31 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
         threshold_rule="youden",
         write_threshold=out / "model.pth",
         progress=progress,
+        device="cpu",
+        backend=DEMO_BACKEND,
     )
-    seconds["evaluate"] = time.perf_counter() - t
-    del evaluation
+    stages.stop()
 
-    t = time.perf_counter()
-    screener = Screener(out / "model.pth", device="cpu")
+    stages.start("predict")
+    screener = Screener(out / "model.pth", device="cpu", backend=DEMO_BACKEND)
     holdout = pd.read_csv(holdout_labels, dtype=str, keep_default_na=False)
     archives = [holdout_labels.parent / p for p in holdout["path"]]
-    results = list(screener.score(archives))
+    results = list(
+        tqdm(
+            screener.score(archives),
+            total=len(archives),
+            desc="predict",
+            unit="archive",
+            disable=not progress,
+        )
+    )
     rows = [row for result in results for row in result_rows(result)]
     table = write_table(
         rows_to_frame(rows),
         out / "results.xlsx",
         run_info=screener.run_info() | {"note": "synthetic demo data; research tool"},
     )
-    seconds["predict"] = time.perf_counter() - t
+    stages.stop()
 
     truth = dict(zip(holdout["study_uid"], holdout["label"].astype(int), strict=True))
     scored = [r for r in results if r.ok]
@@ -193,11 +323,14 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoResult:
     holdout_metrics = metrics_with_ci(y, p, threshold=screener.threshold, n_boot=1000, seed=0)
     holdout_metrics["n_studies"] = len(scored)
     holdout_metrics["n_failures"] = len(results) - len(scored)
-    (out / "holdout_metrics.json").write_text(json.dumps(holdout_metrics, indent=2, default=float))
+    write_text_atomic(
+        out / "holdout_metrics.json", json.dumps(holdout_metrics, indent=2, default=float)
+    )
     return DemoResult(
         out=out,
         weights=out / "model.pth",
         results_table=table,
         holdout_metrics=holdout_metrics,
-        seconds=seconds,
+        seconds=stages.seconds,
+        disk_bytes=folder_bytes(out),
     )

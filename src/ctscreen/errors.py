@@ -75,3 +75,9 @@ class DatasetError(CtscreenError):
     """A dataset root, registry or split file is missing or inconsistent."""
 
     code = "DATASET"
+
+
+class NotChestError(CtscreenError):
+    """The series to score is not a chest CT (too little aerated lung in the image)."""
+
+    code = "NOT_CHEST"

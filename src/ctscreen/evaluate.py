@@ -121,10 +121,7 @@ def format_metrics_table(
     for name, m in metrics.items():
         label = metrics_lib.METRIC_LABELS.get(name, name)
         value = "nan" if not math.isfinite(m["value"]) else f"{m['value']:.4f}"
-        if math.isfinite(m["ci_low"]) and math.isfinite(m["ci_high"]):
-            ci = f"{m['ci_low']:.4f} – {m['ci_high']:.4f}"
-        else:
-            ci = "undefined"
+        ci = metrics_lib.format_interval(m["ci_low"], m["ci_high"])
         lines.append(f"{label:<14}{value:>8}   {ci}")
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ axis, as does canonical voxel ``i`` of ``N`` at ``(i + 0.5) / N``.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,7 +28,22 @@ BOX_FRACTION = 0.5
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    """Logistic function without overflow (|x| of 1000 gives exactly 0 or 1, no warning)."""
+    x = np.asarray(x, dtype=np.float64)
+    z = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+
+
+def probability(logit: float) -> float:
+    """The probability of a logit, always a finite number in [0, 1].
+
+    Raises:
+        ValueError: ``logit`` is NaN (a network fed non-finite input); callers turn
+            that into a Failure, never into a number.
+    """
+    if math.isnan(logit):
+        raise ValueError("the network returned NaN instead of a score")
+    return float(_sigmoid(np.float64(logit)))
 
 
 def depth_logits(cam: np.ndarray, bias: float) -> np.ndarray:
@@ -58,6 +74,8 @@ def localization_box(cam: np.ndarray, volume: Volume) -> tuple[float, ...] | Non
         the axis-aligned box that holds every feature cell whose activation is at
         least ``BOX_FRACTION`` of the maximum; None when no cell is positive.
     """
+    if cam.size == 0 or not np.isfinite(cam).all() or not np.isfinite(volume.affine).all():
+        return None
     peak = float(cam.max())
     if peak <= 0:
         return None
@@ -70,6 +88,8 @@ def localization_box(cam: np.ndarray, volume: Volume) -> tuple[float, ...] | Non
     edges = np.stack([lo / grid * shape - 0.5, hi / grid * shape - 0.5], axis=1)
     world = _corners(edges) @ volume.affine.T
     mins, maxs = world[:, :3].min(axis=0), world[:, :3].max(axis=0)
+    if not (np.isfinite(mins).all() and np.isfinite(maxs).all()):
+        return None
     return tuple(round(float(v), 1) for pair in zip(mins, maxs, strict=True) for v in pair)
 
 

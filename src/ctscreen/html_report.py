@@ -12,9 +12,16 @@ then writes ``index.html``. When all pictures together stay under
 :data:`EMBED_LIMIT_BYTES` they are embedded as base64 and ``img/`` is removed, so
 the report is one self-contained file; a larger run links to ``img/`` instead.
 
-Pictures are drawn from the network input (the model card's HU window, canonical
-orientation: anterior at the top, the patient's right on the viewer's left) with
-the physical aspect ratio of the scanned field of view.
+Key slices are drawn from the study's own pixels at their native resolution when
+the results carry their volume (``Screener.score(..., keep_volume=True)``), in the
+model card's HU window, with the activation map resampled onto each slice and
+shown only inside the body (the largest connected region denser than
+:data:`BODY_HU`, holes filled), never on the air around the patient or outside the
+scanner's field of view. Without the volume they are drawn from the network input.
+Orientation is canonical: anterior at the top, the patient's right on the viewer's
+left. When the slice scores are flat (spread below :data:`FLAT_SPREAD`) no slice
+stands out, and the report says so and shows slices spread evenly instead of a
+ranking that would only reflect noise.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import io
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +56,11 @@ log = logging.getLogger(__name__)
 EMBED_LIMIT_BYTES = 20 * 2**20
 #: Highest-scoring slices shown per series (plus one reference slice).
 TOP_SLICES = 4
+#: Slice scores spanning less than this (probability units) single out no slice.
+FLAT_SPREAD = 0.05
+#: Voxels above this HU belong to the patient (air, lung parenchyma inside the body is
+#: recovered by filling holes; the field-of-view padding is far below it).
+BODY_HU = -500.0
 #: Activation below this share of the series' maximum is left transparent.
 OVERLAY_FLOOR = 0.2
 OVERLAY_CMAP = "YlOrRd"
@@ -164,6 +177,87 @@ def pick_key_slices(
     return tuple(picks)
 
 
+def scores_are_flat(slice_score: np.ndarray, spread: float = FLAT_SPREAD) -> bool:
+    """Whether the per-slice scores span less than ``spread`` (no slice stands out)."""
+    values = np.asarray(slice_score, dtype=np.float64)
+    return bool(values.size == 0 or float(values.max() - values.min()) < spread)
+
+
+def even_key_slices(
+    n_input: int, slice_score: np.ndarray, *, count: int = TOP_SLICES
+) -> tuple[KeySlice, ...]:
+    """``count`` input slices spread evenly over the depth (for flat scores), feet first."""
+    n_slices = len(slice_score)
+    indices = sorted({int(i) for i in np.linspace(0, n_input - 1, count + 2)[1:-1].round()})
+    picks = []
+    for rank, index in enumerate(indices, start=1):
+        s = input_to_slice(index, n_input, n_slices)
+        picks.append(KeySlice(index, s, float(slice_score[s]), "even", rank))
+    return tuple(picks)
+
+
+def body_mask(hu: np.ndarray, threshold: float = BODY_HU) -> np.ndarray:
+    """The patient's body on one axial slice: the largest region above ``threshold`` HU,
+    holes (the lungs, airways) filled. Air outside the body, the table when it does not
+    touch the patient, and the padding outside the field of view are left out.
+
+    Args:
+        hu: ``[H, W]`` slice in HU.
+
+    Returns:
+        bool ``[H, W]``.
+    """
+    from scipy import ndimage
+
+    solid = np.asarray(hu) > threshold
+    labels, n = ndimage.label(solid)
+    if n == 0:
+        return np.zeros(solid.shape, dtype=bool)
+    sizes = ndimage.sum_labels(solid, labels, index=np.arange(1, n + 1))
+    largest = labels == (int(np.argmax(sizes)) + 1)
+    return ndimage.binary_fill_holes(largest)
+
+
+def cam_on_native_slice(
+    cam: np.ndarray, slice_index: int, n_slices: int, plane: Sequence[int]
+) -> np.ndarray:
+    """The activation map at one canonical slice, resampled to that slice's own pixels.
+
+    The network input is the whole volume resized, so the map's grid spans the
+    same extent as the volume: resampling cell centres onto voxel centres aligns them.
+
+    Returns:
+        float64 ``[H, W]`` for ``plane = (H, W)``, in the map's units.
+    """
+    d, h, w = cam.shape
+    along_depth = interpolation_matrix(int(n_slices), d)[slice_index] @ cam.reshape(d, h * w)
+    height, width = (int(s) for s in plane)
+    return (
+        interpolation_matrix(height, h)
+        @ along_depth.reshape(h, w)
+        @ (interpolation_matrix(width, w).T)
+    )
+
+
+def native_slice_png(
+    hu: np.ndarray, heat: np.ndarray | None, *, vmax: float, window: tuple[float, float]
+) -> bytes:
+    """One axial slice at its own resolution (one PNG pixel per CT pixel), windowed to
+    ``window = (level, width)`` HU, with ``heat`` overlaid inside the body only."""
+    from matplotlib.image import imsave
+
+    level, width = window
+    gray = np.clip((np.asarray(hu, dtype=np.float64) - (level - width / 2.0)) / width, 0.0, 1.0)
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    if heat is not None and vmax > 0:
+        rgba = overlay_rgba(heat, vmax)
+        alpha = rgba[..., 3:4] * body_mask(hu)[..., None]
+        rgb = rgb * (1.0 - alpha) + rgba[..., :3] * alpha
+    buffer = io.BytesIO()
+    imsave(buffer, np.clip(rgb, 0.0, 1.0), format="png")
+    return buffer.getvalue()
+
+
 # --------------------------------------------------------------------------- pictures
 
 
@@ -263,6 +357,8 @@ def render_strip(
     *,
     box_voxels: np.ndarray | None,
     window: tuple[float, float],
+    note: str = "",
+    panel: float = 2.25,
 ) -> bytes:
     """Key axial slices with the activation map overlaid, as PNG bytes.
 
@@ -271,6 +367,9 @@ def render_strip(
         key_slices: which slices, in display order.
         box_voxels: the localisation box from :func:`box_in_voxels`, or None.
         window: ``(level, width)`` in HU of the network input, for the title.
+        note: a line drawn in bold red at the bottom (the DICOM key images'
+            "not for diagnosis" warning); none when empty.
+        panel: width of one slice panel in inches.
     """
     image = result.image
     volume = result.geometry
@@ -281,7 +380,6 @@ def render_strip(
     _, height_mm, width_mm = (n * s for n, s in zip(volume.shape, volume.spacing, strict=True))
     n = max(len(key_slices), 1)
     aspect = height_mm / width_mm if width_mm > 0 else 1.0
-    panel = 2.25
     fig = Figure(figsize=(panel * n + 1.0, panel * aspect + 0.9), layout="constrained")
     axes = fig.subplots(1, n + 1, width_ratios=[1.0] * n + [0.06], squeeze=False)[0]
     extent = (0.0, width_mm, height_mm, 0.0)
@@ -333,10 +431,14 @@ def render_strip(
             0.99, 0.5, "no positive evidence", rotation=90, va="center", ha="right", fontsize=8
         )
     fig.suptitle(
-        f"Key axial slices, lung window L {level:g} / W {width:g} HU, activation map overlaid"
+        f"Key axial slices, lung window L {level:g} / W {width:g} HU"
+        + ("\n" if n == 1 else ", ")  # one panel is too narrow for one line
+        + "activation map overlaid"
         + ("; dashed box: localisation" if box_voxels is not None else ""),
         fontsize=10,
     )
+    if note:
+        fig.supxlabel(note, fontsize=10, fontweight="bold", color="#b00020")
     return _png(fig)
 
 
@@ -378,6 +480,9 @@ class _Pictures:
     curve: str
     strip: str
     key_slices: tuple[KeySlice, ...]
+    native: tuple[str, ...] = ()
+    flat: bool = False
+    pixel_mm: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -452,7 +557,11 @@ class ReportWriter:
         assert result.bias is not None and result.probability is not None
         scores = slice_scores(cam, result.bias, volume.shape[0])
         input_scores = slice_scores(cam, result.bias, image.shape[0])
-        keys = pick_key_slices(input_scores, scores)
+        flat = scores_are_flat(scores)
+        if flat:
+            keys = even_key_slices(image.shape[0], scores)
+        else:
+            keys = pick_key_slices(input_scores, scores)
         box_voxels = None if result.box is None else box_in_voxels(result.box, volume)
         curve = render_curve(
             scores,
@@ -462,19 +571,42 @@ class ReportWriter:
             volume=volume,
             box_voxels=box_voxels,
         )
-        strip = render_strip(result, keys, box_voxels=box_voxels, window=self.window)
-        names = (f"{stem}-curve.png", f"{stem}-slices.png")
+        pictures: dict[str, bytes] = {f"{stem}-curve.png": curve}
+        native: list[str] = []
+        if result.volume is not None:
+            # The study's own pixels: one PNG per key slice, one pixel per CT pixel.
+            hu = result.volume.hu
+            peak = float(np.nan_to_num(cam).max())
+            for key in keys:
+                heat = cam_on_native_slice(
+                    np.nan_to_num(np.asarray(cam, dtype=np.float64)),
+                    key.slice_index,
+                    hu.shape[0],
+                    hu.shape[1:],
+                )
+                name = f"{stem}-slice{key.slice_index:04d}.png"
+                pictures[name] = native_slice_png(
+                    hu[key.slice_index], heat, vmax=peak, window=self.window
+                )
+                native.append(name)
+            strip_name = ""
+        else:
+            strip_name = f"{stem}-slices.png"
+            pictures[strip_name] = render_strip(
+                result, keys, box_voxels=box_voxels, window=self.window
+            )
         try:
-            for name, data in zip(names, (curve, strip), strict=True):
+            for name, data in pictures.items():
                 (self.img_dir / name).write_bytes(data)
         except OSError as exc:
             raise ConfigError(
                 f"cannot write report pictures into {self.img_dir} ({exc.strerror or exc}); "
                 "free some disk space or choose another --report folder."
             ) from exc
-        self._bytes += len(curve) + len(strip)
+        self._bytes += sum(len(data) for data in pictures.values())
         log.debug("rendered report pictures for %s", result.location)
-        return _Pictures(names[0], names[1], keys)
+        spacing = (float(volume.spacing[1]), float(volume.spacing[2]))
+        return _Pictures(f"{stem}-curve.png", strip_name, keys, tuple(native), flat, spacing)
 
     def finish(self, *, run_info: Mapping[str, Any]) -> Path:
         """Write ``index.html`` for every study added.
@@ -496,8 +628,9 @@ class ReportWriter:
             if embed:
                 for entry in self._entries:
                     if entry.pictures is not None:
-                        (self.img_dir / entry.pictures.curve).unlink(missing_ok=True)
-                        (self.img_dir / entry.pictures.strip).unlink(missing_ok=True)
+                        names = (entry.pictures.curve, entry.pictures.strip, *entry.pictures.native)
+                        for name in filter(None, names):
+                            (self.img_dir / name).unlink(missing_ok=True)
                 if not any(self.img_dir.iterdir()):
                     self.img_dir.rmdir()
         except OSError as exc:
@@ -528,6 +661,11 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;
  background:#f4f5f7;color:#1d2329;line-height:1.45}
 main{max-width:1240px;margin:0 auto;padding:24px}
 h1{margin:0 0 4px;font-size:1.7em}h2{font-size:1.25em;margin:28px 0 10px}
+.banner{background:#fdecea;border:2px solid #c62828;border-radius:6px;padding:10px 14px;
+ color:#8a1c12;font-weight:600;margin:12px 0}.banner ul{margin:4px 0}
+.borderline{background:#ef6c00}
+.keys{display:flex;flex-wrap:wrap;gap:12px}.keys figure{margin:0}
+.keys img{max-width:100%;height:auto;image-rendering:auto}
 .note{background:#fff4d6;border:1px solid #e7c76b;border-left:6px solid #d9a400;
  padding:10px 14px;border-radius:6px;font-weight:600}
 .muted{color:#5c6670;font-size:.9em}
@@ -642,7 +780,9 @@ def _overview(entries: Sequence[_Entry], threshold: float | None) -> str:
             f'<td><a href="#card-{number}">{_e(result.location)}</a></td>'
             f'<td class="mono">{_e(result.study_uid or _DASH)}</td>'
             f'<td class="num">{shown}</td>'
-            f'<td><span class="badge {css}">{_e(text)}</span></td></tr>'
+            f'<td><span class="badge {css}">{_e(text)}</span>'
+            + (' <span class="badge borderline">borderline</span>' if result.borderline else "")
+            + "</td></tr>"
         )
     head = (
         "<tr><th>#</th><th>study</th><th>StudyInstanceUID</th><th>probability</th>"
@@ -656,6 +796,8 @@ def _card(number: int, entry: _Entry, image_src: Any, threshold: float | None) -
     css, text = _decision(entry)
     probability = row.probability
     title = [f"<span>#{number}</span>", f'<span class="badge {css}">{_e(text)}</span>']
+    if row.borderline:
+        title.append('<span class="badge borderline">borderline</span>')
     if probability is not None:
         shown = format_probability(probability, threshold)
         title.append(f'<span class="prob">p = {shown}</span>')
@@ -693,17 +835,71 @@ def _card(number: int, entry: _Entry, image_src: Any, threshold: float | None) -
             "same forward pass; the study probability is the sigmoid of the mean slice logit."
             "</figcaption></figure>"
         )
-        parts.append(
-            f'<figure><img alt="key axial slices of card {number}" '
-            f'src="{image_src(pictures.strip)}"><figcaption>Highest-scoring slices and the '
-            "lowest-scoring one for reference, viewed from the feet (patient's right on the "
-            "left); colour shows where the model found evidence of pathology.</figcaption>"
-            "</figure>"
-        )
+        parts.append(_key_slices_html(number, entry, image_src))
     elif row.ok:
         parts.append('<p class="muted">No pictures for this series.</p>')
     parts.append("</section>")
     return "".join(parts)
+
+
+def _banner(run_info: Mapping[str, Any]) -> str:
+    """A red banner with what the model card says about the model's limits, if anything."""
+    notes = [n.strip() for n in str(run_info.get("model_warnings") or "").split(";") if n.strip()]
+    if not notes:
+        return ""
+    items = "".join(f"<li>{_e(n)}</li>" for n in notes)
+    return (
+        '<div class="banner">Read these results with care: the model card says'
+        f"<ul>{items}</ul></div>"
+    )
+
+
+def _key_slices_html(number: int, entry: _Entry, image_src: Any) -> str:
+    pictures = entry.pictures
+    assert pictures is not None
+    scores = entry.result.slice_scores
+    spread = ""
+    if scores is not None and len(scores):
+        spread = f"slice scores span {float(np.min(scores)):.3f}{_DASH}{float(np.max(scores)):.3f}"
+    if pictures.flat:
+        lead = (
+            f"<p><strong>No slice stands out</strong> ({spread}): the evidence is spread over "
+            "the whole volume, so the slices below are spaced evenly, not ranked.</p>"
+        )
+    else:
+        lead = ""
+    if not pictures.native:
+        return (
+            f'{lead}<figure><img alt="key axial slices of card {number}" '
+            f'src="{image_src(pictures.strip)}"><figcaption>Key slices from the network input, '
+            "viewed from the feet (patient's right on the left); colour shows where the model "
+            "found evidence of pathology.</figcaption></figure>"
+        )
+    refs = entry.result.slices
+    figures = []
+    for key, name in zip(pictures.key_slices, pictures.native, strict=True):
+        ref = refs[key.slice_index] if key.slice_index < len(refs) else None
+        number_text = (
+            f", InstanceNumber {ref.instance_number}" if ref and ref.instance_number else ""
+        )
+        role = {
+            "top": f"#{key.rank} highest score",
+            "reference": "lowest score (reference)",
+            "even": f"slice {key.rank} of {len(pictures.key_slices)}, evenly spaced",
+        }[key.role]
+        figures.append(
+            f'<figure><img alt="slice {key.slice_index} of card {number}" '
+            f'src="{image_src(name)}"><figcaption>{_e(role)}: slice {key.slice_index}'
+            f"{_e(number_text)}, score {key.score:.3f}</figcaption></figure>"
+        )
+    dy, dx = pictures.pixel_mm
+    caption = (
+        f"Key slices from the study's own pixels (one image pixel per CT pixel, "
+        f"{dx:.2f} x {dy:.2f} mm), lung window, anterior at the top and the patient's right "
+        "on the left; colour shows where the model found evidence of pathology, inside the "
+        "body only."
+    )
+    return f'{lead}<div class="keys">{"".join(figures)}</div><p class="muted">{caption}</p>'
 
 
 def _page(entries: Sequence[_Entry], run_info: Mapping[str, Any], *, image_src: Any) -> str:
@@ -721,7 +917,7 @@ def _page(entries: Sequence[_Entry], run_info: Mapping[str, Any], *, image_src: 
         "<h1>ctscreen report</h1>"
         f'<p class="muted">Chest CT screening run, written {_e(created)}.</p>'
         f'<p class="note">{_e(CLINICAL_NOTE)}</p>'
-        f"{_summary(entries, run_info)}{_overview(entries, threshold)}"
+        f"{_banner(run_info)}{_summary(entries, run_info)}{_overview(entries, threshold)}"
         f"<h2>Details</h2>{cards}"
         "</main></body></html>\n"
     )

@@ -20,13 +20,14 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .chest import require_chest
 from .config import PreprocessConfig, SelectionConfig
 from .data.registry import PATH_TYPES
 from .dicom.discover import Study, discover
@@ -87,6 +88,7 @@ class PreparedStudy:
         warnings: model, input, study and volume warnings, in that order.
         array: the network input ``[D, H, W]`` float32 in [0, 1]; None on failure.
         geometry: the volume without voxels; None on failure.
+        volume: the volume with its HU voxels, only when asked for (``keep_volume``).
         error: why the study failed ("" when ``array`` is set).
         seconds: time spent reading and preprocessing it.
         timings: ``read_s`` and ``preprocess_s``.
@@ -100,6 +102,7 @@ class PreparedStudy:
     warnings: tuple[str, ...] = ()
     array: np.ndarray | None = None
     geometry: Volume | None = None
+    volume: Volume | None = None
     error: str = ""
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -118,7 +121,12 @@ def without_voxels(volume: Volume) -> Volume:
 
 
 def _prepared(
-    volume: Volume, config: PreprocessConfig, *, started: float, **fields: object
+    volume: Volume,
+    config: PreprocessConfig,
+    *,
+    started: float,
+    keep_volume: bool = False,
+    **fields: object,
 ) -> PreparedStudy:
     """Preprocess ``volume`` into a :class:`PreparedStudy` (``started``: when reading began)."""
     t1 = time.perf_counter()
@@ -130,6 +138,7 @@ def _prepared(
         warnings=warnings,
         array=array,
         geometry=without_voxels(volume),
+        volume=volume if keep_volume else None,
         seconds=t2 - started,
         timings={"read_s": t1 - started, "preprocess_s": t2 - t1},
     )
@@ -144,6 +153,7 @@ def prepare_study(
     all_series: bool = False,
     share_seconds: float = 0.0,
     warnings: tuple[str, ...] = (),
+    keep_volume: bool = False,
 ) -> Iterator[PreparedStudy]:
     """Select, build and preprocess the series of one discovered study.
 
@@ -155,6 +165,7 @@ def prepare_study(
         all_series: one item per eligible series instead of the chosen one only.
         share_seconds: this study's share of the input's discovery time.
         warnings: model and input warnings to put before the study's own.
+        keep_volume: keep the HU volume on each item (for pictures at full resolution).
     """
     start = time.perf_counter() - share_seconds
     base = dict(input_path=input_path, location=study.location, study_uid=study.study_uid)
@@ -177,7 +188,16 @@ def prepare_study(
         fields = dict(base, series_uid=candidate.series_uid, reason=reason, warnings=notes)
         try:
             volume = build_volume(candidate.series)
-            item = _prepared(volume, config, started=start, **fields)
+            chest_notes = require_chest(
+                volume, candidate.series.first.region_tags, where=volume.source
+            )
+            item = _prepared(
+                volume,
+                config,
+                started=start,
+                keep_volume=keep_volume,
+                **(fields | {"warnings": notes + chest_notes}),
+            )
         except (CtscreenError, *UNEXPECTED) as exc:
             item = PreparedStudy(
                 **fields,  # type: ignore[arg-type]
@@ -194,6 +214,8 @@ def prepare_input(
     selection: SelectionConfig,
     all_series: bool = False,
     warnings: tuple[str, ...] = (),
+    work_root: Path | None = None,
+    keep_volume: bool = False,
 ) -> Iterator[PreparedStudy]:
     """Discover, select, decode and preprocess one input, study by study.
 
@@ -203,41 +225,41 @@ def prepare_input(
     """
     shown = str(input_path)
     start = time.perf_counter()
+
+    def failed(exc: BaseException) -> PreparedStudy:
+        return PreparedStudy(
+            input_path=shown,
+            location=shown,
+            study_uid="",
+            error=error_sentence(exc, shown),
+            warnings=warnings,
+            seconds=time.perf_counter() - start,
+        )
+
     if is_nifti(input_path):
         try:
             volume = read_nifti(input_path)
-            yield _prepared(
+            chest_notes = require_chest(volume, where=shown)
+            item = _prepared(
                 volume,
                 config,
                 started=start,
+                keep_volume=keep_volume,
                 input_path=shown,
                 location=shown,
                 study_uid="",
                 reason="NIfTI file (one volume)",
-                warnings=warnings,
+                warnings=warnings + chest_notes,
             )
         except (CtscreenError, *UNEXPECTED) as exc:
-            yield PreparedStudy(
-                input_path=shown,
-                location=shown,
-                study_uid="",
-                error=error_sentence(exc, shown),
-                warnings=warnings,
-                seconds=time.perf_counter() - start,
-            )
+            item = failed(exc)
+        yield item
         return
-    with tempfile.TemporaryDirectory(prefix="ctscreen-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ctscreen-", dir=work_root) as tmp:
         try:
             found = discover(input_path, work_dir=Path(tmp) / "extract")
         except (CtscreenError, *UNEXPECTED) as exc:
-            yield PreparedStudy(
-                input_path=shown,
-                location=shown,
-                study_uid="",
-                error=error_sentence(exc, shown),
-                warnings=warnings,
-                seconds=time.perf_counter() - start,
-            )
+            yield failed(exc)
             return
         share = (time.perf_counter() - start) / len(found.studies)
         for study in found.studies:
@@ -249,7 +271,93 @@ def prepare_input(
                 all_series=all_series,
                 share_seconds=share,
                 warnings=warnings + found.warnings,
+                keep_volume=keep_volume,
             )
+
+
+#: Default time limit for one study (discovery of its input included), in seconds:
+#: the task allows 10 minutes per study.
+STUDY_TIMEOUT_S = 600.0
+
+
+def timeout_item(input_path: Path, limit: float, warnings: tuple[str, ...]) -> PreparedStudy:
+    """The failure item of an input whose next study did not arrive within ``limit`` s."""
+    shown = str(input_path)
+    return PreparedStudy(
+        input_path=shown,
+        location=shown,
+        study_uid="",
+        error=(
+            f"reading {input_path.name} took longer than the time limit of {limit:g} s per "
+            "study, so it was stopped and the run went on; check the input (a damaged or "
+            "enormous file) or raise the limit (--study-timeout)."
+        ),
+        warnings=warnings,
+        seconds=limit,
+    )
+
+
+def with_deadline(
+    make: Callable[[], Iterator[PreparedStudy]],
+    *,
+    input_path: Path,
+    limit: float | None,
+    warnings: tuple[str, ...] = (),
+) -> Iterator[PreparedStudy]:
+    """The items of ``make()``, each due within ``limit`` seconds of the one before.
+
+    The items are made in a daemon thread. When one is late, a failure item says
+    so and the input is abandoned: Python cannot stop a thread, so it is told to
+    stop at its next item and its work area lies under the run's work root, which
+    the run removes. Items that arrived before the deadline are kept.
+    """
+    if limit is None or limit <= 0:
+        yield from make()
+        return
+    box: queue.Queue[object] = queue.Queue(maxsize=1)  # one study ahead bounds memory
+    done = object()
+    stop = threading.Event()
+
+    def offer(obj: object) -> bool:
+        """Put ``obj`` in the box unless the consumer has gone; False when it has."""
+        while not stop.is_set():
+            try:
+                box.put(obj, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        items = make()
+        try:
+            for item in items:
+                if not offer(item):
+                    return
+        except BaseException as exc:  # handed to the consumer
+            offer(exc)
+            return
+        finally:
+            items.close()
+        offer(done)
+
+    worker = threading.Thread(target=produce, name=f"ctscreen-read-{input_path.name}", daemon=True)
+    worker.start()
+    try:
+        while True:
+            try:
+                item = box.get(timeout=limit)
+            except queue.Empty:
+                log.error("%s: no study within %g s; input abandoned", input_path, limit)
+                yield timeout_item(input_path, limit, warnings)
+                return
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
 
 
 def prepare_inputs(
@@ -260,19 +368,33 @@ def prepare_inputs(
     all_series: bool = False,
     warnings: tuple[str, ...] = (),
     readers: int = 1,
+    study_timeout: float | None = None,
+    work_root: Path | None = None,
+    keep_volume: bool = False,
 ) -> Iterator[PreparedStudy]:
     """:func:`prepare_input` for every input, in input order.
 
     With ``readers`` above 1, that many inputs are read at once in threads
     (decoding and resizing release the GIL; header parsing takes turns), each
     input's studies are kept until their turn comes, and at most ``readers``
-    inputs are in flight.
+    inputs are in flight. With ``study_timeout``, an input whose next study takes
+    longer than that many seconds gives a failure item and the run goes on
+    (:func:`with_deadline`); temporary folders go under ``work_root``.
     """
 
     def one(path: Path) -> Iterator[PreparedStudy]:
-        return prepare_input(
-            Path(path), config=config, selection=selection, all_series=all_series, warnings=warnings
-        )
+        def make() -> Iterator[PreparedStudy]:
+            return prepare_input(
+                Path(path),
+                config=config,
+                selection=selection,
+                all_series=all_series,
+                warnings=warnings,
+                work_root=work_root,
+                keep_volume=keep_volume,
+            )
+
+        return with_deadline(make, input_path=Path(path), limit=study_timeout, warnings=warnings)
 
     if readers <= 1 or len(inputs) <= 1:
         for input_path in inputs:

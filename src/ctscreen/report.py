@@ -187,6 +187,24 @@ class ResultRow:
         record.update(self.extras)
         return record
 
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ResultRow:
+        """The row :meth:`to_record` made ``record`` from (e.g. read back from a journal).
+
+        Warnings come back as one joined sentence; the table cell is the same.
+        """
+        fixed = {k: record.get(k) for k in FIXED_COLUMNS}
+        loc = fixed.pop("pathology_localization")
+        warnings = fixed.pop("warnings") or ""
+        return cls(
+            **{k: v for k, v in fixed.items() if v is not None},  # type: ignore[arg-type]
+            pathology_localization=(
+                None if not loc else tuple(float(v) for v in str(loc).split(","))
+            ),
+            warnings=(str(warnings),) if warnings else (),
+            extras={k: v for k, v in record.items() if k not in FIXED_COLUMNS},
+        )
+
 
 #: Row layouts: one row per study, per eligible series, or per slice of the scored series.
 ROW_MODES: tuple[str, ...] = ("study", "series", "slice")

@@ -62,6 +62,12 @@ class StudyResult:
         geometry: the scored volume without voxels (shape, spacing, affine).
         image: the network input ``[D', H', W']`` in [0, 1]; only when asked for
             (``keep_image=True``), as it is the largest part.
+        volume: the scored volume with its HU voxels at the study's own
+            resolution (canonical orientation); only when asked for
+            (``keep_volume=True``), for pictures drawn from the study's pixels.
+        borderline: the probability lies within the model card's
+            ``borderline_band`` of the threshold, so a small change of the input
+            could flip the decision (also said in ``warnings``).
         seconds: time spent on this study (its reading share, decoding,
             preprocessing and its share of the forward pass).
         timings: the stages of ``seconds`` (``read_s``, ``preprocess_s``, ``model_s``).
@@ -85,6 +91,8 @@ class StudyResult:
     bias: float | None = None
     geometry: Volume | None = field(default=None, repr=False)
     image: np.ndarray | None = field(default=None, repr=False)
+    volume: Volume | None = field(default=None, repr=False)
+    borderline: bool = False
     seconds: float = 0.0
     timings: Mapping[str, float] = field(default_factory=dict)
 
@@ -112,6 +120,6 @@ class StudyResult:
         return None if self.geometry is None else self.geometry.shape[0]
 
     def without_maps(self) -> StudyResult:
-        """A copy without the activation map and the network input, the two large
-        arrays (what a consumer keeps once it has drawn its pictures)."""
-        return replace(self, cam=None, image=None)
+        """A copy without the activation map, the network input and the volume, the
+        large arrays (what a consumer keeps once it has drawn its pictures)."""
+        return replace(self, cam=None, image=None, volume=None)

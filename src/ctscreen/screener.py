@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,7 +31,7 @@ from .config import PreprocessConfig, SelectionConfig
 from .errors import ConfigError
 from .explain import localization_box, slice_scores
 from .hardware import default_batch_size, default_readers, select_device
-from .pipeline import PreparedStudy, batches, prefetched, prepare_inputs
+from .pipeline import STUDY_TIMEOUT_S, PreparedStudy, batches, prefetched, prepare_inputs
 from .results import StudyResult, sigmoid
 from .weights import LoadedModel, load_checkpoint
 
@@ -64,6 +66,8 @@ class Screener:
         prefetch: studies read ahead of the network (at least ``batch_size``).
         cache_dir: where an exported OpenVINO/ONNX graph is kept (default beside
             the weights, or the user cache when that folder is read-only).
+        study_timeout: seconds one study may take to read (its input's discovery
+            included) before it becomes a failure and the run goes on; None: no limit.
 
     Raises:
         WeightsError: the checkpoint is missing, damaged or not a model.
@@ -86,11 +90,15 @@ class Screener:
         readers: int | None = None,
         prefetch: int = 2,
         cache_dir: Path | None = None,
+        study_timeout: float | None = STUDY_TIMEOUT_S,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {mode!r}.")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"the threshold must lie in [0, 1], not {threshold}.")
+        if study_timeout is not None and not study_timeout > 0:
+            raise ConfigError(f"the study time limit must be positive, not {study_timeout}.")
+        self.study_timeout = study_timeout
         for name, value in (("batch size", batch_size), ("number of readers", readers)):
             if value is not None and value < 1:
                 raise ConfigError(f"the {name} must be at least 1, not {value}.")
@@ -137,8 +145,9 @@ class Screener:
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        """Sentences about the model that every result carries (e.g. a legacy file)."""
-        return self.loaded.warnings
+        """Sentences about the model that every result carries (a legacy file, a model
+        trained on synthetic data or at another input shape)."""
+        return self.loaded.warnings + self.card.caveats()
 
     def run_info(self) -> dict[str, Any]:
         """Plain facts about this scorer for reports (the table's ``run`` sheet)."""
@@ -159,7 +168,9 @@ class Screener:
             "mode": self.mode,
             "batch_size": self.batch_size,
             "readers": self.readers,
+            "study_timeout_s": self.study_timeout,
             "model_warnings": "; ".join(self.warnings),
+            "borderline_band": self.card.borderline_band,
             "note": "research tool, not for clinical use",
         }
 
@@ -179,19 +190,28 @@ class Screener:
         return self.engine.run(np.ascontiguousarray(batch, dtype=np.float32)[:, None])
 
     def score(
-        self, inputs: Sequence[Path | str], *, keep_image: bool = False
+        self,
+        inputs: Sequence[Path | str],
+        *,
+        keep_image: bool = False,
+        keep_volume: bool = False,
     ) -> Iterator[StudyResult]:
         """Score every study of every input.
 
         Args:
             inputs: zip archives, folders, DICOM files or NIfTI files, in order.
             keep_image: attach the network input to each result (for pictures).
+            keep_volume: attach the scored HU volume at the study's own resolution
+                (for pictures drawn from its pixels; the largest array by far).
 
         Yields:
             One result per study (per eligible series in ``series`` mode), in
             input order then study order, whatever the batch size; a study that
             cannot be read or scored is a result with ``error`` set.
         """
+        # Every temporary folder of this call lies under one run-owned root, removed at
+        # the end however the call ends (finished, interrupted, or an abandoned reader).
+        work_root = Path(tempfile.mkdtemp(prefix="ctscreen-run-"))
         items = prefetched(
             prepare_inputs(
                 [Path(p) for p in inputs],
@@ -200,6 +220,9 @@ class Screener:
                 all_series=self.mode == "series",
                 warnings=self.warnings,
                 readers=self.readers,
+                study_timeout=self.study_timeout,
+                work_root=work_root,
+                keep_volume=keep_volume,
             ),
             self.prefetch,
         )
@@ -208,6 +231,7 @@ class Screener:
                 yield from self._score_group(group, keep_image=keep_image)
         finally:
             items.close()
+            shutil.rmtree(work_root, ignore_errors=True)
 
     def _score_group(
         self, group: list[PreparedStudy], *, keep_image: bool
@@ -230,6 +254,7 @@ class Screener:
                 logit, cam = outputs[id(item)]
                 yield self._success(item, logit, cam, model_seconds=share, keep_image=keep_image)
             item.array = None  # the batch's inputs are not kept past their results
+            item.volume = None
 
     def _failure(self, item: PreparedStudy, *, error: str = "") -> StudyResult:
         return StudyResult(
@@ -265,13 +290,21 @@ class Screener:
         probability = sigmoid(logit)
         pathology = int(probability >= self.threshold)
         box = localization_box(cam, geometry) if (self.localize and pathology) else None
+        borderline = self.card.is_borderline(probability, self.threshold)
+        warnings = item.warnings
+        if borderline:
+            warnings += (
+                f"borderline: the probability {probability:.3f} lies within "
+                f"{self.card.borderline_band:g} of the threshold {self.threshold:.3f}, so the "
+                "decision is not a firm one",
+            )
         return StudyResult(
             input_path=item.input_path,
             location=item.location,
             study_uid=item.study_uid,
             series_uid=item.series_uid,
             series_reason=item.reason,
-            warnings=item.warnings,
+            warnings=warnings,
             probability=probability,
             logit=logit,
             pathology=pathology,
@@ -283,6 +316,8 @@ class Screener:
             bias=self.bias,
             geometry=geometry,
             image=item.array if keep_image else None,
+            volume=item.volume,
+            borderline=borderline,
             seconds=item.seconds + model_seconds,
             timings={**item.timings, "model_s": model_seconds},
         )

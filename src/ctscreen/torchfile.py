@@ -33,8 +33,7 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_MAGIC = b"\x80"
 
 _CHECKPOINT_HINT = (
-    "pass --weights with the path to a checkpoint made by `ctscreen train` "
-    "(or run `ctscreen demo` to make one)"
+    "give the path of a checkpoint made by `ctscreen train` (or run `ctscreen demo` to make one)"
 )
 
 

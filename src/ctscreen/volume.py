@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from nibabel.orientations import io_orientation
 
+from .errors import VolumeError
+
 #: Which LPS world axis each canonical array axis follows: d -> z(S), h -> y(P), w -> x(L).
 CANONICAL_WORLD_AXES: tuple[int, int, int] = (2, 1, 0)
 
@@ -84,12 +86,24 @@ def canonical_permutation(
     Returns:
         ``(perm, flips)``: transpose the array by ``perm``, then flip every output
         axis ``k`` for which ``flips[k]`` is true.
+
+    Raises:
+        VolumeError: the affine is not finite or its axes do not span 3D space.
     """
-    ornt = io_orientation(np.asarray(affine, dtype=np.float64))
+    matrix = np.asarray(affine, dtype=np.float64)
+    if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+        raise VolumeError(f"the voxel-to-patient affine is not a finite 4x4 matrix: {matrix!r}")
+    ornt = io_orientation(matrix)
     perm: list[int] = []
     flips: list[bool] = []
     for world_axis in CANONICAL_WORLD_AXES:
         (matches,) = np.nonzero(ornt[:, 0] == world_axis)
+        if matches.size == 0:
+            raise VolumeError(
+                "the voxel axes do not span 3D space (a zero or repeated spacing or direction "
+                "in PixelSpacing, ImageOrientationPatient or the slice positions), so the "
+                "volume has no orientation."
+            )
         source_axis = int(matches[0])
         perm.append(source_axis)
         flips.append(bool(ornt[source_axis, 1] < 0))

@@ -44,6 +44,7 @@ from .fileio import file_sha256, write_atomic
 from .hardware import select_device
 from .model import build_model, count_parameters
 from .torchfile import read_torch_file
+from .train.metrics import format_interval
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,17 @@ def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+#: The ``format`` of ``ctscreen train``'s resume state (``train/checkpoint.py``); named
+#: here, not imported, so that loading weights never imports the training package.
+TRAIN_STATE_FORMAT = "ctscreen-train-state"
+
+
+def _is_training_state(obj: Mapping[str, Any]) -> bool:
+    """True for the resume state of a ``ctscreen train`` run. (Files of the original
+    implementation may hold an optimizer beside the model and still load, as before.)"""
+    return obj.get("format") == TRAIN_STATE_FORMAT
+
+
 def _split_payload(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], ModelCard, list[str]]:
     """Find the state dict and card in a loaded file of any accepted layout."""
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
@@ -218,6 +230,12 @@ def _split_payload(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], Model
             reason = exc.message if isinstance(exc, CtscreenError) else str(exc)
             raise WeightsError(f"checkpoint {path} has an invalid model card: {reason}") from exc
         return dict(state), card, []
+    if isinstance(obj, Mapping) and _is_training_state(obj):
+        raise WeightsError(
+            f"{path} is a training resume state (model, optimizer and progress of a "
+            "`ctscreen train` run, for `train --resume`), not a model to predict with; pass "
+            f"{path.with_name('best.pth')} or an epochs/epoch_XXX/weights.pth of the same run."
+        )
     for key in ("model", "state_dict"):
         if isinstance(obj, Mapping) and _is_state_dict(obj.get(key)):
             return dict(obj[key]), _legacy_card(), [LEGACY_WARNING]
@@ -321,10 +339,9 @@ def _int8_graph(obj: Any, path: Path) -> Int8Graph | None:
 def _format_metric(value: Any) -> str:
     if isinstance(value, Mapping) and "value" in value:
         text = _format_number(value["value"])
-        if value.get("ci_low") is not None and value.get("ci_high") is not None:
-            text += (
-                f" (95% CI {_format_number(value['ci_low'])}–{_format_number(value['ci_high'])})"
-            )
+        low, high = value.get("ci_low"), value.get("ci_high")
+        if low is not None and high is not None:
+            text += f" (95% CI {format_interval(float(low), float(high))})"
         return text
     return _format_number(value)
 

@@ -7,7 +7,8 @@ inside ``run`` so that ``--help`` and ``info`` stay fast.
 Exit codes:
     0  everything succeeded;
     1  the command ran but some studies (rows) failed;
-    2  the command could not run (bad arguments, missing weights, unreadable config).
+    2  the command could not run (bad arguments, missing weights, unreadable config);
+    130 stopped by Ctrl-C.
 """
 
 from __future__ import annotations
@@ -20,9 +21,17 @@ from collections.abc import Sequence
 
 from .._version import __version__
 from ..errors import CtscreenError
-from .exit_codes import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
+from .exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 
-__all__ = ["COMMANDS", "EXIT_ERROR", "EXIT_OK", "EXIT_PARTIAL", "build_parser", "main"]
+__all__ = [
+    "COMMANDS",
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_PARTIAL",
+    "build_parser",
+    "main",
+]
 
 #: Subcommands in the order ``--help`` lists them.
 COMMANDS: tuple[str, ...] = (
@@ -37,6 +46,7 @@ COMMANDS: tuple[str, ...] = (
     "evaluate",
     "demo",
     "serve",
+    "dicomweb",
 )
 
 log = logging.getLogger("ctscreen")
@@ -66,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _set_up_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    from .console import TqdmHandler
+
+    # Through tqdm.write: a warning logged while a progress bar is drawn gets its own
+    # line instead of breaking the bar's.
+    handler = TqdmHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("ctscreen")
     root.handlers = [h for h in root.handlers if isinstance(h, logging.NullHandler)]
@@ -88,4 +102,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("ctscreen: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .exit_codes import EXIT_OK
+from .exit_codes import EXIT_INTERRUPTED, EXIT_OK
 from .types import positive_int
 
 
@@ -37,6 +37,8 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..demo import DemoConfig, run_demo
+    from ..fileio import format_bytes
+    from .console import echo
 
     config = DemoConfig(
         out=args.out,
@@ -45,7 +47,10 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         seed=args.seed,
     )
-    result = run_demo(config, progress=not args.no_progress)
+    result = run_demo(config, progress=not args.no_progress, echo=echo)
+    if result.interrupted:
+        print(f"stopped; run the same command again to continue the training in {args.out}")
+        return EXIT_INTERRUPTED
     m = result.holdout_metrics
     auc = m.get("roc_auc", {})
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
@@ -58,9 +63,10 @@ def run(args: argparse.Namespace) -> int:
             f"on {m.get('n_studies')} synthetic archives"
         )
     out = result.out
+    print(f"  disk used     : {format_bytes(result.disk_bytes)} in {out}")
     print(f"  results table : {result.results_table}")
     print(f"  model         : {result.weights}  (ctscreen info {result.weights})")
-    print(f"  training run  : {out / 'run'}  (metrics.csv, learning_curves.png, epochs/)")
+    print(f"  training run  : {out / 'run'}  (metrics.csv, learning_curves.png, best.pth)")
     print(f"  evaluation    : {out / 'evaluation'}  (metrics.json, ROC/PR/calibration plots)")
     print(f"  held-out data : {out / 'holdout' / 'archives'}")
     archives = out / "holdout" / "archives"

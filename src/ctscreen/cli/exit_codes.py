@@ -8,3 +8,6 @@ EXIT_OK = 0
 EXIT_PARTIAL = 1
 #: The command could not run (bad arguments, missing weights, unreadable config).
 EXIT_ERROR = 2
+#: Stopped by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it); what was
+#: finished is kept and ``--resume`` continues.
+EXIT_INTERRUPTED = 130

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .exit_codes import EXIT_OK, EXIT_PARTIAL
-from .types import add_runtime_arguments, positive_int, probability
+from .exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
+from .types import add_runtime_arguments, positive_float, positive_int, probability
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +58,35 @@ def add_parser(subparsers: Any) -> None:
         "--no-localization", action="store_true", help="leave pathology_localization empty"
     )
     p.add_argument("--report", type=Path, metavar="DIR", help="also write an HTML report into DIR")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing table (and its journal)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted run: inputs already in <output>.journal.jsonl are not "
+        "scored again",
+    )
+    p.add_argument(
+        "--study-timeout",
+        type=positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="a study not read within this time becomes a Failure row and the run goes on "
+        "(default 600)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
     from tqdm import tqdm
 
     from ..errors import ConfigError
-    from ..report import result_rows, rows_to_frame, write_table
+    from ..runs import check_output_path, score_to_table
     from ..screener import Screener
 
+    # Everything checkable is checked before the model loads and a study is read.
+    check_output_path(args.output, overwrite=args.overwrite, resume=args.resume)
     missing = [str(p) for p in args.inputs if not p.exists()]
     if len(missing) == len(args.inputs):
         raise ConfigError(f"none of the inputs exist ({', '.join(missing)}); check the paths.")
@@ -85,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         localize=not args.no_localization,
         batch_size=args.batch_size,
         readers=args.readers,
+        study_timeout=args.study_timeout,
     )
     for warning in screener.warnings:
         log.warning(warning)
@@ -93,40 +111,50 @@ def run(args: argparse.Namespace) -> int:
         from ..html_report import ReportWriter
 
         report = ReportWriter(args.report)
-    rows = []
-    studies = failures = 0
-    start = time.perf_counter()
     bar = tqdm(total=len(args.inputs), unit="input", disable=args.no_progress, file=sys.stderr)
     seen_inputs: set[str] = set()
+
+    def on_result(result: Any) -> None:
+        if result.input_path not in seen_inputs:
+            seen_inputs.add(result.input_path)
+            bar.update(1)
+        if not result.ok:
+            bar.write(f"Failure: {result.location}: {result.error}", file=sys.stderr)
+        if report is not None:
+            report.add(result)
+
     try:
-        for result in screener.score(args.inputs, keep_image=report is not None):
-            studies += 1
-            if result.input_path not in seen_inputs:
-                seen_inputs.add(result.input_path)
-                bar.update(1)
-            if not result.ok:
-                failures += 1
-                bar.write(f"Failure: {result.location}: {result.error}", file=sys.stderr)
-            if report is not None:
-                report.add(result)
-            rows.extend(result_rows(result, mode))
+        outcome = score_to_table(
+            screener,
+            args.inputs,
+            output=args.output,
+            mode=mode,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            keep_image=report is not None,
+            keep_volume=report is not None,
+            on_result=on_result,
+            run_info={"weights": str(args.weights)},
+        )
     finally:
         bar.close()
-    run_info = screener.run_info() | {
-        "weights": str(args.weights),
-        "mode": mode,
-        "inputs": len(args.inputs),
-        "studies": studies,
-        "failures": failures,
-        "wall_seconds": round(time.perf_counter() - start, 2),
-    }
-    output = write_table(rows_to_frame(rows), args.output, run_info=run_info)
-    if report is not None:
-        index = report.finish(run_info=run_info)
+    if report is not None and not outcome.interrupted:
+        index = report.finish(run_info=outcome.run_info)
         print(f"HTML report written to {index}", file=sys.stderr)
+    done = outcome.studies - outcome.failures
+    resumed = f" ({outcome.resumed_inputs} input(s) taken from the journal)" * bool(
+        outcome.resumed_inputs
+    )
+    if outcome.interrupted:
+        print(
+            f"interrupted: {outcome.studies} finished studies written to the partial table "
+            f"{outcome.output}{resumed}; run the same command with --resume to finish it.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     print(
-        f"{studies - failures} of {studies} studies scored, {failures} failed; "
-        f"table written to {output}",
+        f"{done} of {outcome.studies} studies scored, {outcome.failures} failed{resumed}; "
+        f"table written to {outcome.output}",
         file=sys.stderr,
     )
-    return EXIT_OK if failures == 0 else EXIT_PARTIAL
+    return EXIT_OK if outcome.failures == 0 else EXIT_PARTIAL

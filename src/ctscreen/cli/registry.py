@@ -17,7 +17,7 @@ from typing import Any
 from .exit_codes import EXIT_OK, EXIT_PARTIAL
 
 #: Adapter names, kept here as data so that ``--help`` needs no dataset imports.
-SOURCE_NAMES: tuple[str, ...] = ("covid19_1110", "mosmed_vii", "ldct_lungcr", "custom")
+SOURCE_NAMES: tuple[str, ...] = ("covid19_1110", "mosmed_vii", "ldct_lungcr", "custom", "synthetic")
 
 #: How many missing files / notes are listed before "... and N more".
 SHOW_AT_MOST = 20
@@ -50,7 +50,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "Build a registry CSV from a dataset root. Sources: covid19_1110 (MosMedData "
             "COVID19_1110, NIfTI), mosmed_vii (MosMedData CT-COVID19 type VII, DICOM), "
             "ldct_lungcr (MosMedData LDCT-LUNGCR type I, DICOM), custom (class folders "
-            "of study folders/zips). Nothing is downloaded: pass the folder you downloaded."
+            "of study folders/zips), synthetic (a folder written by `ctscreen synth`, "
+            "labels from its labels.csv). Nothing is downloaded: pass the folder you downloaded."
         ),
     )
     b.add_argument(
@@ -88,7 +89,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="mosmed_vii without a registry table: label of every study (0 or 1)",
     )
     b.add_argument(
-        "--dataset-name", help="custom: value of the dataset column and key prefix (default custom)"
+        "--dataset-name",
+        help="custom, synthetic: value of the dataset column and key prefix "
+        "(default: the source name)",
     )
     b.set_defaults(func=run)
 

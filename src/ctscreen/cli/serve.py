@@ -90,7 +90,81 @@ def add_parser(subparsers: Any) -> None:
         help="job reports without the score curve and key-slice pictures (saves their drawing "
         "time per study)",
     )
+    dicom = p.add_argument_group(
+        "DICOM node", "receive studies by C-STORE and send SR + key images back (extra 'dicom')"
+    )
+    dicom.add_argument(
+        "--dicom-port", type=positive_int, help="listen for DICOM (C-ECHO, CT C-STORE) on this port"
+    )
+    dicom.add_argument("--ae-title", default="CTSCREEN", help="the node's AE title (CTSCREEN)")
+    dicom.add_argument("--dicom-host", help="address the DICOM port listens on (default: --host)")
+    dicom.add_argument(
+        "--send-to",
+        metavar="AET@HOST:PORT",
+        help="send the SR and key images of each received study to this AE; without it they "
+        "wait in the outbox",
+    )
+    dicom.add_argument(
+        "--allow-ae",
+        action="append",
+        default=[],
+        metavar="AET",
+        help="accept associations only from this calling AE title (repeat for several; "
+        "default: any)",
+    )
+    dicom.add_argument(
+        "--stable-seconds",
+        type=positive_float,
+        default=10.0,
+        help="a study is complete after this many seconds without a new instance (10)",
+    )
+    dicom.add_argument(
+        "--send-retry-seconds",
+        type=positive_float,
+        default=10.0,
+        help="first wait before sending again to a destination that failed; doubles up to "
+        "--send-retry-max (10)",
+    )
+    dicom.add_argument(
+        "--send-retry-max",
+        type=positive_float,
+        default=300.0,
+        help="longest wait between two tries (300)",
+    )
     p.set_defaults(func=run)
+
+
+def node_from_args(args: argparse.Namespace, data_dir: Path, wake: Any) -> Any:
+    """The DICOM node the arguments ask for, or None without ``--dicom-port``.
+
+    Raises:
+        ConfigError: a bad AE title or destination, or the 'dicom' extra is missing.
+    """
+    from ..errors import ConfigError
+
+    if args.dicom_port is None:
+        if args.send_to:
+            raise ConfigError("--send-to needs --dicom-port (the DICOM node is off without it).")
+        return None
+    try:
+        from ..service.dicom_node import DicomNode, NodeSettings
+        from ..service.sender import parse_destination
+    except ImportError as exc:
+        raise ConfigError(
+            f"the DICOM node needs the 'dicom' extra ({exc.name} is missing): "
+            "pip install 'ctscreen[dicom]'."
+        ) from exc
+    settings = NodeSettings(
+        port=args.dicom_port,
+        ae_title=args.ae_title,
+        host=args.dicom_host or args.host,
+        send_to=parse_destination(args.send_to) if args.send_to else None,
+        stable_seconds=args.stable_seconds,
+        retry_base=args.send_retry_seconds,
+        retry_max=max(args.send_retry_max, args.send_retry_seconds),
+        allowed_aes=tuple(args.allow_ae),
+    )
+    return DicomNode(data_dir, settings, wake=wake)
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -147,10 +221,14 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(settings)
     worker = app.state.worker
     worker.start()
+    node = None
     try:
         # A weight file that cannot load stops here, with its sentence and exit code 2,
         # instead of a server that answers but never scores.
         worker.wait_ready(settings.load_timeout)
+        node = node_from_args(args, settings.data_dir, worker.wake)  # hook: the DICOM node
+        if node is not None:
+            node.start()
     except BaseException:
         worker.stop()
         raise
@@ -161,5 +239,9 @@ def run(args: argparse.Namespace) -> int:
         settings.data_dir,
         "required" if settings.token else "off: loopback only",
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    finally:
+        if node is not None:
+            node.stop()
     return EXIT_OK

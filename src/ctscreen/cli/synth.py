@@ -19,7 +19,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "Write seeded synthetic chest CT studies as DICOM folders or zip archives, "
             "half of them with a pathology (nodule, ground glass, consolidation, "
             "effusion, pneumothorax), and a labels.csv with lesion positions in mm. "
-            "The same seed always gives the same dataset."
+            "The same seed always gives the same dataset. `ctscreen registry build "
+            "synthetic OUT` turns it into a registry."
         ),
     )
     p.add_argument("out", type=Path, metavar="OUT", help="output folder")
@@ -65,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
         pathology_fraction=args.pathology_fraction,
         zip_archives=args.zip,
         variety=not args.no_variety,
+        progress=not getattr(args, "no_progress", False),
     )
     where = labels.parent / ("archives" if args.zip else "studies")
     print(f"wrote {args.studies} synthetic studies to {where}")
     print(f"labels: {labels}")
+    print(f"next: ctscreen registry build synthetic {args.out} -o {args.out / 'registry.csv'}")
     return EXIT_OK

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache import add_preprocess_arguments
-from .exit_codes import EXIT_OK
+from .exit_codes import EXIT_INTERRUPTED, EXIT_OK
 from .types import non_negative_int, positive_float, positive_int
 
 BALANCE_CHOICES = ("none", "loss", "sampler", "both")
@@ -27,8 +27,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Train r3d_18 (AdamW, BCE with pos_weight and/or a balanced sampler, mixed "
             "precision on GPU) and write metrics.csv/jsonl, learning curves, per-epoch "
-            "checkpoints with confusion matrices and reports, best.pth by validation "
-            "ROC-AUC, and a resume state into --out."
+            "confusion matrices and reports, best.pth by validation ROC-AUC and a resume "
+            "state into --out. It states the disk use first, estimates the duration from "
+            "the first batches and prints one line per epoch (loss, val ROC-AUC with its "
+            "95%% CI, time, ETA). Ctrl-C stops within a batch; --resume continues from "
+            "the last finished epoch."
         ),
     )
     p.add_argument("--registry", type=Path, required=True, help="registry CSV (merged.csv)")
@@ -95,6 +98,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="continue the run in --out from its last completed epoch",
     )
+    p.add_argument(
+        "--save-every-epoch",
+        action="store_true",
+        default=None,
+        help="also keep epochs/epoch_XXX/weights.pth for every epoch (~130 MB each); "
+        "by default only best.pth and the resume state are kept",
+    )
+    p.add_argument(
+        "--resume-state",
+        choices=("every-epoch", "on-interrupt"),
+        default=None,
+        help="write last_state.pth (~400 MB) after every epoch (default) or only when "
+        "stopped with Ctrl-C",
+    )
     add_preprocess_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -122,6 +139,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         tensorboard=args.tensorboard,
         kinetics_weights=str(args.kinetics_weights) if args.kinetics_weights else None,
         device=args.device,
+        save_every_epoch=args.save_every_epoch,
+        resume_state=args.resume_state.replace("-", "_") if args.resume_state else None,
         shape=tuple(args.shape) if args.shape is not None else None,
         window_level=args.window_level,
         window_width=args.window_width,
@@ -136,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         DatasetError: registry or key lists missing or inconsistent.
     """
     from ..train.loop import train
+    from .console import echo
 
     config = config_from_args(args)
     result = train(
@@ -147,7 +167,10 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         resume=args.resume,
         progress=not getattr(args, "no_progress", False),
+        echo=echo,
     )
+    if result.interrupted:
+        return EXIT_INTERRUPTED
     auc = result.best_val_roc_auc
     auc_text = f"{auc:.4f}" if math.isfinite(auc) else "undefined"
     print(f"run folder: {result.out_dir} ({result.last_epoch} epochs)")

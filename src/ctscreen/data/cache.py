@@ -156,7 +156,7 @@ def dequantize(q: np.ndarray) -> np.ndarray:
 def save_entry(path: Path | str, x: np.ndarray) -> None:
     """Write one preprocessed volume (float [0, 1]) as a uint8 ``.npy``, atomically."""
     q = quantize(x)
-    write_atomic(Path(path), lambda tmp: np.save(tmp, q, allow_pickle=False))
+    write_atomic(path, lambda tmp: np.save(tmp, q, allow_pickle=False))
 
 
 def load_entry(path: Path | str) -> np.ndarray:
@@ -396,12 +396,19 @@ def build_cache(
                 record(_run_task(task))
         else:
             context = multiprocessing.get_context("spawn")
-            with cf.ProcessPoolExecutor(
+            pool = cf.ProcessPoolExecutor(
                 max_workers=min(workers, len(tasks)), mp_context=context, initializer=_init_worker
-            ) as pool:
+            )
+            try:
                 futures = [pool.submit(_run_task, task) for task in tasks]
                 for future in cf.as_completed(futures):
                     record(future.result())
+            except BaseException:
+                # Ctrl-C: drop the queued studies instead of decoding them all first
+                # (the context manager's shutdown would wait for every one).
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown()
     finally:
         bar.close()
         # Written even when interrupted, so finished entries and failures are kept.

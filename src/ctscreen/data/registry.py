@@ -5,6 +5,11 @@ A registry is a table with one row per study and the columns of
 string, empty string = unknown). This module is torch-free and pydicom-free so that
 the CLI, the split step and the tests can use it cheaply.
 
+Paths in a registry file are relative to the file's own folder when the study lies
+inside that folder (so a dataset folder moved or copied with its registry keeps
+working), absolute otherwise; never relative to the directory a command happened to
+run in. :func:`read_registry` returns absolute paths.
+
 Columns:
     study_key: unique, stable key of the study, ``"<dataset>:<study id>"``.
     path: where the study lives (a DICOM study folder, a zip of DICOM, a NIfTI file).
@@ -200,6 +205,60 @@ def validate_registry(
     return out[list(REGISTRY_COLUMNS) + extras]
 
 
+def paths_for_file(paths: Iterable[str], registry_dir: Path) -> list[str]:
+    """Study paths as stored in a registry file in ``registry_dir``.
+
+    A relative path is taken relative to the current directory (where the rows were
+    built). Paths inside ``registry_dir`` become relative to it, POSIX-style; the
+    others become absolute.
+
+    Example:
+        >>> paths_for_file(["/data/a/s1", "/elsewhere/s2"], Path("/data"))
+        ['a/s1', '/elsewhere/s2']
+    """
+    base = Path(os.path.abspath(registry_dir))
+    out = []
+    for text in paths:
+        absolute = Path(os.path.abspath(text))
+        try:
+            out.append(absolute.relative_to(base).as_posix())
+        except ValueError:
+            out.append(str(absolute))
+    return out
+
+
+def paths_from_file(paths: Iterable[str], registry_dir: Path) -> list[str]:
+    """Absolute study paths of a registry file in ``registry_dir`` (see :func:`paths_for_file`).
+
+    A relative path is resolved against ``registry_dir``. Registries written by
+    older versions stored paths relative to the directory they were built in: such
+    a path that exists only relative to the current directory is taken from there,
+    with a warning.
+    """
+    base = Path(os.path.abspath(registry_dir))
+    out, legacy = [], 0
+    for text in paths:
+        path = Path(text)
+        if path.is_absolute():
+            out.append(str(path))
+            continue
+        beside = base / path
+        if not beside.exists() and path.exists():
+            legacy += 1
+            out.append(os.path.abspath(path))
+        else:
+            out.append(os.path.abspath(beside))
+    if legacy:
+        log.warning(
+            "%d registry path(s) are relative to the current directory, not to the registry "
+            "file in %s; rebuild the registry (`ctscreen registry build`) so that it works "
+            "from any directory",
+            legacy,
+            base,
+        )
+    return out
+
+
 def read_registry(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read and validate a registry CSV.
 
@@ -207,7 +266,8 @@ def read_registry(path: str | os.PathLike[str]) -> pd.DataFrame:
         path: the CSV file.
 
     Returns:
-        The validated frame (see :func:`validate_registry`).
+        The validated frame (see :func:`validate_registry`), with absolute ``path``
+        values (relative ones are relative to the registry file's folder).
 
     Raises:
         DatasetError: the file does not exist, is empty, or fails validation.
@@ -223,14 +283,18 @@ def read_registry(path: str | os.PathLike[str]) -> pd.DataFrame:
         raise DatasetError(f"registry file {path} is empty; rebuild it.") from exc
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise DatasetError(f"registry file {path} is not a readable UTF-8 CSV ({exc}).") from exc
-    return validate_registry(frame, where=str(path), first_row=2)
+    clean = validate_registry(frame, where=str(path), first_row=2)
+    clean["path"] = paths_from_file(clean["path"], path.parent)
+    return clean
 
 
 def write_registry(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Validate a registry frame and write it as CSV, atomically.
 
     The CSV is written to a temporary file in the target folder and moved into place
-    with ``os.replace``, so a reader never sees a half-written registry.
+    with ``os.replace``, so a reader never sees a half-written registry. Study paths
+    are stored relative to the CSV's folder when inside it, else absolute (see
+    :func:`paths_for_file`).
 
     Args:
         frame: the registry frame.
@@ -244,7 +308,8 @@ def write_registry(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """
     path = Path(path)
     clean = validate_registry(frame, where="registry to write")
-    write_text_atomic(path, clean.to_csv(index=False))
+    clean["path"] = paths_for_file(clean["path"], path.parent)
+    write_text_atomic(path, clean.to_csv(index=False, lineterminator="\n"))
     log.info("wrote %d registry rows to %s", len(clean), path)
     return path
 

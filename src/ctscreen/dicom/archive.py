@@ -12,7 +12,10 @@ Cyrillic names in zips (``Датасет``).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import os
 import shutil
 import stat
 import zipfile
@@ -90,6 +93,47 @@ def safe_member_path(name: str) -> PurePosixPath | None:
     if not parts:
         return None
     return PurePosixPath(*parts)
+
+
+#: Longest file-name component, in bytes of the file system's encoding, that a
+#: member keeps as it is (NAME_MAX is 255 on Linux, macOS and Windows).
+MAX_NAME_BYTES = 255
+#: Longest relative path, in bytes, a member keeps (PATH_MAX is 4096 on Linux; the
+#: work area's own folder takes part of it).
+MAX_PATH_BYTES = 3000
+
+
+def _short_component(name: str, limit: int = MAX_NAME_BYTES) -> str:
+    """``name`` cut at a character boundary to fit ``limit`` bytes, with a hash of the
+    whole name (so two long names never collide) and the original suffix."""
+    if len(os.fsencode(name)) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    suffix = PurePosixPath(name).suffix
+    if len(os.fsencode(suffix)) > 16:
+        suffix = ""
+    room = limit - len(os.fsencode(f"~{digest}{suffix}"))
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    while len(os.fsencode(stem)) > room:
+        stem = stem[: max(1, len(stem) * room // max(len(os.fsencode(stem)), 1))]
+        if len(os.fsencode(stem)) > room:
+            stem = stem[:-1]
+    return f"{stem}~{digest}{suffix}"
+
+
+def local_member_path(rel: PurePosixPath) -> tuple[PurePosixPath, bool]:
+    """A path the local file system can hold for member ``rel``, and whether it changed.
+
+    Names decoded as cp866 grow to two bytes per Cyrillic letter in UTF-8, so a
+    name that fitted on Windows may pass the 255-byte limit here; such names are
+    shortened, never fatal.
+    """
+    parts = [_short_component(p) for p in rel.parts]
+    short = PurePosixPath(*parts)
+    if len(os.fsencode(str(short))) > MAX_PATH_BYTES:
+        digest = hashlib.sha256(str(rel).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        short = PurePosixPath("_long_paths", _short_component(f"{digest}~{parts[-1]}"))
+    return short, short != rel
 
 
 def _is_link(info: zipfile.ZipInfo) -> bool:
@@ -200,13 +244,19 @@ def extract_zip(
                 if _is_link(info):
                     skipped.append(f"{archive.name}: skipped symbolic link member {rel}")
                     continue
-                dst = target.joinpath(*rel.parts)
+                local, shortened = local_member_path(rel)
+                if shortened:
+                    skipped.append(
+                        f"{archive.name}: member name {str(rel)[:60]!r}… is too long for this "
+                        f"file system and was written as {str(local)[:60]!r}…"
+                    )
+                dst = target.joinpath(*local.parts)
                 if not dst.resolve().is_relative_to(target):  # defence in depth
                     raise UnsafeArchiveError(
                         f"archive member {str(rel)!r} resolves outside the work area; refused."
                     )
-                dst.parent.mkdir(parents=True, exist_ok=True)
                 try:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
                     with zf.open(info) as src:
                         budget -= _copy_bounded(src, dst, info, budget, archive, limits)
                 except (
@@ -219,7 +269,8 @@ def extract_zip(
                     skipped.append(
                         f"{archive.name}: member {rel} is damaged and was skipped ({exc})"
                     )
-                    dst.unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        dst.unlink(missing_ok=True)
                     continue
                 written.append(dst)
     except UnsafeArchiveError:
@@ -231,8 +282,16 @@ def extract_zip(
 
 
 def _empty_folder(folder: Path) -> None:
-    for child in folder.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
+    """Remove what an extraction wrote; never raises (it runs while an error is handled)."""
+    try:
+        children = list(folder.iterdir())
+    except OSError:
+        return
+    for child in children:
+        try:
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove %s from the work area: %s", child, exc)

@@ -9,15 +9,17 @@ header, and studies and series are grouped by their folder.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import stat
 import struct
 import threading
 import warnings
 import zipfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pydicom
@@ -25,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from ..errors import InputError, NoDicomError
+from . import validate
 from .archive import ArchiveLimits, extract_zip
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,10 @@ class FrameGeometry:
         slope: RescaleSlope (1.0 when absent).
         intercept: RescaleIntercept (0.0 when absent).
         frame: 1-based frame number inside a multi-frame object, None for single-frame.
+        problem: why this frame's geometry or rescale cannot be trusted (a sentence
+            naming the tag and value, see :mod:`ctscreen.dicom.validate`), or None.
+        rescale_given: False when RescaleSlope and RescaleIntercept are both absent
+            (stored values are then taken as HU, which is reported).
     """
 
     position: tuple[float, float, float] | None
@@ -67,6 +74,8 @@ class FrameGeometry:
     slope: float = 1.0
     intercept: float = 0.0
     frame: int | None = None
+    problem: str | None = None
+    rescale_given: bool = True
 
 
 @dataclass(frozen=True)
@@ -110,10 +119,29 @@ class InstanceHeader:
     folder: str
     notes: tuple[str, ...] = ()
     native_pixels: NativePixels | None = None
+    problems: tuple[str, ...] = ()
+    body_part: str = ""
+    protocol: str = ""
+    study_description: str = ""
 
     @property
     def number_of_frames(self) -> int:
         return len(self.frames)
+
+    @property
+    def region_tags(self) -> tuple[tuple[str, str], ...]:
+        """``(keyword, value)`` of the tags that name the body region, most specific first."""
+        return (
+            ("BodyPartExamined", self.body_part),
+            ("ProtocolName", self.protocol),
+            ("SeriesDescription", self.series_description),
+            ("StudyDescription", self.study_description),
+        )
+
+    @property
+    def usable(self) -> bool:
+        """False when a pixel descriptor or the frame count cannot be trusted."""
+        return not self.problems
 
 
 @dataclass(frozen=True)
@@ -206,22 +234,101 @@ def _first_item(ds: Dataset | None, keyword: str) -> Dataset | None:
         return None
 
 
-def _frame_geometries(ds: Dataset) -> tuple[FrameGeometry, ...]:
+def _rescale_value(value: object, keyword: str) -> tuple[float | None, str | None]:
+    """A rescale tag as a float (None when absent) and a sentence when it is not a number."""
+    if value is None or value == "":
+        return None, None
+    number = _float_or_none(value)
+    if number is None:
+        return None, f"{keyword} {str(value)[:40]!r} is not a number"
+    return number, None
+
+
+def _frame(
+    *,
+    position: object,
+    orientation: object,
+    spacing: object,
+    slope_value: object,
+    intercept_value: object,
+    frame: int | None,
+) -> FrameGeometry:
+    """One frame's geometry and rescale, with the first value that cannot be trusted."""
+    pos = _floats(position, 3)
+    iop = _floats(orientation, 6)
+    px = _floats(spacing, 2)
+    slope, slope_text = _rescale_value(slope_value, "RescaleSlope")
+    intercept, intercept_text = _rescale_value(intercept_value, "RescaleIntercept")
+    problem = (
+        slope_text
+        or intercept_text
+        or validate.rescale_problem(slope, intercept)
+        or validate.position_problem(pos)
+        or validate.orientation_problem(iop)
+        or validate.spacing_problem(px)
+    )
+    return FrameGeometry(
+        position=pos,  # type: ignore[arg-type]
+        orientation=iop,  # type: ignore[arg-type]
+        pixel_spacing=px,  # type: ignore[arg-type]
+        slope=1.0 if slope is None else slope,
+        intercept=0.0 if intercept is None else intercept,
+        frame=frame,
+        problem=problem,
+        rescale_given=slope is not None or intercept is not None,
+    )
+
+
+def _pixel_bytes(ds: Dataset) -> int | None:
+    """Length of native (not encapsulated) pixel data, or None when unknown."""
+    raw = ds._dict.get(0x7FE00010)
+    length = getattr(raw, "length", None)
+    if length is None or length == 0xFFFFFFFF:
+        return None
+    return int(length)
+
+
+def _frame_count(ds: Dataset) -> tuple[int, str | None]:
+    """How many frames to describe, and why NumberOfFrames cannot be believed (or None)."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    items = len(per_frame) if per_frame else None
+    if "NumberOfFrames" in ds and ds.get("NumberOfFrames") not in (None, ""):
+        declared = _int_or_none(ds, "NumberOfFrames")
+        if declared is None:
+            text = str(ds.get("NumberOfFrames"))[:40]
+            return (items or 1), f"NumberOfFrames {text!r} is not a number"
+    else:
+        declared = None
+    rows, cols = _int_or_none(ds, "Rows") or 0, _int_or_none(ds, "Columns") or 0
+    bits = _int_or_none(ds, "BitsAllocated") or 0
+    samples = _int_or_none(ds, "SamplesPerPixel") or 1
+    frame_bytes = rows * cols * samples * bits // 8 if bits in validate.BITS_ALLOCATED else None
+    problem = validate.frame_count_problem(
+        declared, per_frame_items=items, frame_bytes=frame_bytes, pixel_bytes=_pixel_bytes(ds)
+    )
+    if problem is not None:
+        # Describe what can be trusted, never allocate what a garbage count claims.
+        return min(items or 1, validate.MAX_FRAMES), problem
+    return (items or declared or 1), None
+
+
+def _frame_geometries(ds: Dataset) -> tuple[tuple[FrameGeometry, ...], str | None]:
     """Per-frame geometry and rescale: top level for classic images, functional groups
-    (per-frame overriding shared) for enhanced multi-frame objects."""
-    n_frames = _int_or_none(ds, "NumberOfFrames") or 1
+    (per-frame overriding shared) for enhanced multi-frame objects; with the reason the
+    frame count cannot be believed, if any."""
+    n_frames, count_problem = _frame_count(ds)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if not per_frame:
-        return (
-            FrameGeometry(
-                position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
-                orientation=_floats(ds.get("ImageOrientationPatient"), 6),  # type: ignore[arg-type]
-                pixel_spacing=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
-                slope=_float_or_none(ds.get("RescaleSlope")) or 1.0,
-                intercept=_float_or_none(ds.get("RescaleIntercept")) or 0.0,
-                frame=None if n_frames == 1 else 1,
-            ),
-        ) + tuple(FrameGeometry(None, None, None, frame=k) for k in range(2, n_frames + 1))
+        first = _frame(
+            position=ds.get("ImagePositionPatient"),
+            orientation=ds.get("ImageOrientationPatient"),
+            spacing=ds.get("PixelSpacing"),
+            slope_value=ds.get("RescaleSlope"),
+            intercept_value=ds.get("RescaleIntercept"),
+            frame=None if n_frames == 1 else 1,
+        )
+        rest = tuple(FrameGeometry(None, None, None, frame=k) for k in range(2, n_frames + 1))
+        return (first, *rest), count_problem
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
 
     def lookup(item: Dataset, seq_keyword: str, keyword: str) -> object:
@@ -232,24 +339,33 @@ def _frame_geometries(ds: Dataset) -> tuple[FrameGeometry, ...]:
         return ds.get(keyword)
 
     frames = []
-    for k, item in enumerate(per_frame, start=1):
-        slope = _float_or_none(lookup(item, "PixelValueTransformationSequence", "RescaleSlope"))
-        intercept = _float_or_none(
-            lookup(item, "PixelValueTransformationSequence", "RescaleIntercept")
-        )
+    for k, item in enumerate(itertools.islice(per_frame, n_frames), start=1):
         frames.append(
-            FrameGeometry(
-                position=_floats(lookup(item, "PlanePositionSequence", "ImagePositionPatient"), 3),  # type: ignore[arg-type]
-                orientation=_floats(
-                    lookup(item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
-                ),  # type: ignore[arg-type]
-                pixel_spacing=_floats(lookup(item, "PixelMeasuresSequence", "PixelSpacing"), 2),  # type: ignore[arg-type]
-                slope=1.0 if slope is None else slope,
-                intercept=0.0 if intercept is None else intercept,
+            _frame(
+                position=lookup(item, "PlanePositionSequence", "ImagePositionPatient"),
+                orientation=lookup(item, "PlaneOrientationSequence", "ImageOrientationPatient"),
+                spacing=lookup(item, "PixelMeasuresSequence", "PixelSpacing"),
+                slope_value=lookup(item, "PixelValueTransformationSequence", "RescaleSlope"),
+                intercept_value=lookup(
+                    item, "PixelValueTransformationSequence", "RescaleIntercept"
+                ),
                 frame=k,
             )
         )
-    return tuple(frames)
+    return tuple(frames), count_problem
+
+
+def _pixel_problems(ds: Dataset) -> tuple[str, ...]:
+    """Why the pixel module of an image cannot describe a CT image (empty when it can)."""
+    problem = validate.pixel_descriptor_problem(
+        rows=_int_or_none(ds, "Rows"),
+        columns=_int_or_none(ds, "Columns"),
+        bits_allocated=_int_or_none(ds, "BitsAllocated"),
+        bits_stored=_int_or_none(ds, "BitsStored"),
+        pixel_representation=_int_or_none(ds, "PixelRepresentation"),
+        samples_per_pixel=_int_or_none(ds, "SamplesPerPixel"),
+    )
+    return () if problem is None else (problem,)
 
 
 def _image_type(ds: Dataset) -> tuple[str, ...]:
@@ -306,6 +422,10 @@ def header_from_dataset(
         sop_class = _text(meta, "MediaStorageSOPClassUID")
     transfer_syntax = _text(meta, "TransferSyntaxUID") if meta is not None else ""
     pixel_present = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    frames, count_problem = _frame_geometries(ds)
+    problems = _pixel_problems(ds) if pixel_present else ()
+    if count_problem:
+        problems += (count_problem,)
     return InstanceHeader(
         path=path,
         display_path=display_path,
@@ -324,24 +444,68 @@ def header_from_dataset(
         series_description=_text(ds, "SeriesDescription"),
         slice_thickness=_float_or_none(ds.get("SliceThickness")),
         gantry_tilt=_float_or_none(ds.get("GantryDetectorTilt")),
-        frames=_frame_geometries(ds),
+        frames=frames,
         folder=folder,
         notes=tuple(notes),
-        native_pixels=_native_pixels(ds, transfer_syntax),
+        native_pixels=_native_pixels(ds, transfer_syntax) if not problems else None,
+        problems=problems,
+        body_part=_text(ds, "BodyPartExamined"),
+        protocol=_text(ds, "ProtocolName"),
+        study_description=_text(ds, "StudyDescription"),
     )
 
 
 # --------------------------------------------------------------------------- files
 
 
+def special_file_kind(path: Path) -> str | None:
+    """What ``path`` is when it is not a regular file (``"a named pipe"``, ...), else None.
+
+    Opening a named pipe blocks until someone writes to it, and a device can
+    stream forever; only regular files are ever opened.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+def _read_head(path: Path, size: int) -> bytes:
+    """The first ``size`` bytes of a regular file (b"" for anything else or on error)."""
+    if special_file_kind(path) is not None:
+        return b""
+    try:
+        # O_NONBLOCK: should the file be swapped for a pipe after the check, open()
+        # still returns at once instead of waiting for a writer.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return b""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return b""
+        return os.read(fd, size)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
 def looks_like_dicom(path: Path) -> bool:
     """Cheap sniff: a 'DICM' preamble, or a first element in group 0002 or 0008
-    (DICOM written without the 128-byte preamble)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
+    (DICOM written without the 128-byte preamble). Never opens anything but a
+    regular file."""
+    head = _read_head(path, 132)
     if len(head) >= 132 and head[128:132] == b"DICM":
         return True
     return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3:4] == b"\x00"
@@ -373,6 +537,8 @@ def read_header(path: Path) -> Dataset | None:
         with _HEADER_LOCK, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, force=True)
+    except RecursionError as exc:
+        raise DamagedFileError(f"{path.name} nests sequences too deeply to read ({exc})") from exc
     except _PARSE_ERRORS as exc:
         raise DamagedFileError(f"{path.name} is a damaged DICOM file ({exc})") from exc
     # A cut file may still parse, into a dataset that lost its tail: refuse it.
@@ -428,24 +594,56 @@ def truncation(ds: Dataset, file_size: int) -> str | None:
 def looks_like_zip(path: Path) -> bool:
     """A zip by content, or something that claims to be one (a truncated download
     must fail as a damaged archive, not pass as a non-DICOM file)."""
-    if path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
-        return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"PK\x03\x04"
-    except OSError:
+    if special_file_kind(path) is not None:
         return False
+    if path.suffix.lower() == ".zip":
+        return True
+    return _read_head(path, 4) == b"PK\x03\x04" or zipfile.is_zipfile(path)
 
 
 def iter_files(root: Path) -> list[Path]:
-    """Every regular file under ``root`` (or ``root`` itself), sorted for stability."""
-    if root.is_file():
-        return [root]
+    """Every regular file under ``root`` (or ``root`` itself), sorted for stability;
+    special files and links leaving ``root`` are left out (see :func:`regular_files`)."""
+    return regular_files(root)[0]
+
+
+def regular_files(root: Path) -> tuple[list[Path], list[str]]:
+    """Every regular file under ``root`` (or ``root`` itself), sorted for stability.
+
+    Named pipes, sockets and devices are never opened, and a symbolic link is
+    followed only when it points to a regular file inside ``root``; each thing
+    left out is named in the second list.
+
+    Returns:
+        The files, and one short note per entry left out (path relative to ``root``).
+    """
+    if not root.is_dir():
+        kind = special_file_kind(root)
+        return ([root], []) if kind is None else ([], [f"{root.name} ({kind})"])
+    resolved_root = root.resolve()
     found: list[Path] = []
+    left_out: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        found.extend(Path(dirpath) / name for name in sorted(filenames))
-    return found
+        for name in list(dirnames):
+            if os.path.islink(os.path.join(dirpath, name)):
+                dirnames.remove(name)  # a linked folder is listed, not walked (loops, escapes)
+                rel = (Path(dirpath) / name).relative_to(root).as_posix()
+                left_out.append(f"{rel} (a symbolic link to a folder)")
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(resolved_root):
+                    left_out.append(f"{rel} (a symbolic link pointing outside the input)")
+                    continue
+            kind = special_file_kind(path)
+            if kind is not None:
+                left_out.append(f"{rel} ({kind})")
+                continue
+            found.append(path)
+    return found, left_out
 
 
 # --------------------------------------------------------------------------- grouping
@@ -528,43 +726,147 @@ def group_headers(headers: Sequence[InstanceHeader], *, location_root: str) -> t
 # --------------------------------------------------------------------------- inputs
 
 
-def _headers_from_files(
-    files: Iterable[Path], *, root: Path, display_root: str
-) -> tuple[list[InstanceHeader], list[str], list[str], int]:
-    headers: list[InstanceHeader] = []
-    skipped: list[str] = []
-    damaged: list[str] = []
-    n = 0
+#: Zip archives inside an input are opened this many levels deep (a zip that
+#: holds itself, a "zip quine", would otherwise never end); all levels share one
+#: member-count and size budget (:class:`~ctscreen.dicom.archive.ArchiveLimits`).
+MAX_ZIP_DEPTH = 4
+
+
+@dataclass
+class _Scan:
+    """What the header pass found so far in one input, across nested archives."""
+
+    headers: list[InstanceHeader] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    n_files: int = 0
+    members_left: int = 0
+    bytes_left: int = 0
+    archives: int = 0
+
+
+def _header_or_reason(
+    path: Path, *, display_path: str, folder: str
+) -> tuple[InstanceHeader | None, str | None]:
+    """The file's header, or why it is damaged; (None, None) when it is not DICOM."""
+    try:
+        ds = read_header(path)
+        if ds is None:
+            return None, None
+        # pydicom converts raw elements lazily: a bad value representation or a
+        # garbled value surfaces only here, when the header is built.
+        return header_from_dataset(ds, path=path, display_path=display_path, folder=folder), None
+    except DamagedFileError as exc:
+        reason = exc.message.removeprefix(f"{path.name} ")
+        return None, reason
+    except RecursionError:
+        return None, "nests sequences too deeply to read"
+    except (*_PARSE_ERRORS, RuntimeError) as exc:
+        return None, f"is a damaged DICOM file ({type(exc).__name__}: {str(exc)[:120]})"
+
+
+def _nested_zip(
+    path: Path,
+    *,
+    rel: str,
+    scan: _Scan,
+    display_root: str,
+    folder_prefix: str,
+    work_dir: Path,
+    depth: int,
+    limits: ArchiveLimits,
+) -> None:
+    """Extract a zip found inside an input and scan it, within the shared budget."""
+    if depth >= MAX_ZIP_DEPTH:
+        scan.skipped.append(f"{rel} (a zip nested more than {MAX_ZIP_DEPTH} levels deep)")
+        return
+    if scan.members_left <= 0 or scan.bytes_left <= 0:
+        scan.skipped.append(f"{rel} (a nested zip past the input's size or member limit)")
+        return
+    scan.archives += 1
+    target = work_dir / f"nested-{scan.archives}"
+    target.mkdir(parents=True, exist_ok=True)
+    budget = replace(limits, max_members=scan.members_left, max_total_bytes=scan.bytes_left)
+    try:
+        files, archive_warnings = extract_zip(path, target, limits=budget)
+    except InputError as exc:
+        scan.damaged.append(f"{rel} ({exc.message})")
+        return
+    scan.members_left -= len(files)
+    scan.bytes_left -= sum(f.stat().st_size for f in files)
+    scan.notes.extend(archive_warnings)
+    _scan_files(
+        sorted(files),
+        root=target,
+        scan=scan,
+        display_root=f"{display_root}/{rel}",
+        folder_prefix=f"{folder_prefix}{rel}/",
+        work_dir=work_dir,
+        depth=depth + 1,
+        limits=limits,
+    )
+
+
+def _scan_files(
+    files: Iterable[Path],
+    *,
+    root: Path,
+    scan: _Scan,
+    display_root: str,
+    folder_prefix: str,
+    work_dir: Path,
+    depth: int,
+    limits: ArchiveLimits,
+) -> None:
+    """Read the header of every file (opening nested zips), adding to ``scan``."""
     for path in files:
-        n += 1
+        scan.n_files += 1
         rel = path.relative_to(root) if path != root else Path(path.name)
-        folder = rel.parent.as_posix() if rel.parent != Path(".") else ""
+        folder = folder_prefix + (rel.parent.as_posix() if rel.parent != Path(".") else "")
+        folder = folder.rstrip("/")
         if path.name.upper() == "DICOMDIR":
             continue
-        if path.suffix.lower() == ".zip" and zipfile.is_zipfile(path):
-            skipped.append(f"{rel.as_posix()} (a zip inside the input; pass it as its own input)")
+        if path.suffix.lower() == ".zip" or _read_head(path, 4) == b"PK\x03\x04":
+            _nested_zip(
+                path,
+                rel=rel.as_posix(),
+                scan=scan,
+                display_root=display_root,
+                folder_prefix=folder_prefix,
+                work_dir=work_dir,
+                depth=depth,
+                limits=limits,
+            )
             continue
-        try:
-            ds = read_header(path)
-        except DamagedFileError:
-            damaged.append(rel.as_posix())
-            continue
-        if ds is None:
-            skipped.append(rel.as_posix())
-            continue
-        header = header_from_dataset(
-            ds, path=path, display_path=f"{display_root}/{rel.as_posix()}", folder=folder
+        header, reason = _header_or_reason(
+            path, display_path=f"{display_root}/{rel.as_posix()}", folder=folder
         )
+        if reason is not None:
+            scan.damaged.append(f"{rel.as_posix()} ({reason})")
+            continue
+        if header is None:
+            scan.skipped.append(rel.as_posix())
+            continue
         if header.sop_class_uid == MEDIA_STORAGE_DIRECTORY:
             continue
-        headers.append(header)
-    return headers, skipped, damaged, n
+        scan.headers.append(header)
+
+
+def _shown(items: Sequence[str], n: int = 3) -> str:
+    return "; ".join(items[:n]) + (" …" if len(items) > n else "")
 
 
 def discover(
     input_path: Path | str, *, work_dir: Path, limits: ArchiveLimits | None = None
 ) -> Discovery:
     """Find and group every DICOM object in one input.
+
+    Zip archives inside the input (or inside its archive) are opened too, up to
+    :data:`MAX_ZIP_DEPTH` levels, all within the one budget of ``limits``. Only
+    regular files are opened; named pipes, devices, sockets and links that lead
+    outside the input are named in the warnings and left alone. A damaged file is
+    skipped and named; the input fails only when nothing usable is left.
 
     Args:
         input_path: a folder, a zip archive, or a single DICOM file.
@@ -573,56 +875,79 @@ def discover(
         limits: safety bounds for zip extraction.
 
     Raises:
-        InputError: the path does not exist or cannot be read.
+        InputError: the path does not exist, is not a regular file or folder, or
+            cannot be read.
         UnsafeArchiveError: a zip breaks a safety bound.
-        NoDicomError: the input holds no DICOM object at all.
+        NoDicomError: the input holds no usable DICOM object at all.
     """
     input_path = Path(input_path)
+    limits = limits or ArchiveLimits()
     if not input_path.exists():
         raise InputError(f"{input_path} does not exist; check the path.")
-    notes: list[str] = []
+    kind = None if input_path.is_dir() else special_file_kind(input_path)
+    if kind is not None:
+        raise InputError(
+            f"{input_path} is {kind}, not a regular file or folder; ctscreen reads only "
+            "regular files, so pass the folder or archive that holds the study."
+        )
+    scan = _Scan(members_left=limits.max_members, bytes_left=limits.max_total_bytes)
+    common = dict(scan=scan, work_dir=work_dir, limits=limits, depth=0, folder_prefix="")
+    work_dir.mkdir(parents=True, exist_ok=True)
     if input_path.is_file() and looks_like_zip(input_path):
-        work_dir.mkdir(parents=True, exist_ok=True)
-        files, archive_warnings = extract_zip(input_path, work_dir, limits=limits)
-        notes.extend(archive_warnings)
-        root, display_root = work_dir, str(input_path)
-        files = sorted(files)
+        target = work_dir / "archive"
+        target.mkdir(parents=True, exist_ok=True)
+        files, archive_warnings = extract_zip(input_path, target, limits=limits)
+        scan.members_left -= len(files)
+        scan.bytes_left -= sum(f.stat().st_size for f in files)
+        scan.notes.extend(archive_warnings)
+        root, display_root = target, str(input_path)
+        _scan_files(sorted(files), root=root, display_root=display_root, **common)  # type: ignore[arg-type]
     elif input_path.is_dir():
         root, display_root = input_path, str(input_path)
-        files = iter_files(input_path)
-    elif input_path.is_file():
-        root, display_root = input_path.parent, str(input_path.parent)
-        files = [input_path]
+        files, left_out = regular_files(input_path)
+        if left_out:
+            scan.notes.append(
+                f"left {len(left_out)} entr{'y' if len(left_out) == 1 else 'ies'} unopened "
+                f"(only regular files inside the input are read): {_shown(left_out)}"
+            )
+            log.warning("%s: %s", input_path.name, scan.notes[-1])
+        _scan_files(files, root=root, display_root=display_root, **common)  # type: ignore[arg-type]
     else:
-        raise InputError(f"{input_path} is neither a folder, a zip archive nor a file.")
-    headers, skipped, damaged, n_files = _headers_from_files(
-        files, root=root, display_root=display_root
-    )
-    if skipped:
-        shown = ", ".join(skipped[:3]) + (" …" if len(skipped) > 3 else "")
-        notes.append(f"skipped {len(skipped)} file(s) that are not DICOM: {shown}")
-        log.warning("%s: %s", input_path.name, notes[-1])
-    if damaged:
-        shown = ", ".join(damaged[:3]) + (" …" if len(damaged) > 3 else "")
+        root, display_root = input_path.parent, str(input_path.parent)
+        _scan_files([input_path], root=root, display_root=display_root, **common)  # type: ignore[arg-type]
+    notes = scan.notes
+    if scan.skipped:
         notes.append(
-            f"skipped {len(damaged)} damaged DICOM file(s) (truncated or corrupt): {shown}"
+            f"skipped {len(scan.skipped)} file(s) that are not DICOM: {_shown(scan.skipped)}"
         )
         log.warning("%s: %s", input_path.name, notes[-1])
-    if not headers and damaged:
-        raise NoDicomError(
-            f"{input_path.name} holds {len(damaged)} DICOM file(s), all damaged (truncated or "
-            "corrupt); copy or export the study again."
+    if scan.damaged:
+        notes.append(
+            f"skipped {len(scan.damaged)} damaged DICOM file(s) (truncated or corrupt): "
+            f"{_shown(scan.damaged)}"
         )
-    if not headers:
-        what = "no files at all" if n_files == 0 else f"{n_files} file(s), none of them DICOM"
+        log.warning("%s: %s", input_path.name, notes[-1])
+    if not scan.headers and scan.damaged:
+        raise NoDicomError(
+            f"{input_path.name} holds {len(scan.damaged)} DICOM file(s), all damaged "
+            f"({_shown(scan.damaged, 2)}); copy or export the study again."
+        )
+    if not scan.headers:
+        n = scan.n_files
+        what = "no files at all" if n == 0 else f"{n} file(s), none of them DICOM"
+        if scan.archives:
+            what += f" (looked inside {scan.archives} nested zip archive(s))"
+        unopened = [s for s in scan.skipped if "nested" in s]
+        if unopened:
+            what += f"; left unopened: {_shown(unopened, 1)}"
         raise NoDicomError(
             f"{input_path.name} holds {what}; pass a folder or zip archive of DICOM files."
         )
-    studies = group_headers(headers, location_root=display_root)
+    studies = group_headers(scan.headers, location_root=display_root)
     return Discovery(
         input_path=input_path,
         studies=studies,
         warnings=tuple(notes),
-        n_files=n_files,
-        n_skipped=len(skipped),
+        n_files=scan.n_files,
+        n_skipped=len(scan.skipped),
     )

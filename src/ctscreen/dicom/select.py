@@ -63,12 +63,20 @@ class Candidate:
 
     def describe(self) -> str:
         f = self.facts
-        step = "?" if f.slice_step_mm is None else f"{f.slice_step_mm:.2f} mm"
         desc = self.series.first.series_description
-        label = f"series {self.series.first.series_number or '?'}"
+        number = self.series.first.series_number
+        label = f"series {number}" if number else "series without a number"
         if desc:
             label += f" '{desc}'"
-        return f"{label}: {f.n_positions} slices, {step} apart, {f.coverage_mm:.0f} mm in z"
+        if f.n_positions == 1:
+            return f"{label}: 1 slice"
+        if f.slice_step_mm is None:
+            # No orientation or position to order the slices by: their spacing is unknown.
+            return f"{label}: {f.n_positions} slices, spacing unknown"
+        return (
+            f"{label}: {f.n_positions} slices, {f.slice_step_mm:.2f} mm apart, "
+            f"{f.coverage_mm:.0f} mm in z"
+        )
 
 
 @dataclass(frozen=True)
@@ -195,13 +203,21 @@ def select_series(series: Sequence[Series], config: SelectionConfig | None = Non
     rejected = tuple(c for c in candidates if c.rejection is not None)
     if not eligible:
         details = "; ".join(f"{c.describe()}: {c.rejection}" for c in rejected)
+        where = _folder_of(rejected[0].series) if rejected else ""
         raise SeriesSelectionError(
-            f"no axial CT image series with at least {config.min_slices} slices was found "
-            f"({details}); check that the export holds the CT reconstruction itself."
+            f"no axial CT image series with at least {config.min_slices} slices was found"
+            f"{' in ' + where if where else ''} ({details}); check that the export holds the "
+            "CT reconstruction itself."
         )
     widest = max(c.facts.coverage_mm for c in eligible)
     ranked = tuple(sorted(eligible, key=lambda c: _preference_key(c, widest)))
     return Selection(chosen=ranked, reason=_reason(ranked), rejected=rejected)
+
+
+def _folder_of(series: Series) -> str:
+    """The folder (display path) that holds the first file of ``series``."""
+    shown = series.first.display_path
+    return shown.rsplit("/", 1)[0] if "/" in shown else shown
 
 
 def _reason(ranked: tuple[Candidate, ...]) -> str:

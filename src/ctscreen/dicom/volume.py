@@ -24,10 +24,12 @@ import logging
 import math
 import multiprocessing
 import os
+import struct
 import sys
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,46 +77,136 @@ class SliceGeometry:
     warnings: tuple[str, ...]
 
 
-def _frames_of(series: Series) -> list[tuple[InstanceHeader, FrameGeometry]]:
+#: A series stays a series when less than this share of its slices had to be skipped
+#: as unusable (damaged values, another matrix or orientation). Past it, the rest
+#: is more hole than volume and the study fails, naming what was wrong.
+MAX_SKIPPED_SHARE = 0.5
+
+_Frame = tuple[InstanceHeader, FrameGeometry]
+
+
+def _frames_of(series: Series) -> list[_Frame]:
     return [(h, f) for h in series.instances for f in h.frames]
 
 
-def order_slices(series: Series) -> SliceGeometry:
-    """Sort a series' frames along the slice normal and check its geometry.
+def _where(header: InstanceHeader, frame: FrameGeometry) -> str:
+    if header.number_of_frames > 1 and frame.frame is not None:
+        return f"{header.display_path} frame {frame.frame}"
+    return header.display_path
+
+
+def _frame_reason(header: InstanceHeader, frame: FrameGeometry) -> str | None:
+    """Why one frame cannot join a volume on its own account, or None."""
+    if header.problems:
+        return header.problems[0]
+    if frame.problem:
+        return frame.problem
+    if frame.position is None:
+        return "ImagePositionPatient is missing"
+    if frame.orientation is None:
+        return "ImageOrientationPatient is missing"
+    if frame.pixel_spacing is None:
+        return "PixelSpacing is missing"
+    return None
+
+
+def _majority(frames: list[_Frame], key: Callable[[_Frame], object]) -> object:
+    counts = Counter(key(item) for item in frames)
+    return max(counts, key=lambda k: (counts[k], str(k)))
+
+
+def usable_frames(series: Series) -> tuple[list[_Frame], list[str]]:
+    """The frames of ``series`` that can form one volume, and one note per skipped one.
+
+    One rule for damaged input: a file or frame whose header cannot be trusted
+    (missing or unphysical geometry, rescale or pixel descriptors, see
+    :mod:`ctscreen.dicom.validate`), or that differs from the rest of the series in
+    matrix size or orientation, is skipped and named. The rest is used as long as
+    it stays a consistent series.
 
     Raises:
-        VolumeError: orientation, position, spacing or matrix size are missing
-            or inconsistent so that no volume can honestly be built.
+        VolumeError: nothing usable is left, or more than :data:`MAX_SKIPPED_SHARE`
+            of the frames had to be skipped; the message names a file and its tag.
     """
     frames = _frames_of(series)
     if not frames:
         raise VolumeError("the series holds no image frames; export the CT series again.")
-    missing = [h.display_path for h, f in frames if f.position is None or f.orientation is None]
-    if missing:
+    skipped: list[str] = []
+    kept: list[_Frame] = []
+    for h, f in frames:
+        reason = _frame_reason(h, f)
+        if reason is None:
+            kept.append((h, f))
+        else:
+            skipped.append(f"{_where(h, f)} ({reason})")
+    if kept:
+        size = _majority(kept, lambda item: (item[0].rows, item[0].columns))
+        rest = []
+        for h, f in kept:
+            if (h.rows, h.columns) == size:
+                rest.append((h, f))
+            else:
+                skipped.append(
+                    f"{_where(h, f)} (Rows x Columns {h.rows}x{h.columns}, while the series "
+                    f"is {size[0]}x{size[1]})"  # type: ignore[index]
+                )
+        kept = rest
+    if kept:
+        rounded = _majority(kept, lambda item: tuple(round(v, 2) for v in item[1].orientation))  # type: ignore[union-attr]
+        reference = np.asarray(rounded, dtype=np.float64)
+        rest = []
+        for h, f in kept:
+            if np.abs(np.asarray(f.orientation) - reference).max() <= 0.01 + ORIENTATION_TOLERANCE:
+                rest.append((h, f))
+            else:
+                skipped.append(
+                    f"{_where(h, f)} (ImageOrientationPatient differs from the rest of the series)"
+                )
+        kept = rest
+    if not kept:
         raise VolumeError(
-            f"{len(missing)} slice(s) lack ImagePositionPatient or ImageOrientationPatient "
-            f"(e.g. {missing[0]}), so slice order and geometry are unknown; export the series "
-            "with its geometry tags."
+            f"no slice of this series can be used, so its HU values cannot be trusted: "
+            f"{_examples(skipped)}; export the series again."
         )
+    if len(skipped) >= MAX_SKIPPED_SHARE * len(frames):
+        raise VolumeError(
+            f"{len(skipped)} of {len(frames)} slices of this series cannot be used, too many "
+            f"to score the rest as one series: {_examples(skipped)}; export the series again."
+        )
+    return kept, skipped
+
+
+def _examples(items: list[str], n: int = 2) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return "; ".join(items[:n]) + more
+
+
+def order_slices(series: Series) -> SliceGeometry:
+    """Sort a series' usable frames along the slice normal and check its geometry.
+
+    Raises:
+        VolumeError: orientation, position, spacing or matrix size are missing,
+            unphysical or inconsistent so that no volume can honestly be built.
+    """
+    frames, skipped = usable_frames(series)
     orientations = np.array([f.orientation for _, f in frames], dtype=np.float64)
-    if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
-        raise VolumeError(
-            "the slices of this series have different orientations (e.g. axial and sagittal "
-            "mixed); export each reconstruction as its own series."
-        )
-    sizes = {(h.rows, h.columns) for h, _ in frames}
-    if len(sizes) > 1:
-        raise VolumeError(
-            f"the slices have different matrix sizes {sorted(sizes)}; they cannot be stacked."
-        )
     spacings = {f.pixel_spacing for _, f in frames}
-    if None in spacings:
-        raise VolumeError("PixelSpacing is missing; the voxel size is unknown.")
     row = orientations[0, :3] / np.linalg.norm(orientations[0, :3])
     col = orientations[0, 3:] / np.linalg.norm(orientations[0, 3:])
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
     warnings: list[str] = []
+    if skipped:
+        warnings.append(
+            f"skipped {len(skipped)} unusable slice(s) of {len(skipped) + len(frames)} and "
+            f"scored the rest: {_examples(skipped, 3)}"
+        )
+    no_rescale = sum(1 for _, f in frames if not f.rescale_given)
+    if no_rescale:
+        warnings.append(
+            f"RescaleSlope and RescaleIntercept are missing in {no_rescale} of {len(frames)} "
+            "slice(s); their stored values were taken as HU"
+        )
     if len(spacings) > 1:
         warnings.append(
             f"PixelSpacing differs between slices {sorted(spacings)}; the first is used"
@@ -222,14 +314,42 @@ def geometry_affine(geometry: SliceGeometry) -> np.ndarray:
     return affine
 
 
-def _decode_error(header: InstanceHeader, exc: Exception) -> DecodeError:
+def _decode_error(header: InstanceHeader, exc: BaseException) -> DecodeError:
     ts = header.transfer_syntax
-    name = UID(ts).name if ts else "an unknown transfer syntax"
+    uid = UID(ts) if ts else None
+    detail = f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
+    if uid is not None and uid.is_compressed:
+        return DecodeError(
+            f"cannot decode the pixel data of {header.display_path}, compressed as "
+            f"{uid.name} ({ts}): {detail}; convert the series to uncompressed DICOM "
+            "(e.g. gdcmconv --raw) and try again."
+        )
+    stored = f"stored uncompressed as {uid.name}" if uid is not None else "stored without a "
+    if uid is None:
+        stored += "transfer syntax"
     return DecodeError(
-        f"cannot decode the pixel data of {header.display_path}, compressed as {name} "
-        f"({ts or '?'}): {exc}; convert the series to uncompressed DICOM "
-        "(e.g. gdcmconv --raw) and try again."
+        f"cannot read the pixel data of {header.display_path} ({stored}): {detail}; "
+        "the file is damaged, so copy or export it again."
     )
+
+
+#: Errors pydicom and its decoders raise on damaged pixel data or a header
+#: element that only fails when the full file is parsed.
+_DECODE_ERRORS = (
+    RuntimeError,  # includes RecursionError
+    NotImplementedError,
+    ValueError,
+    OSError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    TypeError,
+    EOFError,
+    OverflowError,
+    MemoryError,
+    struct.error,
+    pydicom.errors.InvalidDicomError,
+)
 
 
 def decode_single_frame(path: str) -> np.ndarray:
@@ -259,7 +379,7 @@ def _main_module_importable() -> bool:
 
 def _parallel_decode(
     headers: list[InstanceHeader], workers: int
-) -> Iterator[tuple[InstanceHeader, np.ndarray]]:
+) -> Iterator[tuple[InstanceHeader, np.ndarray | DecodeError]]:
     """Decode compressed single-frame files in worker processes, in order.
 
     Decoders such as OpenJPEG hold the GIL, so threads do not help; processes
@@ -277,8 +397,11 @@ def _parallel_decode(
     except Exception as exc:  # noqa: BLE001 - any worker failure is retried serially below
         log.debug("parallel decode stopped after %d files: %s", done, exc)
     for header in headers[done:]:
-        for _, arr in _file_frames(header, {header.frames[0].frame}):
-            yield header, arr
+        try:
+            for _, arr in _file_frames(header, {header.frames[0].frame}):
+                yield header, arr
+        except DecodeError as exc:
+            yield header, exc
 
 
 def _file_frames(
@@ -300,16 +423,46 @@ def _file_frames(
         indices = sorted(k - 1 for k in wanted if k is not None)
         for k, arr in zip(indices, iter_pixels(header.path, indices=indices), strict=True):
             yield k + 1, arr
-    except (RuntimeError, NotImplementedError, ValueError, OSError, AttributeError) as exc:
+    except _DECODE_ERRORS as exc:
         raise _decode_error(header, exc) from exc
 
 
 def _frames_of_files(
     headers: list[InstanceHeader], wanted_by_file: dict[Path, set[int | None]]
-) -> Iterator[tuple[Path, int | None, np.ndarray]]:
+) -> Iterator[tuple[Path, int | None, np.ndarray | DecodeError]]:
+    """Decoded frames; a file that fails yields its DecodeError once, and the rest go on."""
     for header in headers:
-        for frame, arr in _file_frames(header, wanted_by_file[header.path]):
-            yield header.path, frame, arr
+        try:
+            for frame, arr in _file_frames(header, wanted_by_file[header.path]):
+                yield header.path, frame, arr
+        except DecodeError as exc:
+            yield header.path, None, exc
+
+
+def _without_undecodable(
+    series: Series, failed: dict[Path, DecodeError], *, decode_workers: int | None
+) -> Volume:
+    """Build the volume again from the files that decoded, naming those that did not.
+
+    Raises:
+        DecodeError: every file failed, or too many to keep a consistent series
+            (:data:`MAX_SKIPPED_SHARE`); the message names a file and why.
+    """
+    first = next(iter(failed.values()))
+    remaining = tuple(h for h in series.instances if h.path not in failed)
+    total = len(series.instances)
+    if not remaining or len(failed) >= MAX_SKIPPED_SHARE * total:
+        if len(failed) == 1:
+            raise first
+        raise DecodeError(
+            f"{len(failed)} of {total} files of this series cannot be decoded, too many to "
+            f"score the rest as one series; the first: {first.message}"
+        )
+    volume = build_volume(replace(series, instances=remaining), decode_workers=decode_workers)
+    names = "; ".join(e.message.split(";")[0] for e in list(failed.values())[:2])
+    more = f" and {len(failed) - 2} more" if len(failed) > 2 else ""
+    note = f"skipped {len(failed)} file(s) whose pixel data cannot be read: {names}{more}"
+    return replace(volume, warnings=(note, *volume.warnings))
 
 
 def build_volume(series: Series, *, decode_workers: int | None = None) -> Volume:
@@ -361,7 +514,7 @@ def build_volume(series: Series, *, decode_workers: int | None = None) -> Volume
     compressed = [
         h for h in header_of.values() if h.native_pixels is None and h.number_of_frames == 1
     ]
-    decoded: Iterator[tuple[Path, int | None, np.ndarray]]
+    decoded: Iterator[tuple[Path, int | None, np.ndarray | DecodeError]]
     if workers > 1 and len(compressed) >= PARALLEL_MIN_FILES:
         in_pool = set(compressed)
         rest = [h for h in header_of.values() if h not in in_pool]
@@ -371,22 +524,35 @@ def build_volume(series: Series, *, decode_workers: int | None = None) -> Volume
         )
     else:
         decoded = _frames_of_files(list(header_of.values()), wanted_by_file)
+    failed: dict[Path, DecodeError] = {}
     for path, frame, arr in decoded:
         wanted = wanted_by_file[path]
         header = header_of[path]
-        if frame not in wanted:
+        if isinstance(arr, DecodeError):
+            failed[path] = arr
+            continue
+        if frame not in wanted or path in failed:
             continue
         if arr.shape != (rows, cols):
-            raise VolumeError(
+            failed[path] = DecodeError(
                 f"{header.display_path} decodes to shape {arr.shape}, expected "
-                f"{(rows, cols)} (colour or damaged data); it cannot join the volume."
+                f"{(rows, cols)} from its Rows and Columns (colour or damaged data)"
             )
+            continue
         i = index_of[(path, frame)]
         g = geometry.slices[i].frame
         j, plane_arr = place(i, arr)
         np.multiply(plane_arr, np.float32(g.slope), out=hu[j], casting="unsafe")
         hu[j] += np.float32(g.intercept)
 
+    if failed:
+        return _without_undecodable(series, failed, decode_workers=decode_workers)
+    if not np.isfinite(hu).all():
+        bad = int(np.count_nonzero(~np.isfinite(hu)))
+        raise VolumeError(
+            f"{bad} voxel(s) of {series.first.display_path}'s series are not finite numbers "
+            "after rescaling, so its HU values cannot be trusted; export the series again."
+        )
     new_affine = reorient_affine(affine, (n, rows, cols), perm, flips)
     warnings = list(geometry.warnings)
     if slices_are_depth:

@@ -158,6 +158,7 @@ class _UploadWriter:
         self._name = ""
         self._size = 0
         self._text: bytearray | None = None
+        self._field_name = ""
 
     def callbacks(self) -> dict[str, Any]:
         return {
@@ -441,6 +442,13 @@ def create_app(settings: ServiceSettings, *, worker: Worker | None = None) -> Fa
             writer.close()
             store.discard_upload(job_id)
             raise HTTPException(exc.status, exc.detail) from None
+        except OSError as exc:  # the disk is full or the data folder went away
+            writer.close()
+            store.discard_upload(job_id)
+            log.error("upload %s could not be stored: %s", job_id, exc)
+            raise HTTPException(
+                507, f"the server could not store the upload ({exc.strerror or exc}); try later."
+            ) from None
         except Exception as exc:  # a torn connection or a malformed body
             writer.close()
             store.discard_upload(job_id)

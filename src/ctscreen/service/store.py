@@ -413,6 +413,16 @@ class JobStore:
             )
         log.info("job %s %s%s", job_id, status, f": {message}" if message else "")
 
+    def release(self, job_id: str) -> None:
+        """Put a running job back in the queue, as if never started (an orderly shutdown)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM rows WHERE job_id = ?", (job_id,))
+            db.execute(
+                "UPDATE jobs SET status = ?, started = NULL, attempts = MAX(attempts - 1, 0) "
+                "WHERE id = ? AND status = ?",
+                (QUEUED, job_id, RUNNING),
+            )
+
     def recover(self) -> list[str]:
         """Put jobs left ``running`` by a process that died back in the queue.
 

@@ -164,13 +164,19 @@ def _score_job(
     index_of = {p: i for i, p in enumerate(paths)}
     current = 0
     pictures = report is not None and config.report_pictures
-    for result in screener.score([Path(p) for p in paths], keep_image=pictures):
+    dicom = _dicom_outputs(report_dir, screener, run_info)  # hook: DICOM node jobs only
+    keep_image = pictures or dicom is not None
+    for result in screener.score([Path(p) for p in paths], keep_image=keep_image):
         current = index_of.get(str(result.input_path), current)
+        if dicom is not None:
+            result = dicom.annotate(result)
         shown = display_result(result, paths[current], names[current])
         conn.send(("rows", job_id, current, result_rows(shown, mode=mode)))
+        if dicom is not None:
+            dicom.add(result, Path(paths[current]))
         if report is not None:
             try:
-                report.add(shown)
+                report.add(shown if pictures else shown.without_maps())
             except CtscreenError as exc:
                 log.warning("job %s: report stopped: %s", job_id, exc.message)
                 report = None
@@ -179,6 +185,21 @@ def _score_job(
             report.finish(run_info={**run_info, "service": "ctscreen serve", "job": job_id})
         except CtscreenError as exc:
             log.warning("job %s gets no HTML report: %s", job_id, exc.message)
+
+
+def _dicom_outputs(report_dir: str | None, screener: Any, run_info: dict[str, Any]) -> Any:
+    """The DICOM node's result writer when this job came from the node, else None."""
+    if report_dir is None:
+        return None
+    job_dir = Path(report_dir).parent
+    if not (job_dir / "dicom-node.json").is_file():
+        return None  # not a node job: highdicom is not even imported
+    from .dicom_out import JobOutputs
+
+    pre = screener.config
+    return JobOutputs.for_job(
+        job_dir, run_info=run_info, window=(pre.window_level, pre.window_width)
+    )
 
 
 def display_result(result: StudyResult, stored: str, name: str) -> StudyResult:
@@ -310,8 +331,9 @@ class Worker:
                 )
 
     def stop(self) -> None:
-        """Stop the thread and the child. A job being scored stays ``running`` and is
-        re-queued by the next start (:meth:`JobStore.recover`)."""
+        """Stop the thread and the child. A job being scored goes back to the queue
+        (:meth:`JobStore.release`); should the process die first, it stays ``running``
+        and the next start re-queues it (:meth:`JobStore.recover`)."""
         self._stop.set()
         self._wake.set()
         self._kill_child()
@@ -434,14 +456,16 @@ class Worker:
             conn.send(("job", job.id, paths, names, job.mode, report_dir))
         except (OSError, ValueError):
             if self._stop.is_set():
-                return  # left running: the next start re-queues it
+                self.store.release(job.id)
+                return
             raise
         log.info("job %s started (%d inputs)", job.id, len(paths))
         last_index: int | None = None
         deadline = time.monotonic() + self.study_timeout
         while True:
             if self._stop.is_set():
-                return  # left running: the next start re-queues it
+                self.store.release(job.id)  # scored again, from the start, after a restart
+                return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.stats.timeouts += 1
@@ -460,6 +484,7 @@ class Worker:
                 message = conn.recv() if ready else None
             except (EOFError, OSError):
                 if self._stop.is_set():
+                    self.store.release(job.id)
                     return
                 message = ("crash",)
             if message is None:

@@ -360,6 +360,7 @@ def generate_dataset(
     zip_archives: bool = False,
     variety: bool = True,
     pathologies: Sequence[str] = PATHOLOGIES,
+    progress: bool = False,
 ) -> Path:
     """Write a labelled synthetic chest CT dataset.
 
@@ -372,6 +373,7 @@ def generate_dataset(
         zip_archives: write ``archives/<study_id>.zip`` instead of ``studies/<study_id>/``.
         variety: vary encodings and geometry between studies (see :func:`plan_studies`).
         pathologies: the kinds that pathological studies cycle through.
+        progress: draw a tqdm bar on stderr.
 
     Returns:
         The path of ``labels.csv``.
@@ -388,8 +390,11 @@ def generate_dataset(
         variety=variety,
         pathologies=pathologies,
     )
+    from tqdm.auto import tqdm
+
     rows = []
-    for spec in specs:
+    what = "archives" if zip_archives else "studies"
+    for spec in tqdm(specs, desc=f"synthesise {what}", unit="study", disable=not progress):
         if zip_archives:
             with tempfile.TemporaryDirectory(prefix="ctscreen-synth-") as tmp:
                 row = write_study(spec, Path(tmp) / spec.study_id)

@@ -18,6 +18,8 @@ from ..errors import ConfigError
 
 BALANCE_CHOICES: tuple[str, ...] = ("none", "loss", "sampler", "both")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+#: When the resume state is written: after every epoch, or only when the run is stopped.
+RESUME_STATE_CHOICES: tuple[str, ...] = ("every_epoch", "on_interrupt")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,14 @@ class TrainConfig:
         threshold: decision threshold stored in the per-epoch checkpoints and
             used for the threshold-dependent epoch metrics.
         log_every: log a running training loss every N steps.
+        save_every_epoch: keep ``epochs/epoch_XXX/weights.pth`` for every epoch
+            (one full checkpoint each, ~130 MB); by default only ``best.pth`` and
+            the resume state are kept, as in timm and nanoGPT run folders.
+        resume_state: ``"every_epoch"`` rewrites ``last_state.pth`` (weights and
+            AdamW moments, ~3x a checkpoint) after each epoch, so a crash loses at
+            most one epoch; ``"on_interrupt"`` keeps the last finished epoch's state
+            in memory and writes it only when the run is stopped with Ctrl-C (short
+            runs such as the demo, where disk matters more).
     """
 
     epochs: int = 30
@@ -70,6 +80,8 @@ class TrainConfig:
     max_grad_norm: float | None = None
     threshold: float = 0.5
     log_every: int = 10
+    save_every_epoch: bool = False
+    resume_state: str = "every_epoch"
 
     def __post_init__(self) -> None:
         if isinstance(self.preprocess, dict):
@@ -96,6 +108,11 @@ class TrainConfig:
             ),
             (0.0 <= self.threshold <= 1.0, f"threshold must lie in [0, 1], got {self.threshold}"),
             (self.log_every >= 1, f"log_every must be at least 1, got {self.log_every}"),
+            (
+                self.resume_state in RESUME_STATE_CHOICES,
+                f"resume_state must be one of {', '.join(RESUME_STATE_CHOICES)}, "
+                f"got {self.resume_state!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

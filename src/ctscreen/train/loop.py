@@ -6,11 +6,17 @@ Run folder layout (``out_dir``)::
     metrics.csv, metrics.jsonl     one row per epoch (losses, ROC-AUC, PR-AUC, accuracy,
                                    F1, sensitivity, specificity for train and val)
     learning_curves.png            redrawn from metrics.csv every epoch
-    epochs/epoch_XXX/weights.pth   checkpoint with model card (ctscreen.weights format)
     epochs/epoch_XXX/{train,val}_cm.png, {train,val}_report.txt
+    epochs/epoch_XXX/weights.pth   only with ``save_every_epoch`` (~130 MB each)
     best.pth                       the epoch with the highest validation ROC-AUC
-    last_state.pth                 resume state (model, optimizer, scaler, RNG, history)
+                                   (checkpoint with model card, ctscreen.weights format)
+    last_state.pth                 resume state of the last finished epoch (model,
+                                   optimizer, scaler, RNG, history; ~3x a checkpoint)
     tensorboard/                   when requested
+
+Like timm's and nanoGPT's run folders, only the best checkpoint and the latest
+resume state are kept unless per-epoch weights are asked for, and the run says
+how much disk that is before it starts.
 
 Train-set metrics come from the predictions made during the training pass
 (augmented inputs, weights changing within the epoch), as is usual; they show
@@ -26,12 +32,13 @@ history is then identical.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +53,10 @@ from ..card import CLASS_NAMES, ModelCard
 from ..data import cache as cache_lib
 from ..data.dataset import StudyDataset, select_rows
 from ..errors import ConfigError, DatasetError
-from ..fileio import json_safe, write_text_atomic
+from ..fileio import folder_bytes, format_bytes, json_safe, write_text_atomic
 from . import metrics as metrics_lib
 from . import plots
+from . import progress as progress_lib
 from .augment import augment_volume
 from .checkpoint import (
     capture_rng_state,
@@ -68,10 +76,17 @@ METRICS_COLUMNS: tuple[str, ...] = (
     ("epoch", "lr", "train_loss", "val_loss")
     + tuple(f"train_{m}" for m in EPOCH_METRICS)
     + tuple(f"val_{m}" for m in EPOCH_METRICS)
-    + ("seconds",)
+    + ("val_roc_auc_ci_low", "val_roc_auc_ci_high", "seconds")
 )
 STATE_NAME = "last_state.pth"
 BEST_NAME = "best.pth"
+#: Bootstrap resamples of the per-epoch validation ROC-AUC interval.
+VAL_CI_BOOT = 1000
+
+#: Receives the lines a run has for its user (see :func:`train`).
+Echo = Callable[[str], None]
+#: Called after every training batch with ``(step, seconds of that batch)``.
+BatchHook = Callable[[int, float], None]
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,8 @@ class TrainResult:
         last_epoch: last completed epoch.
         history: one dict per epoch (the rows of metrics.csv).
         dropped_keys: studies left out because they could not be cached.
+        interrupted: the run was stopped by Ctrl-C (its resume state is on disk
+            when at least one epoch finished).
     """
 
     out_dir: Path
@@ -95,6 +112,7 @@ class TrainResult:
     last_epoch: int
     history: tuple[dict[str, float], ...]
     dropped_keys: tuple[str, ...] = ()
+    interrupted: bool = False
 
 
 def read_keys_arg(keys: Sequence[str] | Path | str) -> list[str]:
@@ -228,8 +246,13 @@ def _run_epoch(
     config: TrainConfig,
     desc: str,
     progress: bool,
+    on_batch: BatchHook | None = None,
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """One pass over ``loader``; trains when ``optimizer`` is given.
+
+    Args:
+        on_batch: called after every batch with ``(step, seconds)``, the time of
+            that batch (data loading included).
 
     Returns:
         ``(mean loss per study, labels, probabilities)``.
@@ -242,6 +265,7 @@ def _run_epoch(
     labels: list[np.ndarray] = []
     probs: list[np.ndarray] = []
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)
+    tick = time.perf_counter()
     with torch.set_grad_enabled(training):
         for step, (x, y) in enumerate(bar, start=1):
             x = x.to(device, non_blocking=True)
@@ -271,6 +295,10 @@ def _run_epoch(
             bar.set_postfix(loss=f"{total_loss / seen:.4f}")
             if training and step % config.log_every == 0:
                 log.debug("%s step %d: running loss %.4f", desc, step, total_loss / seen)
+            now = time.perf_counter()
+            if on_batch is not None:
+                on_batch(step, now - tick)
+            tick = now
     bar.close()
     if seen == 0:
         raise DatasetError(f"the {desc} pass saw no study; check the split and the batch size.")
@@ -337,6 +365,37 @@ def _drop_unreadable(
     return rows.loc[~mask].reset_index(drop=True), dropped
 
 
+def _state_payload(
+    *,
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    use_amp: bool,
+    best_score: float,
+    best_epoch: int | None,
+    history: Sequence[dict[str, float]],
+    config: TrainConfig,
+) -> dict[str, Any]:
+    """Everything a resumed run needs, as copies (the model trains on after this)."""
+    return {
+        "epoch": epoch,
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "scaler": scaler.state_dict() if use_amp else {},
+        "best_score": best_score,
+        "best_epoch": best_epoch,
+        "history": [dict(row) for row in history],
+        "config": config.to_dict(),
+        "rng": capture_rng_state(),
+    }
+
+
+def _n_validated(start: int, config: TrainConfig) -> int:
+    last = config.epochs
+    return sum(1 for e in range(start, last + 1) if e % config.val_every == 0 or e == last)
+
+
 def train(
     *,
     registry: pd.DataFrame | Path | str,
@@ -347,8 +406,20 @@ def train(
     cache_dir: Path | str | None = None,
     resume: bool = False,
     progress: bool = True,
+    echo: Echo | None = None,
 ) -> TrainResult:
     """Train r3d_18 on the train keys, validate on the val keys, write a run folder.
+
+    Before the first epoch it states what the run folder will hold on disk; after
+    the first few training batches it estimates the run's duration from their
+    measured time (with advice when that is hours on a CPU); after every epoch it
+    gives one line with the losses, the validation ROC-AUC with its 95% bootstrap
+    interval, the epoch's time and the time still to go.
+
+    Ctrl-C (KeyboardInterrupt) stops the run within a batch: the unfinished epoch
+    is dropped, the resume state of the last finished epoch is on disk (written
+    now when ``config.resume_state`` is ``"on_interrupt"``), and the function
+    returns with ``interrupted=True``; ``resume=True`` continues from there.
 
     Args:
         registry: registry frame or CSV path (``study_key``, ``path``, ``path_type``,
@@ -362,6 +433,8 @@ def train(
             a warning. Without it every epoch decodes every study.
         resume: continue from ``out_dir/last_state.pth`` at the next epoch.
         progress: draw tqdm bars on stderr.
+        echo: receives the lines meant for the user (estimate, epoch lines, disk
+            use); default: this module's logger at INFO level.
 
     Returns:
         A :class:`TrainResult`.
@@ -377,7 +450,9 @@ def train(
     from ..model import build_model
     from ..weights import save_checkpoint
 
+    say: Echo = echo if echo is not None else log.info
     out_dir = Path(out_dir)
+    state_path = out_dir / STATE_NAME
     frame = read_registry_arg(registry)
     train_rows = select_rows(frame, read_keys_arg(train_keys), what="train")
     val_rows = select_rows(frame, read_keys_arg(val_keys), what="val")
@@ -389,17 +464,23 @@ def train(
         )
     resuming = _check_run_folder(out_dir, resume)
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = _open_tensorboard(out_dir) if config.tensorboard else None
 
     dropped: list[str] = []
     if cache_dir is not None:
-        report = cache_lib.build_cache(
-            pd.concat([train_rows, val_rows], ignore_index=True),
-            cache_dir,
-            config.preprocess,
-            workers=max(1, config.num_workers),
-            progress=progress,
-        )
+        try:
+            report = cache_lib.build_cache(
+                pd.concat([train_rows, val_rows], ignore_index=True),
+                cache_dir,
+                config.preprocess,
+                workers=max(1, config.num_workers),
+                progress=progress,
+            )
+        except KeyboardInterrupt:
+            say(
+                "stopped by Ctrl-C while caching; the studies cached so far are kept, "
+                "run the same command again to go on"
+            )
+            return TrainResult(out_dir, None, None, math.nan, 0, (), (), interrupted=True)
         train_rows, lost_train = _drop_unreadable(train_rows, report.failed_keys, "train")
         val_rows, lost_val = _drop_unreadable(val_rows, report.failed_keys, "val")
         dropped = lost_train + lost_val
@@ -414,6 +495,7 @@ def train(
         raise DatasetError("the validation set is empty; give val keys of readable studies.")
     if val_rows["label"].nunique() < 2:
         log.warning("the validation set holds one class only: ROC-AUC is undefined (nan)")
+    writer = _open_tensorboard(out_dir) if config.tensorboard else None
 
     device = select_device(config.device)
     use_amp = bool(config.amp and device.type == "cuda")
@@ -428,27 +510,17 @@ def train(
     if config.balance in ("loss", "both"):
         pos_weight = torch.tensor([n_neg / n_pos], dtype=torch.float32, device=device)
     criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    log.info(
-        "training on %s: %d train (%d with pathology), %d val, balance=%s%s, amp=%s",
-        device,
-        len(train_rows),
-        n_pos,
-        len(val_rows),
-        config.balance,
-        f" (pos_weight {n_neg / n_pos:.3f})" if pos_weight is not None else "",
-        use_amp,
-    )
 
     history: list[dict[str, float]] = []
     best_score, best_epoch = -math.inf, None
     start_epoch = 1
     if resuming:
-        state = load_train_state(out_dir / STATE_NAME)
+        state = load_train_state(state_path)
         saved = TrainConfig.from_dict(state["config"])
         if saved.preprocess != config.preprocess:
             raise ConfigError(
                 f"cannot resume {out_dir}: it was trained with preprocessing "
-                f"{saved.preprocess.to_dict()}, not {config.preprocess.to_dict()}; "
+                f"{saved.preprocess.describe()}, not {config.preprocess.describe()}; "
                 "use the same window and shape or start a new run."
             )
         changed = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
@@ -463,7 +535,7 @@ def train(
         best_score = float(state["best_score"])
         best_epoch = state["best_epoch"]
         start_epoch = int(state["epoch"]) + 1
-        log.info("resuming %s at epoch %d", out_dir, start_epoch)
+        say(f"resuming {out_dir} at epoch {start_epoch}")
     write_text_atomic(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
     transform = augment_volume if config.augment else None
@@ -479,7 +551,50 @@ def train(
         val_set, config=config, train=False, generator=generator, device=device
     )
     data_summary = training_data_summary(train_rows, val_rows, dropped, config.seed)
+    epochs_left = max(config.epochs - start_epoch + 1, 0)
+    say(
+        f"training on {device}: {len(train_rows)} train studies ({n_pos} with pathology), "
+        f"{len(val_rows)} val, input {'x'.join(map(str, config.preprocess.shape))}, "
+        f"{epochs_left} epoch(s) of {len(train_loader)} train + {len(val_loader)} val "
+        f"batches, balance={config.balance}"
+        + (f" (pos_weight {n_neg / n_pos:.3f})" if pos_weight is not None else "")
+    )
+    plan = progress_lib.disk_plan(
+        sum(v.numel() for v in model.state_dict().values()),
+        epochs=epochs_left,
+        save_every_epoch=config.save_every_epoch,
+        state_on_interrupt=config.resume_state == "on_interrupt",
+    )
+    say(progress_lib.disk_line(plan, str(out_dir)))
 
+    batch_times: list[float] = []
+    estimated = False
+
+    def time_first_batches(step: int, seconds: float) -> None:
+        nonlocal estimated
+        n_batches = len(train_loader)
+        if estimated:
+            return
+        # The first batch of each loader worker pays for its start-up: not timed.
+        if step > max(1, config.num_workers) or n_batches <= max(1, config.num_workers):
+            batch_times.append(seconds)
+        if len(batch_times) >= progress_lib.ESTIMATE_BATCHES or step == n_batches:
+            estimated = True
+            estimate = progress_lib.estimate_from_batches(
+                batch_times,
+                train_batches=n_batches,
+                val_batches=len(val_loader),
+                epochs_left=epochs_left,
+                validated_epochs=_n_validated(start_epoch, config),
+            )
+            for line in progress_lib.estimate_lines(
+                estimate, device=device.type, batch_size=config.batch_size
+            ):
+                say(line)
+
+    epoch_seconds: list[float] = []
+    snapshot: dict[str, Any] | None = None
+    interrupted = False
     try:
         for epoch in range(start_epoch, config.epochs + 1):
             started = time.perf_counter()
@@ -502,6 +617,7 @@ def train(
                 optimizer=optimizer,
                 scaler=scaler,
                 desc=f"epoch {epoch}/{config.epochs} train",
+                on_batch=None if estimated else time_first_batches,
                 **common,
             )
             folder = out_dir / "epochs" / f"epoch_{epoch:03d}"
@@ -512,6 +628,7 @@ def train(
             row.update({f"train_{m}": float(tr[m]) for m in EPOCH_METRICS})
             validate = epoch % config.val_every == 0 or epoch == config.epochs
             va: dict[str, float] = {}
+            ci = (math.nan, math.nan)
             if validate:
                 val_loss, y_va, p_va = _run_epoch(
                     model,
@@ -525,9 +642,13 @@ def train(
                     folder, "val", y_va, p_va, threshold=config.threshold, epoch=epoch
                 )
                 row["val_loss"] = val_loss
+                ci = metrics_lib.bootstrap_ci(
+                    y_va, p_va, metrics_lib.roc_auc, n_boot=VAL_CI_BOOT, seed=epoch
+                )
             else:
                 row["val_loss"] = math.nan
             row.update({f"val_{m}": float(va.get(m, math.nan)) for m in EPOCH_METRICS})
+            row["val_roc_auc_ci_low"], row["val_roc_auc_ci_high"] = ci
             row["seconds"] = time.perf_counter() - started
 
             card = ModelCard(
@@ -542,15 +663,36 @@ def train(
                 train_config=config.to_dict(),
                 threshold_rule="default",
             )
-            weights_path = folder / "weights.pth"
-            save_checkpoint(weights_path, model, card)
             score = row["val_roc_auc"]
             score = score if math.isfinite(score) else -math.inf
-            if validate and (best_epoch is None or score > best_score):
+            is_best = validate and (best_epoch is None or score > best_score)
+            if config.save_every_epoch:
+                weights_path = folder / "weights.pth"
+                save_checkpoint(weights_path, model, card)
+                if is_best:
+                    link_or_copy(weights_path, out_dir / BEST_NAME)
+            elif is_best:
+                save_checkpoint(out_dir / BEST_NAME, model, card)
+            if is_best:
                 best_score, best_epoch = score, epoch
-                link_or_copy(weights_path, out_dir / BEST_NAME)
-                log.info("epoch %d is the best so far (val ROC-AUC %.4f)", epoch, score)
 
+            # The resume state first, the history after: a Ctrl-C between the two
+            # leaves a state that knows the epoch, never a history ahead of the state.
+            payload = _state_payload(
+                epoch=epoch,
+                model=model,
+                optimizer=optimizer,
+                scaler=scaler,
+                use_amp=use_amp,
+                best_score=best_score,
+                best_epoch=best_epoch,
+                history=[*history, row],
+                config=config,
+            )
+            if config.resume_state == "every_epoch":
+                save_train_state(state_path, payload)
+            else:
+                snapshot = payload
             history.append(row)
             write_history(out_dir, history)
             plots.plot_learning_curves(out_dir / "metrics.csv", out_dir / "learning_curves.png")
@@ -559,36 +701,33 @@ def train(
                     if key != "epoch" and math.isfinite(value):
                         writer.add_scalar(key.replace("_", "/", 1), value, epoch)
                 writer.flush()
-            save_train_state(
-                out_dir / STATE_NAME,
-                {
-                    "epoch": epoch,
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if use_amp else {},
-                    "best_score": best_score,
-                    "best_epoch": best_epoch,
-                    "history": history,
-                    "config": config.to_dict(),
-                    "rng": capture_rng_state(),
-                },
+            epoch_seconds.append(row["seconds"])
+            left = config.epochs - epoch
+            eta = sum(epoch_seconds) / len(epoch_seconds) * left if left else None
+            say(progress_lib.epoch_line(row, epochs=config.epochs, eta_seconds=eta, best=is_best))
+    except KeyboardInterrupt:
+        interrupted = True
+        if snapshot is not None:
+            save_train_state(state_path, snapshot)
+        done = int(history[-1]["epoch"]) if history else start_epoch - 1
+        if snapshot is not None:
+            done = int(snapshot["epoch"])
+        if done >= 1 and state_path.exists():
+            say(
+                f"stopped by Ctrl-C during epoch {done + 1}; the run up to epoch {done} is "
+                f"kept in {state_path}: add --resume to the same command to continue"
             )
-            log.info(
-                "epoch %d/%d: train loss %.4f, val loss %.4f, val ROC-AUC %.4f, "
-                "val PR-AUC %.4f (%.1f s)",
-                epoch,
-                config.epochs,
-                train_loss,
-                row["val_loss"],
-                row["val_roc_auc"],
-                row["val_pr_auc"],
-                row["seconds"],
-            )
+        else:
+            say("stopped by Ctrl-C before the first epoch finished; there is nothing to resume")
     finally:
         if writer is not None:
             writer.close()
+    if not interrupted and config.resume_state == "on_interrupt" and state_path.exists():
+        # A state left by an earlier Ctrl-C describes an epoch this run has passed.
+        state_path.unlink()
 
     best_path = out_dir / BEST_NAME
+    say(f"{out_dir} holds {format_bytes(folder_bytes(out_dir))}")
     return TrainResult(
         out_dir=out_dir,
         best_path=best_path if best_path.exists() else None,
@@ -597,4 +736,5 @@ def train(
         last_epoch=int(history[-1]["epoch"]) if history else 0,
         history=tuple(history),
         dropped_keys=tuple(dropped),
+        interrupted=interrupted,
     )

@@ -29,6 +29,7 @@ SOURCES: dict[str, str] = {
     "mosmed_vii": "MosMedData CT-COVID19 type VII",
     "ldct_lungcr": "MosMedData LDCT-LUNGCR type I",
     "custom": "custom class folders",
+    "synthetic": "a synthetic dataset written by `ctscreen synth`",
 }
 
 #: File names an adapter looks for first when it needs the dataset's own registry table.

@@ -1,0 +1,402 @@
+"""The DICOM node of ``ctscreen serve``: studies arrive by C-STORE, results leave by C-STORE.
+
+* **Receiver** (pynetdicom SCP): Verification (C-ECHO) and storage. Every storage
+  SOP class is accepted at association time, so that a PACS sending a whole study
+  (CT images plus a dose report or a localizer) keeps its association; each
+  C-STORE of anything but CT Image or Enhanced CT Image storage is then refused
+  with status ``0x0122`` (*SOP class not supported*). Accepted instances are
+  written to disk as they arrive, under ``DATA/dicom-in/<generated>/<sha1 of the
+  SOPInstanceUID>.dcm`` (a re-sent instance replaces itself; nothing the sender
+  chose becomes a path).
+* **Stable-study watcher**: a study is complete once no instance of it arrived for
+  ``stable_seconds`` (a PACS "stable study" rule); it then becomes a job of the
+  service's :class:`~ctscreen.service.store.JobStore`, scored by the service's
+  worker like any upload. A study an association was aborted in the middle of
+  (or the service stopped while receiving) is scored with a warning in its row
+  and its SR naming the instance numbers that are missing.
+* **Outbox** (:mod:`ctscreen.service.sender`): the SR and key images the scoring
+  child wrote (:mod:`ctscreen.service.dicom_out`) go to ``--send-to``, retried
+  with backoff until delivered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    Verification,
+)
+
+from ..errors import ConfigError
+from ..fileio import write_bytes_atomic
+from .dicom_out import NODE_JOB_FILE, OUT_DIR, NodeJob
+from .node_store import Incoming, NodeStore
+from .sender import Destination, Outbox
+from .store import InputFile, JobStore, new_job_id, stored_name
+
+log = logging.getLogger(__name__)
+
+#: The SOP classes the node scores; every other storage class is refused per instance.
+ACCEPTED_SOP_CLASSES: frozenset[str] = frozenset({str(CTImageStorage), str(EnhancedCTImageStorage)})
+STATUS_SUCCESS = 0x0000
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+INCOMING_DIR = "dicom-in"
+#: A study whose association stays open (idle) is taken after this many stable periods.
+OPEN_WAIT = 3
+#: Every transfer syntax pynetdicom knows, for CT (a PACS may send JPEG, JPEG 2000, RLE...).
+_CT_TRANSFER_SYNTAXES: list[str] = [
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.5",
+]
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """How the DICOM node runs.
+
+    Attributes:
+        port: the DICOM port to listen on.
+        ae_title: the node's AE title (also the calling AE title when sending).
+        host: the address to listen on.
+        send_to: where results go (None: they are kept in the outbox until a
+            destination is configured).
+        stable_seconds: a study is complete after this many seconds without a new instance.
+        retry_base, retry_max: outbox backoff (seconds): first wait, longest wait.
+        allowed_aes: calling AE titles accepted (empty: any); others are rejected at
+            association time. The called AE title must always be ``ae_title``.
+    """
+
+    port: int
+    ae_title: str = "CTSCREEN"
+    host: str = "127.0.0.1"
+    send_to: Destination | None = None
+    stable_seconds: float = 10.0
+    retry_base: float = 10.0
+    retry_max: float = 300.0
+    allowed_aes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        title = self.ae_title
+        ok = bool(title.strip()) and len(title) <= 16
+        if not ok or "\\" in title or any(ord(c) < 32 or ord(c) > 126 for c in title):
+            raise ConfigError(
+                f"--ae-title {self.ae_title!r} is not an AE title (1-16 characters, no "
+                "backslash or control characters)."
+            )
+
+
+def _instance_name(sop_instance_uid: str) -> str:
+    return hashlib.sha1(sop_instance_uid.encode("ascii", "replace")).hexdigest() + ".dcm"
+
+
+def missing_instances(folder: Path) -> str:
+    """A sentence naming the InstanceNumbers missing inside each series of ``folder``
+    (gaps between the lowest and highest received), "" when there are none."""
+    numbers: dict[str, set[int]] = {}
+    for path in folder.iterdir():
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError):
+            continue
+        number = ds.get("InstanceNumber")
+        if number is None or str(number) == "":
+            continue
+        numbers.setdefault(str(ds.get("SeriesInstanceUID", "?")), set()).add(int(number))
+    parts = []
+    for series, present in sorted(numbers.items()):
+        low, high = min(present), max(present)
+        missing = sorted(set(range(low, high + 1)) - present)
+        received = f"{len(present)} received ({low}-{high})"
+        if missing:
+            parts.append(
+                f"series {series}: instance numbers {_ranges(missing)} missing, {received}, "
+                f"and any after {high}"
+            )
+        else:
+            parts.append(f"series {series}: {received}; any after {high} may be missing")
+    return "; ".join(parts)
+
+
+def _ranges(values: list[int]) -> str:
+    """``[1, 2, 3, 7, 9, 10]`` as ``1-3, 7, 9-10``."""
+    out: list[str] = []
+    start = prev = values[0]
+    for v in values[1:] + [None]:  # type: ignore[list-item]
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(out)
+
+
+class DicomNode:
+    """The receiver, the stable-study watcher and the outbox, started and stopped together.
+
+    Example:
+        >>> settings = NodeSettings(port=11112)
+        >>> node = DicomNode(Path("data"), settings, wake=worker.wake)  # doctest: +SKIP
+        >>> node.start()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        settings: NodeSettings,
+        *,
+        wake: Callable[[], None] = lambda: None,
+        poll: float = 0.5,
+    ) -> None:
+        self.settings = settings
+        self.data_dir = Path(data_dir)
+        self.incoming_dir = self.data_dir / INCOMING_DIR
+        self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        # Own connections to the service's databases (SQLite WAL: safe beside the app's).
+        self.jobs = JobStore(self.data_dir)
+        self.node_store = NodeStore(self.data_dir)
+        self.wake = wake
+        self.poll = poll
+        self.outbox = Outbox(
+            self.node_store,
+            self.jobs,
+            destination=settings.send_to,
+            calling_ae=settings.ae_title,
+            retry_base=settings.retry_base,
+            retry_max=settings.retry_max,
+            result_files=self.result_files,
+        )
+        self._server: Any = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._assoc_studies: dict[int, set[str]] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ control
+
+    def start(self) -> None:
+        """Recover what a stopped service left, then listen, watch and send.
+
+        Raises:
+            ConfigError: the DICOM port cannot be opened.
+        """
+        interrupted = self.node_store.recover_incoming()
+        if interrupted:
+            log.warning("%d studies were being received when the service stopped", len(interrupted))
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            syntaxes = (
+                _CT_TRANSFER_SYNTAXES
+                if context.abstract_syntax in ACCEPTED_SOP_CLASSES
+                else context.transfer_syntax
+            )
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
+        ae.maximum_associations = 16
+        ae.require_called_aet = True  # a PACS calling another AE title is misconfigured
+        if self.settings.allowed_aes:
+            ae.require_calling_aet = list(self.settings.allowed_aes)
+        elif self.settings.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning(
+                "the DICOM port accepts studies from any AE on the network; restrict it with "
+                "--allow-ae (the PACS's AE title) or a firewall"
+            )
+        handlers = [
+            (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+        try:
+            self._server = ae.start_server(
+                (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen for DICOM on {self.settings.host}:{self.settings.port} "
+                f"({exc.strerror or exc}); choose another --dicom-port."
+            ) from exc
+        self._watcher = threading.Thread(target=self._watch, name="ctscreen-stable", daemon=True)
+        self._watcher.start()
+        self.outbox.start()
+        log.warning(
+            "DICOM node %s on %s:%d (stable after %g s; results to %s)",
+            self.settings.ae_title,
+            self.settings.host,
+            self.settings.port,
+            self.settings.stable_seconds,
+            self.settings.send_to or "nowhere yet (kept in the outbox)",
+        )
+
+    def stop(self) -> None:
+        """Stop listening, watching and sending (what is pending stays on disk)."""
+        self._stop.set()
+        if self._server is not None:
+            self._server.shutdown()
+        if self._watcher is not None:
+            self._watcher.join(timeout=30)
+        self.outbox.stop()
+        self.node_store.close()
+        self.jobs.close()
+
+    # ------------------------------------------------------------------ receiver
+
+    def _on_store(self, event: Any) -> int:
+        sop_class = str(event.request.AffectedSOPClassUID)
+        if sop_class not in ACCEPTED_SOP_CLASSES:
+            log.info(
+                "refused an instance of SOP class %s from %s (CT only)",
+                sop_class,
+                event.assoc.requestor.ae_title,
+            )
+            return STATUS_SOP_CLASS_NOT_SUPPORTED
+        try:
+            ds = event.dataset
+            study_uid = str(ds.StudyInstanceUID)
+            sop_uid = str(ds.SOPInstanceUID)
+        except (AttributeError, ValueError, TypeError, KeyError) as exc:
+            log.warning("an instance without readable UIDs was refused: %s", exc)
+            return STATUS_CANNOT_UNDERSTAND
+        if str(ds.get("SOPClassUID", sop_class)) != sop_class or not study_uid or not sop_uid:
+            return STATUS_DATASET_MISMATCH
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        try:
+            folder_name = self.node_store.receive(study_uid, calling_ae, secrets.token_hex(12))
+            with self._lock:
+                first_here = study_uid not in self._assoc_studies.setdefault(id(event.assoc), set())
+                self._assoc_studies[id(event.assoc)].add(study_uid)
+            if first_here:
+                self.node_store.association_opened(study_uid)
+            write_bytes_atomic(
+                self.incoming_dir / folder_name / _instance_name(sop_uid),
+                event.encoded_dataset(include_meta=True),
+            )
+        except OSError as exc:
+            log.error("cannot store an instance of study %s: %s", study_uid, exc)
+            return STATUS_OUT_OF_RESOURCES
+        return STATUS_SUCCESS
+
+    def _end_association(self, event: Any, aborted: str) -> None:
+        with self._lock:
+            studies = self._assoc_studies.pop(id(event.assoc), set())
+        for study_uid in studies:
+            self.node_store.association_closed(study_uid, aborted=aborted)
+            if aborted:
+                log.warning("study %s: %s", study_uid, aborted)
+
+    def _on_released(self, event: Any) -> None:
+        self._end_association(event, "")
+
+    def _on_aborted(self, event: Any) -> None:
+        ae = str(event.assoc.requestor.ae_title).strip()
+        self._end_association(event, f"the association from {ae} was aborted while sending it")
+
+    def _on_closed(self, event: Any) -> None:
+        # A connection that closed without release or abort (the peer died) is an abort too.
+        ae = str(event.assoc.requestor.ae_title).strip()
+        self._end_association(
+            event, f"the association from {ae} ended without a release (aborted or cut off)"
+        )
+
+    # ------------------------------------------------------------------ watcher
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wait = self.settings.stable_seconds
+                for study in self.node_store.stable(wait):
+                    quiet = time.time() - study.last
+                    if study.receiving and not study.aborted and quiet < OPEN_WAIT * wait:
+                        continue  # its association is still open: more may come
+                    self.make_job(study)
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one study
+                log.exception("stable-study watcher round failed; trying again")
+            self._stop.wait(self.poll)
+
+    def make_job(self, study: Incoming) -> str:
+        """Turn a complete (stable) study into a queued job; returns its id.
+
+        The instances are hard-linked into the job's upload folder before the job
+        is added and removed from ``dicom-in`` only after: a crash in between
+        leaves the study where it was, to be made a job again.
+        """
+        source = self.incoming_dir / study.folder
+        job_id = new_job_id()
+        target = self.jobs.upload_dir(job_id) / stored_name(0)
+        target.mkdir(parents=True, exist_ok=True)
+        size = 0
+        for path in sorted(source.glob("*.dcm")):
+            try:
+                os.link(path, target / path.name)
+            except OSError:
+                shutil.copy2(path, target / path.name)
+            size += path.stat().st_size
+        warnings: tuple[str, ...] = ()
+        if study.aborted:
+            missing = missing_instances(target)
+            warnings = (
+                f"possibly incomplete study: {study.aborted} and it was not sent again; "
+                + (missing or "no instance numbers to check")
+                + ".",
+            )
+        NodeJob(study.study_uid, study.calling_ae, warnings).write(self.jobs.job_dir(job_id))
+        name = f"DICOM study {study.study_uid} from {study.calling_ae}"
+        self.jobs.add_job(job_id, [InputFile(0, name, stored_name(0), size)], mode="study")
+        self.node_store.to_job(study, job_id)
+        shutil.rmtree(source, ignore_errors=True)
+        log.info(
+            "study %s from %s complete (%d instances): job %s%s",
+            study.study_uid,
+            study.calling_ae,
+            study.instances,
+            job_id,
+            " (possibly incomplete)" if warnings else "",
+        )
+        self.wake()
+        return job_id
+
+    def result_files(self, job_id: str) -> list[Path]:
+        """The result files the scoring child wrote for a job, in order."""
+        folder = self.jobs.job_dir(job_id) / OUT_DIR
+        if not folder.is_dir():
+            return []
+        return sorted(folder.glob("[0-9]*.dcm"))
+
+
+__all__ = [
+    "ACCEPTED_SOP_CLASSES",
+    "DicomNode",
+    "NODE_JOB_FILE",
+    "NodeSettings",
+    "missing_instances",
+]
