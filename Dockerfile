@@ -9,7 +9,7 @@ FROM python:3.11-slim-bookworm
 # profile of compose.yaml passes a CUDA index here instead.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # OpenVINO makes CPU scoring about 2.5x faster (README); the GPU image leaves it out.
-ARG EXTRAS=serve,openvino
+ARG EXTRAS=serve
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -1,7 +1,8 @@
 """How far reduced precision moves a trained model's probabilities, per backend.
 
 For each demo folder (what ``ctscreen demo --out DIR`` leaves: ``model.pth`` and
-the preprocessed studies under ``cache/``), scores every cached study with
+the preprocessed studies under ``cache/``; ``model-int8.pth`` beside it, made by
+``ctscreen quantize``, adds OpenVINO INT8), scores every cached study with
 PyTorch fp32 and with each other backend/precision installed here, then prints
 the largest |p - p_fp32|, the decisions that flip at the model card's threshold
 and the fp32 probability of each flipped study (a flip of a study that sits on
@@ -26,7 +27,7 @@ CONFIGS = (
     ("torch", "bf16"),
     ("openvino", "fp32"),
     ("openvino", "bf16"),
-    ("onnxruntime", "fp32"),
+    ("openvino", "int8"),
 )
 
 
@@ -41,7 +42,8 @@ def compare(folder: Path, limit: int | None) -> None:
     from ctscreen.data.cache import load_entry
     from ctscreen.screener import Screener
 
-    weights = folder / "model.pth"
+    quantized = folder / "model-int8.pth"
+    weights = quantized if quantized.exists() else folder / "model.pth"
     entries = sorted((folder / "cache").glob("*/*.npy"))[:limit]
     arrays = np.stack([load_entry(f) for f in entries])
     cpu = torch.device("cpu")
@@ -59,7 +61,8 @@ def compare(folder: Path, limit: int | None) -> None:
             f"{folder}: {len(arrays)} studies {tuple(arrays.shape[1:])}, fp32 p "
             f"{ref.min():.3f}-{ref.max():.3f}, threshold {threshold:.3f}"
         )
-        for backend, precision in installed_configs(CONFIGS):
+        int8 = base.loaded.int8_graph is not None
+        for backend, precision in installed_configs(CONFIGS, int8=int8):
             s = scorer(backend, precision)
             p = _probabilities(s, arrays)
             flipped = np.flatnonzero((p >= threshold) != (ref >= threshold))

@@ -23,7 +23,12 @@ trained model's confident outputs); pass ``--weights`` for a trained checkpoint.
 
     python benchmarks/bench_predict.py [--weights W.pth] [--slices 100] [--n-small 8]
         [--batch 4] [--rss-archives 20] [--repeat 2] [--pairs 3]
-        [--cache /tmp/ctscreen-bench-predict]
+        [--cache /tmp/ctscreen-bench-predict] [--only-pairs]
+
+``--only-pairs`` prints just the headline: the measured choice of ``auto`` (timed
+on first use and kept in the user cache; the table it measured is printed) and the
+paired ratios. Pass a checkpoint made by ``ctscreen quantize`` as ``--weights`` to
+give ``auto`` its INT8 candidate.
 """
 
 from __future__ import annotations
@@ -45,17 +50,23 @@ CONFIGS = (
     ("torch", "bf16"),
     ("openvino", "fp32"),
     ("openvino", "bf16"),
-    ("onnxruntime", "fp32"),
+    ("openvino", "int8"),
 )
 
 
-def installed_configs(configs: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
-    """The ``(backend, precision)`` pairs of ``configs`` whose backend is installed here."""
-    from ctscreen.backends import onnxruntime_version, openvino_version
+def installed_configs(
+    configs: tuple[tuple[str, str], ...], *, int8: bool = False
+) -> list[tuple[str, str]]:
+    """The ``(backend, precision)`` pairs of ``configs`` whose backend is installed here
+    (INT8 only for a checkpoint that carries an INT8 graph)."""
+    from ctscreen.backends import openvino_version
 
     installed = {"torch": True, "openvino": bool(openvino_version())}
-    installed["onnxruntime"] = bool(onnxruntime_version())
-    return [(backend, precision) for backend, precision in configs if installed[backend]]
+    return [
+        (backend, precision)
+        for backend, precision in configs
+        if installed[backend] and (precision != "int8" or int8)
+    ]
 
 
 def _load() -> str:
@@ -258,6 +269,46 @@ def accuracy(weights: Path, small: list[Path], scorers: dict[str, object]) -> di
     return out
 
 
+def only_pairs(base, weights: Path, archive: Path, pairs: int, load_start: str) -> None:  # noqa: ANN001
+    """The headline alone: auto's measured choice, then ``pairs`` paired ratios."""
+    import torch
+
+    from ctscreen.backends import choose_backend, openvino_version
+    from ctscreen.card import failed_check, passed_check
+    from ctscreen.hardware import cpu_model
+
+    loaded = base.loaded
+    choice, _ = choose_backend(
+        loaded.model,
+        device=torch.device("cpu"),
+        weights_sha256=loaded.sha256,
+        weights_path=loaded.path,
+        preprocess=loaded.card.preprocess,
+        int8_graph=loaded.int8_graph,
+        int8_failed_check=failed_check(loaded.card),
+        int8_passed_check=passed_check(loaded.card),
+    )
+    t = time.perf_counter()
+    auto = _scorer(weights, "auto", "auto")
+    load_s = time.perf_counter() - t
+    _predict_wall([archive], auto)  # warm-up: first inference, page cache
+    ratios = paired_ratios(loaded.model, auto, archive, pairs)
+    print(
+        f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), openvino {openvino_version() or 'not installed'}"
+    )
+    print(f"load average (1/5/15 min): start {load_start}, end {_load()}")
+    print(f"auto's choice ({'kept' if choice.from_cache else 'measured now'}):")
+    print(choice.table())
+    print(f"auto runs {auto.engine.name}/{auto.engine.precision}; model load {load_s:.2f} s")
+    print(
+        f"predict() of one {archive.name} (reading included, model load excluded) over a "
+        f"plain fp32 forward timed just before it, {pairs} pairs: "
+        + ", ".join(f"{r:.3f}" for r in ratios)
+        + f"; median {statistics.median(ratios):.3f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -272,6 +323,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/ctscreen-bench-predict"))
     parser.add_argument("--rss-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--archive", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--only-pairs", action="store_true", help="only auto's choice and the paired ratios"
+    )
     args = parser.parse_args()
     if args.rss_child:
         rss_child(args.weights, args.archive, args.rss_child)
@@ -279,8 +333,8 @@ def main() -> None:
 
     import torch
 
-    from ctscreen.backends import onnxruntime_version, openvino_version
-    from ctscreen.hardware import cpu_supports_bf16
+    from ctscreen.backends import openvino_version
+    from ctscreen.hardware import cpu_model
 
     load_start = _load()
     archive, small = make_data(args.cache, slices=args.slices, n_small=args.n_small)
@@ -288,9 +342,12 @@ def main() -> None:
     export_dir = weights.resolve().parent / ".ctscreen-export"
 
     base = _scorer(weights, "torch", "fp32")
+    if args.only_pairs:
+        only_pairs(base, weights, archive, args.pairs, load_start)
+        return
     baseline = [plain_forward_seconds(base.loaded.model, args.repeat)]
 
-    configs = installed_configs(CONFIGS)
+    configs = installed_configs(CONFIGS, int8=base.loaded.int8_graph is not None)
     results: dict[str, dict[str, float]] = {}
     scorers: dict[str, object] = {}
     x = torch.rand(1, 96, 192, 192).numpy()
@@ -302,7 +359,7 @@ def main() -> None:
         t = time.perf_counter()
         scorer = _scorer(weights, backend, precision)
         row["load_s"] = time.perf_counter() - t
-        if backend in ("openvino", "onnxruntime"):
+        if backend == "openvino":
             t = time.perf_counter()
             _scorer(weights, backend, precision)
             row["cached_load_s"] = time.perf_counter() - t
@@ -330,11 +387,9 @@ def main() -> None:
     baseline.append(plain_forward_seconds(base.loaded.model, args.repeat))
     ref = statistics.median(baseline)
 
-    cpu = "AVX-512 bf16" if cpu_supports_bf16() else "no native bf16"
     print(
-        f"machine: {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), openvino {openvino_version() or 'not installed'}, "
-        f"onnxruntime {onnxruntime_version() or 'not installed'}"
+        f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), openvino {openvino_version() or 'not installed'}"
     )
     print(f"load average (1/5/15 min): start {load_start}, end {_load()}")
     print(

@@ -129,3 +129,9 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliRun]:
         return CliRun(code, captured.out, captured.err)
 
     return _run
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_user_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep measured backend choices and exports of the tests out of the user's cache."""
+    os.environ["CTSCREEN_CACHE_DIR"] = str(tmp_path_factory.mktemp("user-cache"))

@@ -1,8 +1,7 @@
-"""Backends give the fp32 answer, the export cache is safe, auto picks and falls back."""
+"""Backends give the fp32 answer, the export cache is safe, a failing backend falls back."""
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from ctscreen import backends
-from ctscreen.backends import FallbackBackend, TorchBackend, make_backend, resolve_backend
+from ctscreen.backends import FallbackBackend, TorchBackend, make_backend
 from ctscreen.card import ModelCard
 from ctscreen.config import PreprocessConfig
 from ctscreen.errors import ConfigError
@@ -79,31 +78,10 @@ def ov_cache(model: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path
     return root
 
 
-@pytest.fixture(scope="module")
-def ort_cache(model: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache folder holding the ONNX export of ``model`` (exported once per module)."""
-    pytest.importorskip("onnxruntime")
-    root = tmp_path_factory.mktemp("ort-cache")
-    backends.cached_export(
-        model,
-        weights_sha256=MODEL_SHA,
-        shape=SHAPE,
-        cache_root=root,
-        recipe=backends.onnxruntime_recipe(),
-    )
-    return root
-
-
 @pytest.fixture()
 def no_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make ``import openvino`` fail, as on a machine without the extra."""
     monkeypatch.setitem(sys.modules, "openvino", None)
-
-
-@pytest.fixture()
-def no_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make ``import onnxruntime`` fail, as on a machine without the extra."""
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)
 
 
 # --------------------------------------------------------------------------- torch
@@ -139,7 +117,6 @@ def test_torch_refuses_fp16_on_the_cpu(model: nn.Module) -> None:
         ("torch", "bf16", 0.05),
         ("openvino", "fp32", 1e-4),
         ("openvino", "bf16", 0.05),
-        ("onnxruntime", "fp32", 1e-4),
     ],
 )
 def test_every_backend_keeps_the_cam_decomposition(
@@ -151,8 +128,7 @@ def test_every_backend_keeps_the_cam_decomposition(
     request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    cache_fixture = {"openvino": "ov_cache", "onnxruntime": "ort_cache"}.get(name)
-    cache = request.getfixturevalue(cache_fixture) if cache_fixture else None
+    cache = request.getfixturevalue("ov_cache") if name == "openvino" else None
     exports = _count_exports(monkeypatch)
     engine = make_backend(
         model,
@@ -160,7 +136,7 @@ def test_every_backend_keeps_the_cam_decomposition(
         backend=name,
         precision=precision,
         weights_sha256=MODEL_SHA,
-        shape=SHAPE,
+        preprocess=PreprocessConfig(shape=SHAPE),
         cache_root=cache,
     )
     assert engine.name == name and not exports  # the module's export is reused
@@ -177,21 +153,15 @@ def test_every_backend_keeps_the_cam_decomposition(
 
 
 def _count_exports(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Record the output folder of every OpenVINO or ONNX export from now on."""
+    """Record the output folder of every OpenVINO export from now on."""
     calls: list[Path] = []
-    for module, name in (
-        (backends.openvino_backend, "export_openvino"),
-        (backends.onnx_backend, "export_onnx"),
-    ):
-        real = getattr(module, name)
+    real = backends.openvino_backend.export_openvino
 
-        def counting(
-            model: nn.Module, *, shape: tuple[int, int, int], out_dir: Path, real=real
-        ) -> None:
-            calls.append(out_dir)
-            real(model, shape=shape, out_dir=out_dir)
+    def counting(model: nn.Module, *, shape: tuple[int, int, int], out_dir: Path) -> None:
+        calls.append(out_dir)
+        real(model, shape=shape, out_dir=out_dir)
 
-        monkeypatch.setattr(module, name, counting)
+    monkeypatch.setattr(backends.openvino_backend, "export_openvino", counting)
     return calls
 
 
@@ -298,7 +268,7 @@ def test_openvino_output_beyond_fp16_hands_the_run_to_torch(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     pytest.importorskip("openvino")
-    if backends.openvino_hint("bf16") != "bf16":
+    if not backends.openvino_bf16_capable():
         pytest.skip("this CPU has no native bf16, so OpenVINO runs fp32 throughout")
     model = _model(3)
     with torch.no_grad():  # stem activations far beyond fp16's largest value, 65504
@@ -310,7 +280,7 @@ def test_openvino_output_beyond_fp16_hands_the_run_to_torch(
         backend="openvino",
         precision="bf16",
         weights_sha256="cd" * 32,
-        shape=SHAPE,
+        preprocess=PreprocessConfig(shape=SHAPE),
         cache_root=tmp_path,
     )
     assert engine.name == "openvino"
@@ -321,244 +291,16 @@ def test_openvino_output_beyond_fp16_hands_the_run_to_torch(
     assert np.isfinite(logits).all() and np.isfinite(cam).all()
 
 
-# --------------------------------------------------------------------------- onnxruntime
-
-
-def _load_ort(
-    model: nn.Module, cache_root: Path, precision: str = "fp32"
-) -> backends.OnnxRuntimeBackend:
-    return backends.load_onnxruntime(
-        model,
-        weights_sha256=MODEL_SHA,
-        weights_path=None,
-        shape=SHAPE,
-        precision=precision,
-        cache_root=cache_root,
-    )
-
-
-def _make_ort(
-    model: nn.Module, cache_root: Path, precision: str = "fp32", device: torch.device = CPU
-) -> backends.Backend:
-    """``make_backend`` asked for ONNX Runtime with the module model's weight hash."""
-    return make_backend(
-        model,
-        device=device,
-        backend="onnxruntime",
-        precision=precision,
-        weights_sha256=MODEL_SHA,
-        shape=SHAPE,
-        cache_root=cache_root,
-    )
-
-
-def test_onnxruntime_gives_the_torch_fp32_answer_for_any_batch(
-    model: nn.Module, ort_cache: Path
-) -> None:
-    engine = _load_ort(model, ort_cache)
-    assert engine.name == "onnxruntime" and engine.precision == "fp32" and engine.from_cache
-    x = _inputs(2, seed=3)
-    logits, cam = engine.run(x)
-    torch_logits, torch_cam = TorchBackend(model, CPU, "fp32").run(x)
-    assert cam.shape == (2, 2, 2, 2) and cam.dtype == np.float32 and logits.dtype == np.float32
-    np.testing.assert_allclose(cam, torch_cam, atol=1e-4)
-    np.testing.assert_allclose(logits, torch_logits, atol=1e-4)
-    assert abs(float(logits[0] - logits[1])) > 1e-2  # two different answers, both matched
-    one_logit, one_cam = engine.run(x[1:])  # the graph takes any batch size
-    np.testing.assert_allclose(one_cam[0], cam[1], atol=1e-5)
-    with pytest.raises(ConfigError, match="takes"):
-        engine.run(np.zeros((1, 1, 16, 32, 16), np.float32))
-
-
-def test_onnxruntime_export_is_one_file_cached_and_reused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: nn.Module
-) -> None:
-    pytest.importorskip("onnxruntime")
-    exports = _count_exports(monkeypatch)
-    first = _load_ort(model, tmp_path)
-    assert len(exports) == 1 and not first.from_cache
-    (entry,) = tmp_path.iterdir()
-    assert entry.name.startswith(f"onnxruntime-{MODEL_SHA[:16]}-")
-    assert sorted(p.name for p in entry.iterdir()) == ["manifest.json", "model.onnx"]
-    manifest = json.loads((entry / "manifest.json").read_text())
-    assert manifest["backend"] == "onnxruntime" and manifest["shape"] == list(SHAPE)
-    assert manifest["backend_version"] == backends.onnxruntime_version()
-    assert manifest["exporter"].startswith("torch ") and "onnxscript" in manifest["exporter"]
-    stamp = (entry / "model.onnx").stat().st_mtime_ns
-
-    second = _load_ort(model, tmp_path)
-    assert len(exports) == 1 and second.from_cache, "the second load must reuse the export"
-    assert (entry / "model.onnx").stat().st_mtime_ns == stamp
-    x = _inputs(2, seed=4)
-    for a, b in zip(first.run(x), second.run(x), strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_onnxruntime_damaged_export_is_rebuilt_not_trusted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: nn.Module, ort_cache: Path
-) -> None:
-    shutil.copytree(ort_cache, tmp_path, dirs_exist_ok=True)
-    exports = _count_exports(monkeypatch)
-    assert _load_ort(model, tmp_path).from_cache and not exports
-    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    data = (entry / "model.onnx").read_bytes()
-    (entry / "model.onnx").write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
-
-    engine = _load_ort(model, tmp_path)
-    assert len(exports) == 1 and not engine.from_cache
-    x = _inputs(1, seed=7)
-    np.testing.assert_allclose(engine.run(x)[0], _reference(model, x)[0], atol=1e-4)
-    assert _load_ort(model, tmp_path).from_cache
-    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging left
-
-
-def test_openvino_and_onnxruntime_exports_of_one_weight_file_coexist(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    pytest.importorskip("openvino")
-    pytest.importorskip("onnxruntime")
-    weights = _save(tmp_path / "model.pth", seed=0)
-    cache = tmp_path / ".ctscreen-export"
-
-    def entries() -> dict[str, str]:
-        """Backend -> name of its one entry (fails when a backend has two)."""
-        found: dict[str, str] = {}
-        for entry in cache.iterdir():
-            backend = entry.name.split("-")[0]
-            assert backend not in found, f"two {backend} entries"
-            found[backend] = entry.name
-        return found
-
-    for backend in ("openvino", "onnxruntime"):
-        scorer = Screener(weights, device="cpu", precision="fp32", backend=backend)
-        assert scorer.engine.name == backend
-    old = entries()
-    assert set(old) == {"openvino", "onnxruntime"}
-
-    _save(weights, seed=1)  # same path, new weights: the ONNX export is replaced ...
-    x = _inputs(1, seed=5)[:, 0]
-    ort = Screener(weights, device="cpu", precision="fp32", backend="onnxruntime")
-    now = entries()
-    assert now["onnxruntime"] != old["onnxruntime"] and now["openvino"] == old["openvino"]
-    np.testing.assert_allclose(ort.forward(x)[0], _reference(_model(1), x[:, None])[0], atol=1e-4)
-    Screener(weights, device="cpu", precision="fp32", backend="openvino")  # ... then the IR
-    last = entries()
-    assert last["openvino"] != old["openvino"] and last["onnxruntime"] == now["onnxruntime"]
-
-
-def test_onnxruntime_runs_fp32_and_says_so_when_bf16_is_asked(
-    model: nn.Module, ort_cache: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    x = _inputs(2, seed=6)
-    with caplog.at_level(logging.WARNING, logger="ctscreen.backends"):
-        quiet = _load_ort(model, ort_cache, precision="auto")
-        fp32 = _load_ort(model, ort_cache, precision="fp32")
-    assert not caplog.records and quiet.precision == fp32.precision == "fp32"
-    with caplog.at_level(logging.WARNING, logger="ctscreen.backends"):
-        engine = _make_ort(model, ort_cache, "bf16")
-    assert engine.name == "onnxruntime" and engine.precision == "fp32"
-    assert len(caplog.records) == 1 and "fp32" in caplog.records[0].getMessage()
-    np.testing.assert_array_equal(engine.run(x)[1], fp32.run(x)[1])
-    with pytest.raises(ConfigError, match="fp16"):
-        _make_ort(model, ort_cache, "fp16")
-
-
-def test_onnxruntime_that_fails_to_run_switches_to_torch_once(
-    model: nn.Module, ort_cache: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    engine = _make_ort(model, ort_cache)
-    assert isinstance(engine, FallbackBackend) and engine.name == "onnxruntime"
-
-    class BrokenSession:
-        def run(self, *args: object, **kwargs: object) -> None:
-            raise RuntimeError("session run failed")
-
-    engine.primary.session = BrokenSession()
-    x = _inputs(2)
-    with caplog.at_level(logging.WARNING, logger="ctscreen.backends"):
-        first = engine.run(x)
-        second = engine.run(x)
-    assert engine.name == "torch" and len(caplog.records) == 1
-    assert "onnxruntime" in caplog.records[0].getMessage()
-    np.testing.assert_allclose(first[0], _reference(model, x)[0], atol=1e-4)
-    np.testing.assert_array_equal(first[0], second[0])
-
-
-def test_onnxruntime_asked_but_not_installed_runs_torch_with_one_warning(
-    no_onnxruntime: None, model: nn.Module, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    assert backends.onnxruntime_version() is None
-    with caplog.at_level(logging.WARNING, logger="ctscreen.backends"):
-        engine = _make_ort(model, tmp_path)
-    assert engine.name == "torch" and len(caplog.records) == 1
-    message = caplog.records[0].getMessage()
-    assert "ONNX Runtime is not installed" in message and "ctscreen[onnxruntime]" in message
-    assert not any(tmp_path.iterdir())
-
-
-# --------------------------------------------------------------------------- choice, fallback
-
-
-def test_auto_picks_openvino_on_the_cpu_only_when_installed(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the order with it: tests below
-    expected = "torch" if backends.openvino_version() is None else "openvino"
-    assert resolve_backend("auto", CPU) == expected
-    assert resolve_backend("auto", torch.device("cuda")) == "torch"
-    with pytest.raises(ConfigError, match="CPU"):
-        resolve_backend("openvino", torch.device("cuda"))
-    with pytest.raises(ConfigError, match="unknown backend"):
-        resolve_backend("tensorrt", CPU)
-    monkeypatch.setitem(sys.modules, "openvino", None)
-    assert resolve_backend("auto", CPU) == "torch"
-
-
-@pytest.mark.parametrize(
-    ("openvino", "native_bf16", "onnxruntime", "precision", "expected"),
-    [
-        ("2026.4", True, "1.32", "auto", "openvino"),
-        ("2026.4", False, "1.32", "fp32", "openvino"),
-        (None, True, "1.32", "auto", "torch"),  # bf16 autocast beats ONNX Runtime fp32
-        (None, True, "1.32", "bf16", "torch"),
-        (None, True, "1.32", "fp32", "onnxruntime"),  # fp32 asked: ONNX Runtime beats torch
-        (None, False, "1.32", "auto", "onnxruntime"),
-        (None, False, "1.32", "fp32", "onnxruntime"),
-        (None, False, "1.32", "bf16", "torch"),  # bf16 asked: only torch runs it
-        (None, False, None, "auto", "torch"),
-        (None, True, None, "auto", "torch"),
-    ],
-)
-def test_auto_on_the_cpu_picks_openvino_then_torch_bf16_then_onnxruntime(
-    openvino: str | None,
-    native_bf16: bool,
-    onnxruntime: str | None,
-    precision: str,
-    expected: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(backends, "openvino_version", lambda: openvino)
-    monkeypatch.setattr(backends, "onnxruntime_version", lambda: onnxruntime)
-    monkeypatch.setattr(backends, "cpu_supports_bf16", lambda: native_bf16)
-    assert resolve_backend("auto", CPU, precision) == expected
-    assert resolve_backend("auto", torch.device("cuda"), precision) == "torch"
-
-
-def test_onnxruntime_runs_on_the_cpu_only(model: nn.Module, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="ONNX Runtime backend runs on the CPU"):
-        resolve_backend("onnxruntime", torch.device("cuda"))
-    with pytest.raises(ConfigError, match="--device cpu"):
-        _make_ort(model, tmp_path, "bf16", torch.device("cuda"))
-    assert resolve_backend("onnxruntime", CPU) == "onnxruntime"
+# --------------------------------------------------------------------------- fallback
 
 
 def test_auto_falls_back_to_torch_without_openvino(
-    no_openvino: None, no_onnxruntime: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    no_openvino: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     weights = _save(tmp_path / "model.pth", seed=0)
     with caplog.at_level(logging.WARNING, logger="ctscreen.backends"):
         auto = Screener(weights, device="cpu", precision="fp32", backend="auto")
-    assert auto.engine.name == "torch" and not caplog.records  # auto: silent
+    assert auto.engine.name == "torch" and not caplog.records  # one candidate: nothing to time
     with caplog.at_level(logging.WARNING, logger="ctscreen.backends"):
         asked = Screener(weights, device="cpu", precision="fp32", backend="openvino")
     assert asked.engine.name == "torch"
@@ -578,7 +320,13 @@ def test_a_backend_that_fails_to_load_falls_back_with_one_warning(
 
     monkeypatch.setattr(backends, "load_openvino", broken)
     with caplog.at_level(logging.WARNING, logger="ctscreen.backends"):
-        engine = make_backend(model, device=CPU, backend="auto", precision="fp32", shape=SHAPE)
+        engine = make_backend(
+            model,
+            device=CPU,
+            backend="openvino",
+            precision="fp32",
+            preprocess=PreprocessConfig(shape=SHAPE),
+        )
     assert engine.name == "torch"
     assert len(caplog.records) == 1 and "compile failed" in caplog.records[0].getMessage()
 

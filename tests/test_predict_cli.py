@@ -296,35 +296,6 @@ def test_csv_and_json_outputs_and_threshold_override(
         assert table.loc[0, "pathology"] == 1
 
 
-def test_onnxruntime_backend_gives_the_torch_probabilities(
-    make_series, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    pytest.importorskip("onnxruntime")
-    torch.manual_seed(5)
-    model = build_model()
-    torch.nn.init.normal_(model.fc.weight, 0.0, 0.5)  # probabilities spread far from 0.5
-    weights = tmp_path / "model.pth"
-    save_checkpoint(weights, model, ModelCard(preprocess=PreprocessConfig(shape=SHAPE)))
-    inputs = [make_series(seed=seed, name=f"s{seed}")[0][0].parent for seed in (3, 4)]
-    tables = {}
-    runs = {"torch": ("--backend", "torch"), "onnxruntime": ("--backend", "onnxruntime")}
-    runs["onnxruntime"] += ("--precision", "auto")  # ONNX Runtime: fp32, with no warning
-    for backend, extra in runs.items():
-        (tmp_path / backend).mkdir()
-        code, tables[backend] = _predict(tmp_path / backend, weights, *inputs, extra=extra)
-        assert code == 0
-        run = pd.read_excel(tmp_path / backend / "results.xlsx", sheet_name="run")
-        facts = dict(zip(run["key"], run["value"], strict=True))
-        assert facts["backend"] == backend and facts["precision"] == "fp32"
-    # no backend fell back (the tiny model's own input-shape caveat is expected)
-    warned = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
-    assert all("not the standard 96x192x192" in line for line in warned), warned
-    torch_p = tables["torch"]["probability_of_pathology"].to_numpy()
-    ort_p = tables["onnxruntime"]["probability_of_pathology"].to_numpy()
-    assert len(torch_p) == 2 and abs(torch_p[0] - torch_p[1]) > 1e-2
-    np.testing.assert_allclose(ort_p, torch_p, atol=1e-4)
-
-
 def test_missing_weights_is_one_sentence_and_exit_2(tmp_path: Path, capsys, make_series) -> None:
     paths, _ = make_series(seed=1)
     code = main(

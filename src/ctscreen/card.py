@@ -43,6 +43,10 @@ class ModelCard:
         created: ISO 8601 UTC time of writing.
         legacy: true when the card was made up for a checkpoint of the original
             implementation, which carried no preprocessing or threshold.
+        quantization: for a checkpoint made by ``ctscreen quantize``: what
+            calibrated its INT8 graph, what stayed in floating point, the tool
+            versions and the measured check against fp32 (``check``, with
+            ``passed``); empty otherwise.
         borderline_band: a probability closer than this to the threshold is
             flagged as a borderline decision.
     """
@@ -60,6 +64,7 @@ class ModelCard:
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     )
     legacy: bool = False
+    quantization: dict[str, Any] = field(default_factory=dict)
     borderline_band: float = DEFAULT_BORDERLINE_BAND
 
     def __post_init__(self) -> None:
@@ -124,3 +129,17 @@ class ModelCard:
         import dataclasses
 
         return dataclasses.replace(self, **changes)
+
+
+def failed_check(card: ModelCard) -> str | None:
+    """Why the card's INT8 graph failed its recorded check, or None (passed, or none recorded)."""
+    check = card.quantization.get("check") if card.quantization else None
+    if not isinstance(check, dict) or check.get("passed", True):
+        return None
+    return str(check.get("summary") or "failed its recorded check against fp32")
+
+
+def passed_check(card: ModelCard) -> bool:
+    """True when the card's INT8 graph passed a recorded check against fp32."""
+    check = card.quantization.get("check") if card.quantization else None
+    return isinstance(check, dict) and check.get("passed") is True

@@ -156,7 +156,7 @@ def evaluate(
         write_threshold: where to save a copy of the checkpoint whose card carries
             the chosen threshold, the rule and these metrics.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        backend: ``auto``, ``torch``, ``openvino`` or ``onnxruntime`` (as ``predict``).
+        backend: ``auto``, ``torch`` or ``openvino`` (as ``predict``).
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (as ``predict``).
         batch_size: studies per forward pass (default as ``predict``).
         n_boot: bootstrap resamples for the intervals.

@@ -1,5 +1,9 @@
 """Where and how the network runs: device, precision and cores, decided in one place.
 
+Which precision and backend run fastest is not decided here: no CPU flag
+predicts it, so ``auto`` is measured (:mod:`ctscreen.backends.choice`). What is
+here is capability: fp16 runs only on a GPU.
+
 A leaf module: it imports nothing else from ctscreen, so every other module
 (backends, the screener, training, benchmarks) can ask it without an import cycle.
 """
@@ -21,7 +25,7 @@ log = logging.getLogger(__name__)
 #: Names accepted by ``--device``.
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda", "cuda:N")
 #: Names accepted by ``--precision``.
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
 FP16_ON_CPU = "fp16 runs only on a GPU; use --precision bf16 or fp32 on the CPU."
 
 
@@ -42,15 +46,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return "unknown CPU"
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -90,42 +85,6 @@ def select_device(name: str = "auto") -> torch.device:
             )
         return device
     raise ConfigError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}.")
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse a precision ``device`` cannot run.
-
-    Raises:
-        ConfigError: an unknown name, or fp16 on the CPU.
-    """
-    if precision not in PRECISIONS:
-        raise ConfigError(
-            f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}."
-        )
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError(FP16_ON_CPU)
-
-
-def resolve_precision(precision: str, device: torch.device, *, backend: str = "auto") -> str:
-    """Turn ``auto`` into a concrete precision for ``device`` and check it.
-
-    ``auto`` means bf16 where the hardware computes it natively (CUDA with bf16
-    support, or a CPU with AVX512-BF16/AMX), else fp32 (fp16 on an older GPU);
-    with ONNX Runtime, which runs only fp32 on the CPU, ``auto`` is fp32.
-
-    Raises:
-        ConfigError: see :func:`check_precision`.
-    """
-    check_precision(precision, device)
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        import torch
-
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if backend == "onnxruntime":
-        return "fp32"
-    return "bf16" if cpu_supports_bf16() else "fp32"
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -26,16 +26,11 @@ import numpy as np
 
 from ._version import __version__
 from .backends import Backend, make_backend
-from .card import ModelCard
+from .card import ModelCard, failed_check, passed_check
 from .config import PreprocessConfig, SelectionConfig
 from .errors import ConfigError
 from .explain import localization_box, slice_scores
-from .hardware import (
-    default_batch_size,
-    default_readers,
-    resolve_precision,
-    select_device,
-)
+from .hardware import default_batch_size, default_readers, select_device
 from .pipeline import STUDY_TIMEOUT_S, PreparedStudy, batches, prefetched, prepare_inputs
 from .results import StudyResult, sigmoid
 from .weights import LoadedModel, load_checkpoint
@@ -56,10 +51,12 @@ class Screener:
         weights: a checkpoint file (or a model already loaded with
             :func:`ctscreen.weights.load_checkpoint`).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
-        backend: ``auto``, ``torch``, ``openvino`` or ``onnxruntime`` (see
-            :mod:`ctscreen.backends`); a backend that fails falls back to PyTorch
-            with one warning.
-        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (GPU only).
+        backend: ``auto``, ``torch`` or ``openvino`` (see :mod:`ctscreen.backends`);
+            a backend that fails falls back to PyTorch with one warning.
+        precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` (GPU only) or ``int8``
+            (OpenVINO, a checkpoint made by ``ctscreen quantize``). ``auto`` in
+            either is measured on this machine on first use (see
+            :mod:`ctscreen.backends.choice`).
         threshold: decision threshold; None uses the model card's.
         mode: ``study`` or ``series`` (see :data:`MODES`).
         min_slices: series with fewer slices are not scored.
@@ -106,7 +103,6 @@ class Screener:
             if value is not None and value < 1:
                 raise ConfigError(f"the {name} must be at least 1, not {value}.")
         self.device = device if not isinstance(device, str) else select_device(device)
-        requested = resolve_precision(precision, self.device, backend=backend)
         if isinstance(weights, LoadedModel):
             self.loaded = weights
         else:
@@ -125,11 +121,14 @@ class Screener:
             self.loaded.model,
             device=self.device,
             backend=backend,
-            precision=requested,
+            precision=precision,
             weights_sha256=self.loaded.sha256,
             weights_path=self.loaded.path,
-            shape=tuple(self.config.shape),
+            preprocess=self.config,
             cache_root=cache_dir,
+            int8_graph=self.loaded.int8_graph,
+            int8_failed_check=failed_check(self.card),
+            int8_passed_check=passed_check(self.card),
         )
 
     # ------------------------------------------------------------------ facts

@@ -5,6 +5,11 @@ A ctscreen checkpoint is a plain dict saved with ``torch.save``::
     {"format": "ctscreen-checkpoint", "format_version": 1,
      "state_dict": {name: tensor}, "card": ModelCard.to_dict()}
 
+A checkpoint made by ``ctscreen quantize`` also holds its INT8 OpenVINO graph as
+two uint8 tensors, ``"openvino_int8": {"xml": ..., "bin": ...}`` (see
+:mod:`ctscreen.backends.openvino_int8`), so it runs INT8 on any machine it is
+copied to.
+
 It holds only tensors and plain Python containers, so it is always read with
 ``torch.load(weights_only=True)``: a file that smuggles in other pickled objects is
 refused, never executed. The only extra types allowed are data-only ones that
@@ -31,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backends.openvino_int8 import Int8Graph
 from .card import ModelCard
 from .config import PreprocessConfig
 from .errors import CtscreenError, WeightsError
@@ -79,6 +85,7 @@ class LoadedModel:
         warnings: sentences to show the user and write into reports.
         sha256: hex SHA-256 of the checkpoint file.
         path: the file it was loaded from.
+        int8_graph: the INT8 OpenVINO graph a quantized checkpoint carries, else None.
     """
 
     model: nn.Module
@@ -86,6 +93,7 @@ class LoadedModel:
     warnings: tuple[str, ...]
     sha256: str
     path: Path
+    int8_graph: Int8Graph | None = None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -119,7 +127,13 @@ def _check_plain(obj: Any, where: str) -> None:
     )
 
 
-def save_checkpoint(path: Path, model: nn.Module, card: ModelCard) -> None:
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def save_checkpoint(
+    path: Path, model: nn.Module, card: ModelCard, *, int8_graph: Int8Graph | None = None
+) -> None:
     """Write ``model`` and ``card`` to ``path`` atomically.
 
     The file is first written next to its destination and then moved over it with
@@ -129,6 +143,7 @@ def save_checkpoint(path: Path, model: nn.Module, card: ModelCard) -> None:
         path: destination file (parent folders are created).
         model: the r3d_18 (DataParallel/DDP/compiled wrappers are unwrapped).
         card: its model card.
+        int8_graph: an INT8 graph to carry (``ctscreen quantize``).
 
     Raises:
         WeightsError: the card holds a value a safe checkpoint cannot store, or the
@@ -143,6 +158,11 @@ def save_checkpoint(path: Path, model: nn.Module, card: ModelCard) -> None:
         "card": card.to_dict(),
     }
     _check_plain(payload["card"], "card")
+    if int8_graph is not None:
+        payload["openvino_int8"] = {
+            "xml": _bytes_tensor(int8_graph.xml),
+            "bin": _bytes_tensor(int8_graph.weights),
+        }
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
@@ -279,6 +299,7 @@ def load_checkpoint(path: Path | str, *, device: str | torch.device = "cpu") -> 
     target = device if isinstance(device, torch.device) else select_device(str(device))
     obj = read_torch_file(path)
     raw_state, card, notes = _split_payload(obj, path)
+    int8_graph = _int8_graph(obj, path)
     state = _strip_prefixes(raw_state)
     model = build_model()
     _check_fits(state, model, path)
@@ -291,7 +312,28 @@ def load_checkpoint(path: Path | str, *, device: str | torch.device = "cpu") -> 
     for note in notes:
         log.warning("%s: %s", path, note)
     log.info("loaded %s (sha256 %s) on %s", path, sha[:12], target)
-    return LoadedModel(model=model, card=card, warnings=tuple(notes), sha256=sha, path=path)
+    return LoadedModel(
+        model=model,
+        card=card,
+        warnings=tuple(notes),
+        sha256=sha,
+        path=path,
+        int8_graph=int8_graph,
+    )
+
+
+def _int8_graph(obj: Any, path: Path) -> Int8Graph | None:
+    """The INT8 graph a ctscreen checkpoint carries, or None."""
+    if not isinstance(obj, Mapping) or obj.get("format") != CHECKPOINT_FORMAT:
+        return None
+    graph = obj.get("openvino_int8")
+    if graph is None:
+        return None
+    parts = (graph.get("xml"), graph.get("bin")) if isinstance(graph, Mapping) else (None, None)
+    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in parts):
+        raise WeightsError(f"checkpoint {path} has a damaged INT8 graph; quantize it again.")
+    xml, weights = (t.contiguous().numpy().tobytes() for t in parts)
+    return Int8Graph(xml=xml, weights=weights)
 
 
 def _format_metric(value: Any) -> str:
@@ -306,7 +348,12 @@ def _format_metric(value: Any) -> str:
 
 def _format_number(value: Any) -> str:
     if isinstance(value, (list, tuple)):
-        return ", ".join(_format_number(v) for v in value)
+        if not value:
+            return "none"
+        separator = "; " if any(isinstance(v, Mapping) for v in value) else ", "
+        return separator.join(_format_number(v) for v in value)
+    if isinstance(value, Mapping):
+        return " ".join(f"{k} {_format_number(v)}" for k, v in value.items())
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
@@ -361,6 +408,9 @@ def describe_card(loaded: LoadedModel) -> str:
         lines.extend(_format_mapping(card.training_data))
     else:
         lines.append("training data: none stored")
+    if card.quantization:
+        lines.append("INT8 quantization:" + ("" if loaded.int8_graph else " (graph missing)"))
+        lines.extend(_format_mapping(card.quantization))
     for note in loaded.warnings:
         lines.append(f"warning: {note}")
     return "\n".join(lines)

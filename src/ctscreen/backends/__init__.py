@@ -1,4 +1,4 @@
-"""Ways to run the network: PyTorch, or OpenVINO or ONNX Runtime on the CPU.
+"""Ways to run the network: PyTorch, or OpenVINO on the CPU (fp32, bf16 or INT8).
 
 Every backend takes one preprocessed input ``[B, 1, D, H, W]`` float32 and gives
 ``(logits [B], cam [B, d', h', w'])`` from one forward pass, as
@@ -7,33 +7,32 @@ Every backend takes one preprocessed input ``[B, 1, D, H, W]`` float32 and gives
 per-slice scores then holds exactly, and at reduced precision the logit keeps the
 accuracy of the averaged map instead of the rounding of a bf16 head output.
 
-* ``torch``: fp32, or bf16 autocast on a CPU with native bf16 (AVX512-BF16/AMX);
-  fp16/bf16 autocast on CUDA. At reduced precision the stem stays fp32
-  (:func:`ctscreen.model.stem_features` says why).
-* ``openvino`` (optional extra ``pip install 'ctscreen[openvino]'``): the network
-  with its activation-map output is converted once, saved as OpenVINO IR next to
-  the weights (or in the user cache when that folder is read-only) and compiled
-  for the CPU in stages: the stem with the f32 inference-precision hint, the rest
-  with bf16 (where the CPU has it) or f32 (:func:`export_openvino` says why). The
-  saved graph is
-  keyed by the weight file's SHA-256, the input shape and the OpenVINO version,
-  written atomically and checked against its recorded hashes before every use;
-  a stale or damaged one is rebuilt.
-* ``onnxruntime`` (optional extra ``pip install 'ctscreen[onnxruntime]'``): the same
-  network exported once to ONNX by PyTorch's ``torch.export``-based exporter (any
-  batch size, the model card's input shape), kept in the same cache under its own
-  entry names and checks, and run by ONNX Runtime's CPU execution provider in fp32
-  (it has no faster precision on the CPU: bf16 asked for runs fp32 with one warning).
+* ``torch``: fp32, or bf16 autocast (CPU or CUDA), or fp16 autocast (CUDA only).
+  At reduced precision the stem stays fp32 (:func:`ctscreen.model.stem_features`
+  says why).
+* ``openvino`` (installed with ctscreen): the network with its activation-map
+  output is converted once, saved as OpenVINO IR next to the weights (or in the
+  user cache when that folder is read-only) and compiled for the CPU in stages:
+  the stem with the f32 inference-precision hint, the rest with bf16 or f32
+  (:func:`export_openvino` says why). ``int8``: the graph NNCF quantized ahead of
+  time from the user's calibration studies (``ctscreen quantize``), carried in
+  the checkpoint and run as one graph (:mod:`.openvino_int8`). Every saved graph
+  is keyed by the weight file's SHA-256, the input shape and the OpenVINO
+  version, written atomically and checked against its recorded hashes before
+  every use; a stale or damaged one is rebuilt.
 
-``auto`` on the CPU picks, in order: OpenVINO when it is installed (fastest);
-else PyTorch when the run is bf16 (the CPU has native bf16 or bf16 was asked),
-as bf16 autocast beats ONNX Runtime's fp32; else ONNX Runtime when it is
-installed, as it beats PyTorch's fp32; else PyTorch. Measured on a 2-core AMD
-EPYC with AVX512-BF16, one forward at (96, 192, 192): OpenVINO bf16 1.7 s,
-PyTorch bf16 2.6 s, OpenVINO fp32 3.3 s, ONNX Runtime fp32 3.8 s, PyTorch fp32
-4.9 s. Off the CPU ``auto`` is PyTorch.
-A speed option never fails a run: when OpenVINO or ONNX Runtime cannot export,
-load or run, the scorer logs one warning and goes on with PyTorch.
+``auto`` (backend, precision or both) is decided by measurement on the machine
+where it runs, once per checkpoint, shape and runtime versions
+(:mod:`.choice`): every installed candidate that passes the accuracy gate is
+timed at the model's input shape and the fastest is kept. Plain PyTorch fp32 is
+always a candidate, so ``auto`` is never slower than it was measured to be.
+ONNX Runtime was a backend until measurement showed that it never won: on a
+2-core AMD EPYC and a 2-core Intel Xeon, OpenVINO fp32 was faster than ONNX
+Runtime fp32 (0.67 vs 0.82 of PyTorch fp32 on the Xeon, 3.3 s vs 3.8 s on the
+EPYC), and bf16 or INT8 faster still.
+
+A speed option never fails a run: when OpenVINO cannot export, load or run, the
+scorer logs one warning and goes on with PyTorch fp32.
 """
 
 from __future__ import annotations
@@ -43,13 +42,26 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ConfigError
-from ..hardware import FP16_ON_CPU, cpu_supports_bf16
+from ..hardware import FP16_ON_CPU, PRECISIONS, cpu_model, usable_cores
 from .base import BACKENDS, TITLES, Backend, cam_network, logits_from_cam
+from .choice import (
+    REFERENCE,
+    Candidate,
+    Trial,
+    choice_key,
+    choices_path,
+    format_trials,
+    load_choice,
+    measure_candidates,
+    pick,
+    save_choice,
+    trial_from_dict,
+)
 from .export_cache import (
     EXPORT_FORMAT_VERSION,
     ExportRecipe,
@@ -58,15 +70,6 @@ from .export_cache import (
     export_key,
     user_cache_dir,
 )
-from .onnx_backend import (
-    OnnxRuntimeBackend,
-    export_onnx,
-    load_onnxruntime,
-    onnx_exporter_versions,
-    onnxruntime_precision,
-    onnxruntime_recipe,
-    onnxruntime_version,
-)
 from .openvino_backend import (
     OpenVinoBackend,
     block_converter_telemetry,
@@ -74,10 +77,20 @@ from .openvino_backend import (
     finite_half,
     half_boundaries,
     load_openvino,
+    openvino_bf16_capable,
     openvino_hint,
     openvino_recipe,
     openvino_version,
     stage_networks,
+)
+from .openvino_int8 import (
+    DEFAULT_KEEP,
+    PARTS,
+    Int8Graph,
+    load_openvino_int8,
+    nncf_version,
+    openvino_int8_recipe,
+    quantize_openvino,
 )
 from .torch_backend import TorchBackend
 
@@ -85,77 +98,53 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from ..config import PreprocessConfig
+
 log = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_KEEP",
+    "TITLES",
     "EXPORT_FORMAT_VERSION",
+    "PARTS",
+    "REFERENCE",
     "Backend",
+    "Candidate",
+    "Choice",
     "ExportRecipe",
     "FallbackBackend",
-    "OnnxRuntimeBackend",
+    "Int8Graph",
     "OpenVinoBackend",
     "TorchBackend",
+    "Trial",
     "block_converter_telemetry",
     "cached_export",
     "cam_network",
+    "candidates",
+    "choose_backend",
     "export_cache_root",
     "export_key",
-    "export_onnx",
     "export_openvino",
     "finite_half",
+    "format_trials",
+    "gate_inputs",
     "half_boundaries",
-    "load_onnxruntime",
     "load_openvino",
+    "load_openvino_int8",
     "logits_from_cam",
     "make_backend",
-    "onnx_exporter_versions",
-    "onnxruntime_precision",
-    "onnxruntime_recipe",
-    "onnxruntime_version",
+    "nncf_version",
+    "openvino_bf16_capable",
     "openvino_hint",
+    "openvino_int8_recipe",
     "openvino_recipe",
     "openvino_version",
-    "resolve_backend",
+    "quantize_openvino",
+    "runtime_versions",
     "stage_networks",
     "user_cache_dir",
 ]
-
-
-def resolve_backend(name: str, device: torch.device, precision: str = "auto") -> str:
-    """Turn ``auto`` into the fastest backend installed for ``device`` and ``precision``.
-
-    On the CPU: ``openvino`` when installed; else ``torch`` when the run is bf16
-    (``precision`` bf16, or ``auto`` on a CPU with native bf16); else
-    ``onnxruntime`` when installed; else ``torch``. Elsewhere ``torch``. See the
-    module docstring for the timings behind this order.
-
-    Args:
-        name: a name from :data:`BACKENDS`.
-        device: where the network runs.
-        precision: the run's precision (``auto`` when not yet resolved).
-
-    Raises:
-        ConfigError: an unknown name, or OpenVINO or ONNX Runtime asked for a GPU device.
-    """
-    if name not in BACKENDS:
-        raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}.")
-    if name in ("openvino", "onnxruntime") and device.type != "cpu":
-        raise ConfigError(
-            f"the {TITLES[name]} backend runs on the CPU, not {device}; use --device cpu or "
-            "--backend torch."
-        )
-    if name != "auto":
-        return name
-    if device.type != "cpu":
-        return "torch"
-    if openvino_version() is not None:
-        return "openvino"
-    if precision == "bf16" or (precision == "auto" and cpu_supports_bf16()):
-        return "torch"
-    if onnxruntime_version() is not None:
-        return "onnxruntime"
-    return "torch"
 
 
 @dataclass
@@ -202,74 +191,423 @@ class FallbackBackend:
             return self._active.run(x)
 
 
+#: Says what ``--precision int8`` needs when the checkpoint has no INT8 graph.
+INT8_NEEDS_QUANTIZE = (
+    "--precision int8 needs a checkpoint quantized by `ctscreen quantize` (it carries the "
+    "INT8 graph and what calibrated it); quantize this one, or use --precision auto."
+)
+
+
+def check_request(
+    backend: str, precision: str, device: torch.device, *, int8_graph: Int8Graph | None
+) -> None:
+    """Refuse a backend or precision this device or checkpoint cannot run.
+
+    Raises:
+        ConfigError: an unknown name, OpenVINO or INT8 off the CPU, fp16 on the
+            CPU, INT8 with PyTorch, or INT8 for a checkpoint without an INT8 graph.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}."
+        )
+    if device.type != "cpu" and (backend == "openvino" or precision == "int8"):
+        what = "the OpenVINO backend" if backend == "openvino" else "INT8"
+        raise ConfigError(
+            f"{what} runs on the CPU, not {device}; use --device cpu, or --backend torch "
+            "with fp32, bf16 or fp16."
+        )
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(FP16_ON_CPU)
+    if precision == "int8" and backend == "torch":
+        raise ConfigError("INT8 runs with OpenVINO; use --backend openvino or auto.")
+    if precision == "int8" and int8_graph is None:
+        raise ConfigError(INT8_NEEDS_QUANTIZE)
+
+
+def candidates(
+    device: torch.device,
+    backend: str = "auto",
+    precision: str = "auto",
+    *,
+    openvino: bool,
+    openvino_bf16: bool = True,
+    int8: bool = False,
+    cuda_bf16: bool = True,
+) -> list[Candidate]:
+    """The ways to run the network that fit the request, on what is installed.
+
+    What the hardware and runtimes *can* run decides this list (fp16 only on a
+    GPU; OpenVINO only on the CPU; bf16 in OpenVINO where it reports the
+    capability; INT8 where the checkpoint carries a graph); which of them is
+    fastest is left to measurement.
+
+    Args:
+        device: where the network runs.
+        backend: ``auto``, ``torch`` or ``openvino``.
+        precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` or ``int8``.
+        openvino: OpenVINO is installed.
+        openvino_bf16: OpenVINO reports bf16 on this CPU.
+        int8: the checkpoint carries an INT8 graph.
+        cuda_bf16: the GPU computes bf16.
+
+    Returns:
+        Candidates, :data:`REFERENCE`-like PyTorch fp32 first when it fits.
+    """
+    if device.type == "cpu":
+        every = [Candidate("torch", "fp32"), Candidate("torch", "bf16")]
+        if openvino:
+            every.append(Candidate("openvino", "fp32"))
+            if openvino_bf16:
+                every.append(Candidate("openvino", "bf16"))
+            if int8:
+                every.append(Candidate("openvino", "int8"))
+    else:
+        every = [Candidate("torch", "fp32"), Candidate("torch", "fp16")]
+        if cuda_bf16:
+            every.insert(1, Candidate("torch", "bf16"))
+    return [
+        c for c in every if backend in ("auto", c.backend) and precision in ("auto", c.precision)
+    ]
+
+
+def runtime_versions() -> dict[str, str | None]:
+    """The versions that can change which candidate is fastest: ctscreen, PyTorch, OpenVINO."""
+    import torch
+
+    from .._version import __version__
+
+    return {"ctscreen": __version__, "torch": torch.__version__, "openvino": openvino_version()}
+
+
+def gate_inputs(preprocess: PreprocessConfig) -> list[np.ndarray]:
+    """The accuracy gate's studies: two synthetic chest phantoms (one normal, one with
+    consolidation) drawn at the model's input shape and preprocessed with its window,
+    each as ``[1, 1, D, H, W]`` float32 (see :mod:`.choice`)."""
+    from ..preprocess import preprocess_array
+    from ..synth.phantom import make_phantom
+
+    d, h, w = preprocess.shape
+    spacing = (300.0 / d, 360.0 / h, 360.0 / w)
+    out = []
+    for seed, pathology in ((11, None), (12, "consolidation")):
+        phantom = make_phantom(seed=seed, shape=(d, h, w), spacing=spacing, pathology=pathology)
+        out.append(preprocess_array(phantom.hu, preprocess)[None, None])
+    return out
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The measured choice of ``auto``.
+
+    Attributes:
+        winner: the candidate chosen.
+        trials: what every candidate did (gate, seconds per forward).
+        from_cache: the choice was read from the user cache, not measured now.
+        key: its key (:func:`ctscreen.backends.choice.choice_key`).
+        measured: when it was measured (ISO 8601 UTC).
+    """
+
+    winner: Candidate
+    trials: tuple[Trial, ...]
+    from_cache: bool
+    key: str
+    measured: str = ""
+
+    def table(self) -> str:
+        """The measured table as text."""
+        return format_trials(self.trials, self.winner)
+
+
+def build_candidate(
+    candidate: Candidate,
+    model: nn.Module,
+    *,
+    device: torch.device,
+    weights_sha256: str,
+    weights_path: Path | None,
+    shape: tuple[int, int, int],
+    cache_root: Path | None = None,
+    int8_graph: Int8Graph | None = None,
+) -> Backend:
+    """Load ``candidate`` (exporting or compiling what it needs).
+
+    Raises:
+        ConfigError: INT8 without a graph; ImportError or a runtime error when
+            OpenVINO cannot load the model.
+    """
+    if candidate.backend == "torch":
+        return TorchBackend(model, device, candidate.precision)
+    if candidate.precision == "int8":
+        if int8_graph is None:
+            raise ConfigError(INT8_NEEDS_QUANTIZE)
+        return load_openvino_int8(
+            model,
+            int8_graph,
+            weights_sha256=weights_sha256,
+            weights_path=weights_path,
+            shape=shape,
+            cache_root=cache_root,
+        )
+    return load_openvino(
+        model,
+        weights_sha256=weights_sha256,
+        weights_path=weights_path,
+        shape=shape,
+        precision=candidate.precision,
+        cache_root=cache_root,
+    )
+
+
+def choose_backend(
+    model: nn.Module,
+    *,
+    device: torch.device,
+    backend: str = "auto",
+    precision: str = "auto",
+    weights_sha256: str,
+    weights_path: Path | None = None,
+    preprocess: PreprocessConfig,
+    cache_root: Path | None = None,
+    int8_graph: Int8Graph | None = None,
+    int8_failed_check: str | None = None,
+    int8_passed_check: bool = False,
+    choices_file: Path | None = None,
+    remeasure: bool = False,
+    rounds: int | None = None,
+) -> tuple[Choice, dict[Candidate, Backend]]:
+    """Resolve ``auto`` by measurement (or by the measurement kept for this key).
+
+    Args:
+        model: the r3d_18 on ``device``, eval mode.
+        device: where the network runs.
+        backend: ``auto``, ``torch`` or ``openvino``.
+        precision: ``auto`` or a concrete precision.
+        weights_sha256: SHA-256 of the checkpoint (keys the choice and the exports).
+        weights_path: the checkpoint file.
+        preprocess: the model card's preprocessing (input shape, window of the gate studies).
+        cache_root: export cache folder (default beside the weights).
+        int8_graph: the checkpoint's INT8 graph, when it carries one.
+        int8_failed_check: why the INT8 graph failed its recorded check, if it did.
+        int8_passed_check: the INT8 graph passed a recorded check on real studies
+            (it is then judged by that, not by the phantom gate; see :mod:`.choice`).
+        choices_file: the JSON file of measured choices (default :func:`choices_path`).
+        remeasure: measure even when a choice is kept for this key.
+        rounds: timed forwards per candidate (default :data:`.choice.DEFAULT_ROUNDS`).
+
+    Returns:
+        The choice, and the backends built while measuring (empty when the
+        choice came from the cache).
+    """
+    shape = tuple(preprocess.shape)
+    fits = candidates(
+        device,
+        backend,
+        precision,
+        openvino=device.type == "cpu" and openvino_version() is not None,
+        openvino_bf16=device.type == "cpu" and openvino_bf16_capable(),
+        int8=int8_graph is not None,
+        cuda_bf16=device.type != "cuda" or _cuda_bf16(),
+    )
+    versions = runtime_versions()
+    machine = cpu_model() if device.type == "cpu" else _gpu_name(device)
+    requested = (backend, precision)
+    key = choice_key(
+        machine=machine,
+        cores=usable_cores(),
+        device=str(device),
+        versions=versions,
+        weights_sha256=weights_sha256,
+        shape=shape,
+        requested=requested,
+    )
+    path = choices_file or choices_path()
+    record = None if remeasure else load_choice(key, path)
+    if record is not None:
+        winner = Candidate.parse(record["winner"])
+        if winner in fits:
+            trials = tuple(trial_from_dict(t) for t in record.get("trials", ()))
+            log.info("using the measured choice %s (%s)", winner.label, path)
+            return Choice(winner, trials, True, key, str(record.get("measured", ""))), {}
+    log.warning(
+        "first run of this model on this machine: timing %d ways to run it at %s to choose "
+        "the fastest (kept in %s)",
+        len(set(fits) | {REFERENCE}),
+        "x".join(map(str, shape)),
+        path,
+    )
+    built: dict[Candidate, Backend] = {}
+    failures: dict[Candidate, str] = {}
+    for candidate in [REFERENCE, *[c for c in fits if c != REFERENCE]]:
+        if candidate.precision == "int8" and int8_failed_check:
+            failures[candidate] = int8_failed_check
+            built[candidate] = _NotRun(candidate)
+            continue
+        try:
+            built[candidate] = build_candidate(
+                candidate,
+                model,
+                device=device,
+                weights_sha256=weights_sha256,
+                weights_path=weights_path,
+                shape=shape,
+                cache_root=cache_root,
+                int8_graph=int8_graph,
+            )
+        except Exception as exc:  # a candidate that cannot load is simply not chosen
+            reason = exc.message if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            failures[candidate] = f"cannot load: {reason}"
+            built[candidate] = _NotRun(candidate)
+    runners = {c: b.run for c, b in built.items()}
+    checked = [c for c in built if c.precision == "int8" and int8_passed_check]
+    trials = measure_candidates(
+        runners, gate_inputs(preprocess), recorded=failures, checked=checked, **_rounds(rounds)
+    )
+    winner = pick(trials, allowed=fits)
+    facts = {
+        "machine": machine,
+        "cores": usable_cores(),
+        "device": str(device),
+        "versions": versions,
+        "weights_sha256": weights_sha256,
+        "weights_path": None if weights_path is None else str(Path(weights_path).resolve()),
+        "shape": list(shape),
+        "requested": list(requested),
+    }
+    stored = save_choice(key, winner=winner, trials=trials, facts=facts, path=path)
+    choice = Choice(winner, tuple(trials), False, key, stored["measured"])
+    log.warning("chose %s:\n%s", winner.label, choice.table())
+    return choice, {c: b for c, b in built.items() if not isinstance(b, _NotRun)}
+
+
+def _rounds(rounds: int | None) -> dict[str, Any]:
+    return {} if rounds is None else {"rounds": rounds}
+
+
+@dataclass(frozen=True)
+class _NotRun:
+    """Stands for a candidate that could not be loaded (its trial records why)."""
+
+    candidate: Candidate
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise RuntimeError(f"{self.candidate.label} could not be loaded")
+
+
+def _cuda_bf16() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_bf16_supported())
+
+
+def _gpu_name(device: torch.device) -> str:
+    import torch
+
+    return str(torch.cuda.get_device_name(device))
+
+
 def make_backend(
     model: nn.Module,
     *,
     device: torch.device,
     backend: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     weights_sha256: str = "",
     weights_path: Path | None = None,
-    shape: tuple[int, int, int],
+    preprocess: PreprocessConfig,
     cache_root: Path | None = None,
+    int8_graph: Int8Graph | None = None,
+    int8_failed_check: str | None = None,
+    int8_passed_check: bool = False,
+    choices_file: Path | None = None,
 ) -> Backend:
-    """The backend that will run ``model``, falling back to PyTorch when the choice fails.
+    """The backend that will run ``model``, falling back to PyTorch fp32 when it fails.
 
     Args:
         model: the r3d_18 on ``device``, eval mode.
         device: where the network runs.
-        backend: ``auto``, ``torch``, ``openvino`` or ``onnxruntime``.
-        precision: a concrete precision (``fp32``, ``bf16``, ``fp16``) for ``device``.
-        weights_sha256: SHA-256 of the checkpoint (keys the export cache).
+        backend: ``auto``, ``torch`` or ``openvino``.
+        precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` (GPU) or ``int8`` (OpenVINO).
+        weights_sha256: SHA-256 of the checkpoint (keys the export cache and the choice).
         weights_path: the checkpoint file (the export cache goes beside it).
-        shape: the static input ``(D, H, W)`` of the model card.
+        preprocess: the model card's preprocessing (its shape is the static input shape).
         cache_root: export cache folder; default beside the weights or in the user cache.
+        int8_graph: the checkpoint's INT8 graph, when it carries one.
+        int8_failed_check: why that graph failed its recorded check, if it did.
+        int8_passed_check: that graph passed its recorded check on real studies.
+        choices_file: the JSON file of measured choices (default in the user cache).
 
     Returns:
-        A backend; OpenVINO and ONNX Runtime ones are wrapped so that a failure
-        at run time switches to PyTorch with one warning.
+        A backend; an OpenVINO one is wrapped so that a failure at run time
+        switches to PyTorch fp32 with one warning.
 
     Raises:
-        ConfigError: an unknown backend, OpenVINO or ONNX Runtime asked for a GPU,
-            or fp16 on the CPU.
+        ConfigError: see :func:`check_request`.
     """
-    chosen = resolve_backend(backend, device, precision)
+    check_request(backend, precision, device, int8_graph=int8_graph)
+    sha = weights_sha256 or _model_digest(model)
+    shape = tuple(preprocess.shape)
 
     def torch_backend() -> Backend:
-        return TorchBackend(model, device, precision)
+        return TorchBackend(model, device, "fp32")
 
-    if chosen == "torch":
+    fits = candidates(
+        device,
+        backend,
+        precision,
+        openvino=device.type == "cpu" and openvino_version() is not None,
+        openvino_bf16=True,  # asked for by name: OpenVINO itself runs f32 where it lacks bf16
+        int8=int8_graph is not None,
+    )
+    if not fits:  # OpenVINO asked for by name but not installed
+        log.warning("OpenVINO is not installed (pip install openvino); running with PyTorch")
         return torch_backend()
-    if precision == "fp16":
-        raise ConfigError(FP16_ON_CPU)
-    title = TITLES[chosen]
-    version = _runtime_version(chosen)
-    if version is None:
-        log.warning(
-            "%s is not installed (pip install 'ctscreen[%s]'); running with PyTorch", title, chosen
-        )
-        return torch_backend()
-    load = load_openvino if chosen == "openvino" else load_onnxruntime
-    try:
-        primary = load(
+    built: dict[Candidate, Backend] = {}
+    if len(fits) == 1:
+        chosen = fits[0]
+        if chosen.precision == "int8" and int8_failed_check:
+            log.warning(
+                "this INT8 graph failed its check (%s); running it as asked", int8_failed_check
+            )
+    else:
+        choice, built = choose_backend(
             model,
-            weights_sha256=weights_sha256 or _model_digest(model),
-            weights_path=weights_path,
-            shape=shape,
+            device=device,
+            backend=backend,
             precision=precision,
+            weights_sha256=sha,
+            weights_path=weights_path,
+            preprocess=preprocess,
             cache_root=cache_root,
+            int8_graph=int8_graph,
+            int8_failed_check=int8_failed_check,
+            int8_passed_check=int8_passed_check,
+            choices_file=choices_file,
         )
-    except Exception as exc:  # a speed option must never fail the run
-        reason = exc.message if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
-        log.warning("%s could not load the model (%s); running with PyTorch", title, reason)
-        return torch_backend()
-    log.info("running the network with %s %s (%s)", title, version, primary.precision)
-    return FallbackBackend(primary, torch_backend)
-
-
-def _runtime_version(backend: str) -> str | None:
-    """The installed version of ``backend``'s runtime (``openvino`` or ``onnxruntime``), or None."""
-    return openvino_version() if backend == "openvino" else onnxruntime_version()
+        chosen = choice.winner
+    if chosen.backend == "torch":
+        return built.get(chosen) or TorchBackend(model, device, chosen.precision)
+    engine = built.get(chosen)
+    if engine is None:
+        try:
+            engine = build_candidate(
+                chosen,
+                model,
+                device=device,
+                weights_sha256=sha,
+                weights_path=weights_path,
+                shape=shape,
+                cache_root=cache_root,
+                int8_graph=int8_graph,
+            )
+        except Exception as exc:  # a speed option must never fail the run
+            reason = exc.message if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            log.warning("OpenVINO could not load the model (%s); running with PyTorch", reason)
+            return torch_backend()
+    log.info("running the network with OpenVINO %s (%s)", openvino_version(), engine.precision)
+    return FallbackBackend(engine, torch_backend)
 
 
 def _model_digest(model: nn.Module) -> str:

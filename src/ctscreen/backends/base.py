@@ -11,10 +11,10 @@ if TYPE_CHECKING:
     from torch import nn
 
 #: Names accepted by ``--backend``.
-BACKENDS: tuple[str, ...] = ("auto", "torch", "openvino", "onnxruntime")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "openvino")
 
 #: How each backend is named in messages.
-TITLES = {"torch": "PyTorch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}
+TITLES = {"torch": "PyTorch", "openvino": "OpenVINO", "openvino_int8": "OpenVINO INT8"}
 
 
 class Backend(Protocol):

@@ -39,7 +39,7 @@ class ExportRecipe:
     """How one backend's graph is made.
 
     Attributes:
-        backend: ``openvino`` or ``onnxruntime`` (entry names start with it).
+        backend: ``openvino`` or ``openvino_int8`` (entry names start with it).
         export: ``export(model, shape=..., out_dir=...)`` writes the files.
         files: the files it writes; the runtime reads the first.
         version: the version of the runtime that reads them.
@@ -110,9 +110,9 @@ def export_key(
         weights_sha256: SHA-256 of the checkpoint the weights came from.
         shape: the input shape the graph was made for.
         backend_version: the version of the backend that runs (and for OpenVINO, converts) it.
-        backend: ``openvino`` or ``onnxruntime``; the entry name starts with it.
+        backend: ``openvino`` or ``openvino_int8``; the entry name starts with it.
         exporter: the versions of the converter when it is not the backend itself
-            (ONNX: PyTorch, onnx, onnxscript). Left out of the hash when None, so
+            (INT8: the graph's hash). Left out of the hash when None, so
             that OpenVINO entries keep the names earlier releases gave them.
     """
     made_from: dict[str, Any] = {
@@ -163,10 +163,10 @@ def cached_export(
         weights_path: the checkpoint file, recorded so that a later export of
             new weights at the same path replaces this one.
         recipe: how the backend's graph is made (``openvino_recipe()`` or
-            ``onnxruntime_recipe()``).
+            ``openvino_int8_recipe(graph)``).
 
     Returns:
-        ``(path to model.xml or model.onnx, True when it came from the cache)``.
+        ``(path to the first of the recipe's files, True when it came from the cache)``.
     """
     backend, export, files = recipe.backend, recipe.export, recipe.files
     version, exporter = recipe.version, recipe.exporter

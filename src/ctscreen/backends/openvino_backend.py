@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..hardware import FP16_ON_CPU, cpu_supports_bf16
+from ..hardware import FP16_ON_CPU
 from .base import logits_from_cam
 from .export_cache import ExportRecipe, cached_export, export_cache_root
 
@@ -218,17 +218,30 @@ def finite_half(values: np.ndarray) -> bool:
     return bool(magnitude_bits.max(initial=0) < 0x7C00)  # 0x7C00: the exponent of inf/NaN
 
 
+def openvino_bf16_capable() -> bool:
+    """True when OpenVINO's CPU plugin reports bf16 among this CPU's capabilities
+    (what it *can* run; whether bf16 is *faster* is left to measurement)."""
+    try:
+        import openvino as ov
+
+        capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # not installed, or a plugin that cannot say
+        return False
+    return "BF16" in [str(c).upper() for c in capabilities]
+
+
 def openvino_hint(precision: str) -> str:
-    """The CPU inference-precision hint for ``precision``: bf16 only where the CPU has it.
+    """The CPU inference-precision hint for ``precision`` (``bf16`` or ``f32``).
 
     Raises:
-        ConfigError: ``precision`` is fp16 (not run on the CPU).
+        ConfigError: ``precision`` is fp16 (not run on the CPU) or not one OpenVINO's
+            staged graphs run (INT8 has its own graph).
     """
     if precision == "fp16":
         raise ConfigError(FP16_ON_CPU)
-    if precision in ("bf16", "auto") and cpu_supports_bf16():
-        return "bf16"
-    return "f32"
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"the staged OpenVINO graphs run fp32 or bf16, not {precision!r}.")
+    return "bf16" if precision == "bf16" else "f32"
 
 
 def load_openvino(
@@ -247,7 +260,8 @@ def load_openvino(
         weights_sha256: SHA-256 of the checkpoint file (keys the export cache).
         weights_path: the checkpoint file (the cache goes beside it when writable).
         shape: the static input ``(D, H, W)`` of the model card.
-        precision: ``fp32``, ``bf16`` or ``auto``.
+        precision: ``fp32`` or ``bf16`` (OpenVINO runs bf16 as f32 on a CPU
+            without it, and the backend then says fp32).
         cache_root: cache folder; default :func:`export_cache_root` of ``weights_path``.
 
     Returns:
@@ -271,7 +285,7 @@ def load_openvino(
     )
     core = ov.Core()
     graphs = [core.read_model(str(xml.parent / f"{stage}.xml")) for stage in _OV_STAGES]
-    if hint == "bf16":
+    if hint == "bf16" and openvino_bf16_capable():
         graphs = half_boundaries(graphs)
 
     def compile_graph(graph: Any, inference_precision: str) -> Any:
@@ -286,10 +300,11 @@ def load_openvino(
         compile_graph(graph, "f32" if stage == "stem" else hint)
         for stage, graph in zip(_OV_STAGES, graphs, strict=True)
     ]
+    actual = str(stages[-1].get_property("INFERENCE_PRECISION_HINT")).lower()
     return OpenVinoBackend(
         stages=stages,
         shape=tuple(shape),
         bias=bias,
-        precision="bf16" if hint == "bf16" else "fp32",
+        precision="bf16" if "bf16" in actual or "bfloat16" in actual else "fp32",
         from_cache=from_cache,
     )

@@ -37,6 +37,7 @@ __all__ = [
 COMMANDS: tuple[str, ...] = (
     "predict",
     "info",
+    "quantize",
     "synth",
     "registry",
     "split",

@@ -39,12 +39,15 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--threshold", type=probability, help="decision threshold (model card's)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument(
-        "--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="as predict"
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16", "int8"],
+        help="as predict",
     )
     p.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "torch", "openvino", "onnxruntime"],
+        choices=["auto", "torch", "openvino"],
         help="as predict",
     )
     p.add_argument("--min-slices", type=positive_int, default=16, help="reject thinner series")

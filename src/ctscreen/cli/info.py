@@ -29,6 +29,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="print the card, file hash and warnings as JSON instead of text",
     )
+    p.add_argument(
+        "--backends",
+        action="store_true",
+        help="also show how this machine runs the model: every installed backend and "
+        "precision with its accuracy gate and measured seconds per forward at the model's "
+        "input shape, and the one auto uses (measured now when not yet kept)",
+    )
+    p.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="with --backends: measure again even when a measurement is kept",
+    )
+    p.add_argument("--device", default="cpu", help="with --backends: cpu (default), cuda or cuda:N")
     p.set_defaults(func=run)
     return p
 
@@ -53,4 +66,33 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(payload, indent=2, ensure_ascii=False))
     else:
         print(describe_card(loaded))
+    if getattr(args, "backends", False):
+        print(_backend_table(loaded, args.device, remeasure=args.remeasure))
     return EXIT_OK
+
+
+def _backend_table(loaded: Any, device_name: str, *, remeasure: bool) -> str:
+    """The measured table of ``auto`` for ``loaded`` on this machine (measured when needed)."""
+    from ..backends import choose_backend
+    from ..card import failed_check, passed_check
+    from ..hardware import cpu_model, select_device, usable_cores
+
+    device = select_device(device_name)
+    loaded.model.to(device)
+    choice, _ = choose_backend(
+        loaded.model,
+        device=device,
+        weights_sha256=loaded.sha256,
+        weights_path=loaded.path,
+        preprocess=loaded.card.preprocess,
+        int8_graph=loaded.int8_graph,
+        int8_failed_check=failed_check(loaded.card),
+        int8_passed_check=passed_check(loaded.card),
+        remeasure=remeasure,
+    )
+    where = "kept from" if choice.from_cache else "measured"
+    head = (
+        f"backends on {cpu_model() if device.type == 'cpu' else device} ({usable_cores()} cores), "
+        f"input {'x'.join(map(str, loaded.card.preprocess.shape))}, {where} {choice.measured}:"
+    )
+    return f"{head}\n{choice.table()}\nauto runs {choice.winner.label}"

@@ -67,12 +67,15 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument(
-        "--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="as predict"
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16", "int8"],
+        help="as predict",
     )
     p.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "torch", "openvino", "onnxruntime"],
+        choices=["auto", "torch", "openvino"],
         help="as predict",
     )
     p.add_argument("--batch-size", type=positive_int, help="as predict")

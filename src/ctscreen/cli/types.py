@@ -55,14 +55,16 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        help="auto: bf16 where the hardware computes it natively, else fp32",
+        choices=["auto", "fp32", "bf16", "fp16", "int8"],
+        help="auto (default): the fastest that passes the accuracy gate, measured on this "
+        "machine on first use; fp16 runs on a GPU only; int8 needs a checkpoint made by "
+        "ctscreen quantize",
     )
     parser.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "torch", "openvino", "onnxruntime"],
-        help="auto (default): on the CPU OpenVINO when installed, else PyTorch for bf16, else "
-        "ONNX Runtime (fp32) when installed, else PyTorch; PyTorch off the CPU; "
-        "a backend that fails falls back to PyTorch with a warning",
+        choices=["auto", "torch", "openvino"],
+        help="auto (default): measured with --precision (ctscreen info --backends WEIGHTS "
+        "shows the table); PyTorch off the CPU; a backend that fails falls back to PyTorch "
+        "with a warning",
     )
