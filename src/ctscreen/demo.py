@@ -88,7 +88,7 @@ _ARCHIVE_BYTES = 170_000
 _CHECKPOINT_BYTES = 132_700_000
 
 Echo = Callable[[str], None]
-#: PyTorch scores the demo's small inputs in milliseconds; an OpenVINO or ONNX export
+#: PyTorch scores the demo's small inputs in milliseconds; an OpenVINO export
 #: would cost more time than it saves and leave a second copy of the model on disk.
 DEMO_BACKEND = "torch"
 

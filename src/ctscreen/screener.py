@@ -64,7 +64,7 @@ class Screener:
         batch_size: studies per forward pass (default 1 on the CPU, 4 on a GPU).
         readers: inputs read at once in threads (default 1 on the CPU, up to 4 on a GPU).
         prefetch: studies read ahead of the network (at least ``batch_size``).
-        cache_dir: where an exported OpenVINO/ONNX graph is kept (default beside
+        cache_dir: where an exported OpenVINO graph is kept (default beside
             the weights, or the user cache when that folder is read-only).
         study_timeout: seconds one study may take to read (its input's discovery
             included) before it becomes a failure and the run goes on; None: no limit.
