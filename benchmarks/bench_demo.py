@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -21,17 +20,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def folder_bytes(folder: Path) -> int:
@@ -84,6 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     rows = [run_seed(seed, args.out / f"seed{seed}") for seed in args.seeds]
+    from ctscreen.hardware import cpu_model
+
     print(f"{cpu_model()}, {cores} cores")
     for r in rows:
         print(

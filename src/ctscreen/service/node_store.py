@@ -14,15 +14,11 @@ leave it there to be tried again.
 from __future__ import annotations
 
 import logging
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from .database import Database
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +107,7 @@ class OutboxItem:
     destination: str
 
 
-class NodeStore:
+class NodeStore(Database):
     """The node's tables (thread-safe: one connection behind a lock)."""
 
     def __init__(self, data_dir: Path) -> None:
@@ -120,35 +116,7 @@ class NodeStore:
         Raises:
             ConfigError: it cannot be opened.
         """
-        self.path = Path(data_dir) / DB_NAME
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=30
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(
-                f"cannot open the DICOM node's store {self.path} ({exc}); choose a --data "
-                "folder you can write to."
-            ) from exc
-        self._lock = threading.RLock()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        super().__init__(Path(data_dir) / DB_NAME, _SCHEMA, what="the DICOM node's store")
 
     # ------------------------------------------------------------------ incoming
 

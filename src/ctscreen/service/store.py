@@ -27,17 +27,15 @@ import logging
 import re
 import secrets
 import shutil
-import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..report import ResultRow
 from ..results import FAILURE
+from .database import Database
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +183,7 @@ def _plain(value: object) -> object:
     return str(value)
 
 
-class JobStore:
+class JobStore(Database):
     """Jobs, their uploads and their result rows in one data folder.
 
     Example:
@@ -205,40 +203,14 @@ class JobStore:
         self.jobs_dir = self.data_dir / "jobs"
         try:
             self.jobs_dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                self.data_dir / DB_NAME, check_same_thread=False, isolation_level=None, timeout=30
-            )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
+        except OSError as exc:
             raise ConfigError(
-                f"cannot open the job store in {self.data_dir} ({exc}); choose a --data folder "
-                "you can write to."
+                f"cannot create the job store in {self.data_dir} ({exc.strerror or exc}); "
+                "choose a --data folder you can write to."
             ) from exc
-        self._lock = threading.RLock()
+        super().__init__(self.data_dir / DB_NAME, _SCHEMA, what="the job store")
 
     # ------------------------------------------------------------------ plumbing
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, params).fetchall()
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
     def job_dir(self, job_id: str) -> Path:
         """The job's own folder.
