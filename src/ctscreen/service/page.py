@@ -55,8 +55,6 @@ TEXT: dict[str, dict[str, str]] = {
     "done": {"en": "done", "ru": "готово"},
     "failed": {"en": "failed", "ru": "сбой"},
     "timeout": {"en": "timed out", "ru": "превышено время"},
-    "of_files": {"en": "of {n} files", "ru": "из {n} файлов"},
-    "studies": {"en": "studies", "ru": "исследований"},
     "all_results": {"en": "All results", "ru": "Все результаты"},
     "token": {"en": "Access token", "ru": "Токен доступа"},
     "sign_in": {"en": "Sign in", "ru": "Войти"},
@@ -87,6 +85,39 @@ def t(key: str, lang: str, **values: object) -> str:
     """The label ``key`` in ``lang`` (English when missing), formatted with ``values``."""
     entry = TEXT[key]
     return entry.get(lang, entry["en"]).format(**values)
+
+
+#: Word forms by count: English (one, other); Russian (one, few, many), as after a number.
+_COUNTED: dict[str, dict[str, tuple[str, ...]]] = {
+    # "из N ..." takes the genitive: из 1 файла, из 2 файлов, из 5 файлов
+    "of_files": {
+        "en": ("of {n} file", "of {n} files"),
+        "ru": ("из {n} файла",) + ("из {n} файлов",) * 2,
+    },
+    "studies": {
+        "en": ("{n} study", "{n} studies"),
+        "ru": ("{n} исследование", "{n} исследования", "{n} исследований"),
+    },
+}
+
+
+def plural_form(n: int, lang: str) -> int:
+    """Index of the word form for ``n`` in ``lang``: English 0 (one) / 1 (other);
+    Russian 0 (1, 21, 101 ...), 1 (2-4, 22-24 ...), 2 (0, 5-20, 25-30, 111 ...)."""
+    if lang != "ru":
+        return 0 if n == 1 else 1
+    tens, last = n % 100, n % 10
+    if last == 1 and tens != 11:
+        return 0
+    if 2 <= last <= 4 and not 12 <= tens <= 14:
+        return 1
+    return 2
+
+
+def counted(key: str, n: int, lang: str) -> str:
+    """``n`` with the word ``key`` in the form its count needs (``1 study``, ``5 исследований``)."""
+    forms = _COUNTED[key].get(lang) or _COUNTED[key]["en"]
+    return forms[plural_form(n, lang if lang in _COUNTED[key] else "en")].format(n=n)
 
 
 def _e(value: object) -> str:
@@ -157,8 +188,8 @@ def jobs_fragment(
     for job in jobs:
         names = ", ".join(f.name for f in job.inputs)
         progress = (
-            f"{job.inputs_done} {_e(t('of_files', lang, n=len(job.inputs)))}, "
-            f"{job.rows_done} {_e(t('studies', lang))}"
+            f"{job.inputs_done} {_e(counted('of_files', len(job.inputs), lang))}, "
+            f"{_e(counted('studies', job.rows_done, lang))}"
         )
         message = f'<div class="error">{_e(job.message)}</div>' if job.message else ""
         actions = _downloads(job, lang) if job.final else ""
