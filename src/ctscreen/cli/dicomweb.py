@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import EXIT_OK, EXIT_PARTIAL
-from .types import positive_int, probability
+from .types import add_runtime_arguments, positive_int, probability
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +37,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--no-store", action="store_true", help="score only; store nothing back")
     p.add_argument("--token", help=f"bearer token for the archive (default: ${TOKEN_ENV})")
     p.add_argument("--threshold", type=probability, help="decision threshold (model card's)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "bf16", "fp16", "int8"],
-        help="as predict",
-    )
-    p.add_argument(
-        "--backend",
-        default="auto",
-        choices=["auto", "torch", "openvino"],
-        help="as predict",
-    )
+    add_runtime_arguments(p)
     p.add_argument("--min-slices", type=positive_int, default=16, help="reject thinner series")
     p.set_defaults(func=run)
 

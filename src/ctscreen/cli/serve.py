@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import EXIT_OK
-from .types import positive_float, positive_int, probability
+from .types import add_runtime_arguments, positive_float, positive_int, probability
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +65,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--threshold", type=probability, help="decision threshold (default: the model card's)"
     )
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "bf16", "fp16", "int8"],
-        help="as predict",
-    )
-    p.add_argument(
-        "--backend",
-        default="auto",
-        choices=["auto", "torch", "openvino"],
-        help="as predict",
-    )
+    add_runtime_arguments(p)
     p.add_argument("--batch-size", type=positive_int, help="as predict")
     p.add_argument("--readers", type=positive_int, help="as predict")
     p.add_argument("--min-slices", type=positive_int, default=16, help="reject thinner series")
