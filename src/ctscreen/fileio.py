@@ -1,10 +1,10 @@
 """File helpers every writer shares: one atomic writer, one hash, JSON-safe values.
 
-A leaf module (standard library only). Every file ctscreen writes (tables,
-checkpoints, caches, registries, reports) goes through :func:`write_atomic`, so a
-crash never leaves a half-written file, an earlier file at that path survives a
-failed write, and every output gets the same permissions (the process umask, not
-``mkstemp``'s private 0600).
+A leaf module (standard library and :mod:`ctscreen.interrupts` only). Every file
+ctscreen writes (tables, checkpoints, caches, registries, reports) goes through
+:func:`write_atomic`, so a crash or a Ctrl-C never leaves a half-written file, an
+earlier file at that path survives a failed write, and every output gets the same
+permissions (the process umask, not ``mkstemp``'s private 0600).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .interrupts import deferred_interrupts
 
 
 def json_safe(value: Any) -> Any:
@@ -44,19 +46,23 @@ def write_atomic(path: Path | str, write: Callable[[Path], None]) -> None:
 
     The parent folder is created when missing. The temporary file keeps ``path``'s
     suffix (writers such as openpyxl choose the format by it) and is removed when
-    ``write`` raises.
+    ``write`` raises. Ctrl-C and SIGTERM wait until the file is in place (a
+    checkpoint writer cut half-way breaks its own zip stream).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with deferred_interrupts():
+        fd, tmp_name = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix
+        )
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            write(tmp)
+            os.chmod(tmp, new_file_mode())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def write_bytes_atomic(path: Path | str, data: bytes) -> None:

@@ -19,21 +19,19 @@ A finished run removes its journal; the table is then the record.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import signal
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from .errors import ConfigError
+from .interrupts import interruptible, raise_if_stop_requested, stop_requests
 from .report import OutputFormat, ResultRow, result_rows, rows_to_frame, run_info_path, write_table
 from .results import StudyResult
 
@@ -220,25 +218,6 @@ def read_journal(path: Path) -> dict[str, list[dict[str, Any]]]:
 # --------------------------------------------------------------------------- run
 
 
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt like Ctrl-C does, so that
-    cleanup runs and the partial table is written (main thread only; elsewhere a
-    no-op, as only the main thread may set signal handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @dataclass
 class RunOutcome:
     """What a table run did.
@@ -319,8 +298,9 @@ def score_to_table(
     results = screener.score(todo, keep_image=keep_image, keep_volume=keep_volume)
     current: str | None = None
     try:
-        with terminate_as_interrupt():
+        with stop_requests(), interruptible():
             for result in results:
+                raise_if_stop_requested()  # a Ctrl-C Python dropped is acted on here
                 key = input_key(result.input_path)
                 if current is not None and key != current:
                     journal.finish_input(current)

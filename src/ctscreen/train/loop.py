@@ -54,6 +54,12 @@ from ..data import cache as cache_lib
 from ..data.dataset import StudyDataset, select_rows
 from ..errors import ConfigError, DatasetError
 from ..fileio import folder_bytes, format_bytes, json_safe, write_text_atomic
+from ..interrupts import (
+    acknowledge_stop,
+    interruptible,
+    raise_if_stop_requested,
+    stop_requests,
+)
 from . import metrics as metrics_lib
 from . import plots
 from . import progress as progress_lib
@@ -268,25 +274,28 @@ def _run_epoch(
     tick = time.perf_counter()
     with torch.set_grad_enabled(training):
         for step, (x, y) in enumerate(bar, start=1):
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True).view(-1, 1)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                logits = model(x)
-            loss = criterion(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise ConfigError(
-                    f"the {desc} loss became {loss.item()} at step {step}; "
-                    "lower the learning rate (--lr) or disable mixed precision."
-                )
-            if training:
-                assert optimizer is not None and scaler is not None
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.max_grad_norm is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
+            # Ctrl-C stops within the batch's computation; elsewhere (loading, the
+            # loader starting its workers) it waits for the next batch (interrupts.py).
+            with interruptible():
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True).view(-1, 1)
+                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                    logits = model(x)
+                loss = criterion(logits.float(), y)
+                if not torch.isfinite(loss):
+                    raise ConfigError(
+                        f"the {desc} loss became {loss.item()} at step {step}; "
+                        "lower the learning rate (--lr) or disable mixed precision."
+                    )
+                if training:
+                    assert optimizer is not None and scaler is not None
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if config.max_grad_norm is not None:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
             batch = int(y.shape[0])
             total_loss += float(loss.detach()) * batch
             seen += batch
@@ -595,133 +604,140 @@ def train(
     epoch_seconds: list[float] = []
     snapshot: dict[str, Any] | None = None
     interrupted = False
-    try:
-        for epoch in range(start_epoch, config.epochs + 1):
-            started = time.perf_counter()
-            epoch_seed = _epoch_seed(config.seed, epoch)
-            seed_everything(epoch_seed)
-            generator.manual_seed(epoch_seed)
-            lr = learning_rate(epoch, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            common = {
-                "criterion": criterion,
-                "device": device,
-                "use_amp": use_amp,
-                "config": config,
-                "progress": progress,
-            }
-            train_loss, y_tr, p_tr = _run_epoch(
-                model,
-                train_loader,
-                optimizer=optimizer,
-                scaler=scaler,
-                desc=f"epoch {epoch}/{config.epochs} train",
-                on_batch=None if estimated else time_first_batches,
-                **common,
-            )
-            folder = out_dir / "epochs" / f"epoch_{epoch:03d}"
-            row: dict[str, float] = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
-            tr = _write_split_outputs(
-                folder, "train", y_tr, p_tr, threshold=config.threshold, epoch=epoch
-            )
-            row.update({f"train_{m}": float(tr[m]) for m in EPOCH_METRICS})
-            validate = epoch % config.val_every == 0 or epoch == config.epochs
-            va: dict[str, float] = {}
-            ci = (math.nan, math.nan)
-            if validate:
-                val_loss, y_va, p_va = _run_epoch(
+    with stop_requests():
+        try:
+            for epoch in range(start_epoch, config.epochs + 1):
+                started = time.perf_counter()
+                epoch_seed = _epoch_seed(config.seed, epoch)
+                seed_everything(epoch_seed)
+                generator.manual_seed(epoch_seed)
+                lr = learning_rate(epoch, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                common = {
+                    "criterion": criterion,
+                    "device": device,
+                    "use_amp": use_amp,
+                    "config": config,
+                    "progress": progress,
+                }
+                train_loss, y_tr, p_tr = _run_epoch(
                     model,
-                    val_loader,
-                    optimizer=None,
-                    scaler=None,
-                    desc=f"epoch {epoch}/{config.epochs} val",
+                    train_loader,
+                    optimizer=optimizer,
+                    scaler=scaler,
+                    desc=f"epoch {epoch}/{config.epochs} train",
+                    on_batch=None if estimated else time_first_batches,
                     **common,
                 )
-                va = _write_split_outputs(
-                    folder, "val", y_va, p_va, threshold=config.threshold, epoch=epoch
+                folder = out_dir / "epochs" / f"epoch_{epoch:03d}"
+                row: dict[str, float] = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
+                tr = _write_split_outputs(
+                    folder, "train", y_tr, p_tr, threshold=config.threshold, epoch=epoch
                 )
-                row["val_loss"] = val_loss
-                ci = metrics_lib.bootstrap_ci(
-                    y_va, p_va, metrics_lib.roc_auc, n_boot=VAL_CI_BOOT, seed=epoch
-                )
-            else:
-                row["val_loss"] = math.nan
-            row.update({f"val_{m}": float(va.get(m, math.nan)) for m in EPOCH_METRICS})
-            row["val_roc_auc_ci_low"], row["val_roc_auc_ci_high"] = ci
-            row["seconds"] = time.perf_counter() - started
+                row.update({f"train_{m}": float(tr[m]) for m in EPOCH_METRICS})
+                validate = epoch % config.val_every == 0 or epoch == config.epochs
+                va: dict[str, float] = {}
+                ci = (math.nan, math.nan)
+                if validate:
+                    val_loss, y_va, p_va = _run_epoch(
+                        model,
+                        val_loader,
+                        optimizer=None,
+                        scaler=None,
+                        desc=f"epoch {epoch}/{config.epochs} val",
+                        **common,
+                    )
+                    va = _write_split_outputs(
+                        folder, "val", y_va, p_va, threshold=config.threshold, epoch=epoch
+                    )
+                    row["val_loss"] = val_loss
+                    ci = metrics_lib.bootstrap_ci(
+                        y_va, p_va, metrics_lib.roc_auc, n_boot=VAL_CI_BOOT, seed=epoch
+                    )
+                else:
+                    row["val_loss"] = math.nan
+                row.update({f"val_{m}": float(va.get(m, math.nan)) for m in EPOCH_METRICS})
+                row["val_roc_auc_ci_low"], row["val_roc_auc_ci_high"] = ci
+                row["seconds"] = time.perf_counter() - started
 
-            card = ModelCard(
-                preprocess=config.preprocess,
-                threshold=config.threshold,
-                validation_metrics={
-                    "epoch": epoch,
-                    "val_loss": row["val_loss"],
-                    **{m: row[f"val_{m}"] for m in EPOCH_METRICS},
-                },
-                training_data=data_summary,
-                train_config=config.to_dict(),
-                threshold_rule="default",
-            )
-            score = row["val_roc_auc"]
-            score = score if math.isfinite(score) else -math.inf
-            is_best = validate and (best_epoch is None or score > best_score)
-            if config.save_every_epoch:
-                weights_path = folder / "weights.pth"
-                save_checkpoint(weights_path, model, card)
+                card = ModelCard(
+                    preprocess=config.preprocess,
+                    threshold=config.threshold,
+                    validation_metrics={
+                        "epoch": epoch,
+                        "val_loss": row["val_loss"],
+                        **{m: row[f"val_{m}"] for m in EPOCH_METRICS},
+                    },
+                    training_data=data_summary,
+                    train_config=config.to_dict(),
+                    threshold_rule="default",
+                )
+                score = row["val_roc_auc"]
+                score = score if math.isfinite(score) else -math.inf
+                is_best = validate and (best_epoch is None or score > best_score)
+                if config.save_every_epoch:
+                    weights_path = folder / "weights.pth"
+                    save_checkpoint(weights_path, model, card)
+                    if is_best:
+                        link_or_copy(weights_path, out_dir / BEST_NAME)
+                elif is_best:
+                    save_checkpoint(out_dir / BEST_NAME, model, card)
                 if is_best:
-                    link_or_copy(weights_path, out_dir / BEST_NAME)
-            elif is_best:
-                save_checkpoint(out_dir / BEST_NAME, model, card)
-            if is_best:
-                best_score, best_epoch = score, epoch
+                    best_score, best_epoch = score, epoch
 
-            # The resume state first, the history after: a Ctrl-C between the two
-            # leaves a state that knows the epoch, never a history ahead of the state.
-            payload = _state_payload(
-                epoch=epoch,
-                model=model,
-                optimizer=optimizer,
-                scaler=scaler,
-                use_amp=use_amp,
-                best_score=best_score,
-                best_epoch=best_epoch,
-                history=[*history, row],
-                config=config,
-            )
-            if config.resume_state == "every_epoch":
-                save_train_state(state_path, payload)
+                # The resume state first, the history after: a Ctrl-C between the two
+                # leaves a state that knows the epoch, never a history ahead of the state.
+                payload = _state_payload(
+                    epoch=epoch,
+                    model=model,
+                    optimizer=optimizer,
+                    scaler=scaler,
+                    use_amp=use_amp,
+                    best_score=best_score,
+                    best_epoch=best_epoch,
+                    history=[*history, row],
+                    config=config,
+                )
+                if config.resume_state == "every_epoch":
+                    save_train_state(state_path, payload)
+                else:
+                    snapshot = payload
+                history.append(row)
+                write_history(out_dir, history)
+                plots.plot_learning_curves(out_dir / "metrics.csv", out_dir / "learning_curves.png")
+                if writer is not None:
+                    for key, value in row.items():
+                        if key != "epoch" and math.isfinite(value):
+                            writer.add_scalar(key.replace("_", "/", 1), value, epoch)
+                    writer.flush()
+                epoch_seconds.append(row["seconds"])
+                left = config.epochs - epoch
+                eta = sum(epoch_seconds) / len(epoch_seconds) * left if left else None
+                say(
+                    progress_lib.epoch_line(
+                        row, epochs=config.epochs, eta_seconds=eta, best=is_best
+                    )
+                )
+                raise_if_stop_requested()  # one that came while the epoch was recorded
+        except KeyboardInterrupt:
+            acknowledge_stop()
+            interrupted = True
+            if snapshot is not None:
+                save_train_state(state_path, snapshot)
+            done = int(history[-1]["epoch"]) if history else start_epoch - 1
+            if snapshot is not None:
+                done = int(snapshot["epoch"])
+            if done >= 1 and state_path.exists():
+                say(
+                    f"stopped by Ctrl-C during epoch {done + 1}; the run up to epoch {done} is "
+                    f"kept in {state_path}: add --resume to the same command to continue"
+                )
             else:
-                snapshot = payload
-            history.append(row)
-            write_history(out_dir, history)
-            plots.plot_learning_curves(out_dir / "metrics.csv", out_dir / "learning_curves.png")
+                say("stopped by Ctrl-C before the first epoch finished; there is nothing to resume")
+        finally:
             if writer is not None:
-                for key, value in row.items():
-                    if key != "epoch" and math.isfinite(value):
-                        writer.add_scalar(key.replace("_", "/", 1), value, epoch)
-                writer.flush()
-            epoch_seconds.append(row["seconds"])
-            left = config.epochs - epoch
-            eta = sum(epoch_seconds) / len(epoch_seconds) * left if left else None
-            say(progress_lib.epoch_line(row, epochs=config.epochs, eta_seconds=eta, best=is_best))
-    except KeyboardInterrupt:
-        interrupted = True
-        if snapshot is not None:
-            save_train_state(state_path, snapshot)
-        done = int(history[-1]["epoch"]) if history else start_epoch - 1
-        if snapshot is not None:
-            done = int(snapshot["epoch"])
-        if done >= 1 and state_path.exists():
-            say(
-                f"stopped by Ctrl-C during epoch {done + 1}; the run up to epoch {done} is "
-                f"kept in {state_path}: add --resume to the same command to continue"
-            )
-        else:
-            say("stopped by Ctrl-C before the first epoch finished; there is nothing to resume")
-    finally:
-        if writer is not None:
-            writer.close()
+                writer.close()
     if not interrupted and config.resume_state == "on_interrupt" and state_path.exists():
         # A state left by an earlier Ctrl-C describes an epoch this run has passed.
         state_path.unlink()
