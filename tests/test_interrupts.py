@@ -18,15 +18,29 @@ from ctscreen.interrupts import (
 )
 
 
+def arrives(sig: int) -> None:
+    """What the interpreter does when ``sig`` arrives: call the Python handler in place.
+
+    Called directly rather than through ``signal.raise_signal``: in a pytest process
+    that has loaded OpenVINO/NNCF (tests/test_int8.py), a real SIGINT sent to itself
+    ends in a segmentation fault inside ``pthread_kill``, before any handler runs.
+    Real signals to real runs are sent by tests/test_train_cli.py and
+    tests/test_run_safety.py, to child processes.
+    """
+    handler = signal.getsignal(sig)
+    assert callable(handler), handler
+    handler(sig, None)
+
+
 def test_ctrl_c_outside_any_run_still_raises_at_once() -> None:
     with pytest.raises(KeyboardInterrupt):
-        signal.raise_signal(signal.SIGINT)
+        arrives(signal.SIGINT)
 
 
 def test_a_request_outside_interruptible_code_waits_for_the_next_safe_point() -> None:
     reached = []
     with stop_requests():
-        signal.raise_signal(signal.SIGINT)
+        arrives(signal.SIGINT)
         reached.append("after the signal")  # not cut here: no interruptible block
         with pytest.raises(KeyboardInterrupt, match=f"signal {int(signal.SIGINT)}"):
             raise_if_stop_requested()
@@ -40,7 +54,7 @@ def test_a_request_dropped_where_python_cannot_raise_is_raised_again() -> None:
     class RaisesInDestructor:
         def __del__(self) -> None:
             # Python prints and drops an exception raised here, as it does in a fork hook.
-            signal.raise_signal(signal.SIGINT)
+            arrives(signal.SIGINT)
 
     with stop_requests():
         with pytest.raises(KeyboardInterrupt), interruptible():
@@ -57,7 +71,7 @@ def test_interruptible_code_stops_at_once_and_sigterm_counts_as_a_stop() -> None
         with pytest.raises(KeyboardInterrupt, match=f"signal {int(signal.SIGTERM)}"):
             with interruptible():
                 steps.append(1)
-                signal.raise_signal(signal.SIGTERM)
+                arrives(signal.SIGTERM)
                 steps.append(2)
     assert steps == [1]
     # The handlers are restored: SIGTERM is back to its default, SIGINT to Ctrl-C.
@@ -68,7 +82,7 @@ def test_interruptible_code_stops_at_once_and_sigterm_counts_as_a_stop() -> None
 def test_a_request_before_an_interruptible_block_raises_when_it_starts() -> None:
     entered = False
     with stop_requests():
-        signal.raise_signal(signal.SIGINT)
+        arrives(signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):
             with interruptible():
                 entered = True
@@ -82,7 +96,7 @@ def test_ctrl_c_in_a_checkpoint_write_leaves_the_whole_file_then_stops(tmp_path:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             torch.save({"half": 1}, fh)
-            signal.raise_signal(signal.SIGINT)  # Ctrl-C half-way through the writer
+            arrives(signal.SIGINT)  # Ctrl-C half-way through the writer
             fh.seek(0)
             fh.truncate()
             torch.save(weights, fh)
@@ -104,7 +118,7 @@ def test_deferred_blocks_nest_and_deliver_one_stop_at_the_outermost_end() -> Non
     with pytest.raises(KeyboardInterrupt):
         with deferred_interrupts():
             with deferred_interrupts():
-                signal.raise_signal(signal.SIGINT)
+                arrives(signal.SIGINT)
                 order.append("inner end")
             order.append("outer end")
     assert order == ["inner end", "outer end"]
