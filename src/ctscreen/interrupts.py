@@ -71,6 +71,15 @@ def stop_requests() -> Iterator[None]:
         _catching, _raise_now, _requested = False, False, None
 
 
+def stop_requested() -> bool:
+    """Whether a stop was requested and not yet acknowledged (raises nothing).
+
+    For code that must agree with other processes before it stops (distributed
+    training acts on a request only when every process knows of it).
+    """
+    return _requested is not None
+
+
 def raise_if_stop_requested() -> None:
     """Raise ``KeyboardInterrupt`` when a stop was requested and not yet acknowledged."""
     if _requested is not None:
