@@ -67,6 +67,7 @@ from ..fileio import folder_bytes, format_bytes, json_safe, write_text_atomic
 from ..interrupts import (
     acknowledge_stop,
     interruptible,
+    leave_stops_to_parent,
     stop_requests,
 )
 from . import distributed as dist_lib
@@ -255,6 +256,7 @@ def _make_loader(
         pin_memory=device.type == "cuda",
         drop_last=drop_last,
         generator=generator,
+        worker_init_fn=leave_stops_to_parent,
     )
 
 
@@ -289,6 +291,7 @@ def _make_shard_loader(
         pin_memory=device.type == "cuda",
         drop_last=drop_last,
         generator=generator,
+        worker_init_fn=leave_stops_to_parent,
     )
 
 
