@@ -278,12 +278,6 @@ def sync_buffers(model: nn.Module, world: World) -> None:
         dist.broadcast(buffer.data, src=0)
 
 
-def barrier(world: World) -> None:
-    """Wait until every process reaches this point."""
-    if world.distributed:
-        dist.barrier()
-
-
 @dataclass(frozen=True)
 class _Outcome:
     value: Any = None
@@ -293,8 +287,9 @@ class _Outcome:
 def run_on_main(fn: Callable[[], T], world: World) -> T:
     """Run ``fn`` in rank 0 only and give its result (or its exception) to every process.
 
-    The other processes wait meanwhile (e.g. while rank 0 builds the cache) and
-    raise what rank 0 raised, so all of them stop together.
+    The other processes wait meanwhile (e.g. while rank 0 builds the cache or reads
+    the resume state, which other machines may not see) and raise what rank 0
+    raised, so all of them stop together.
     """
     if not world.distributed:
         return fn()

@@ -683,9 +683,8 @@ def _train(
             f"{len(overlap)} studies are in both the train and the val list "
             f"(e.g. {sorted(overlap)[0]!r}); make the split again."
         )
-    resuming = _check_run_folder(out_dir, resume)
-    # Every process has looked at the folder before rank 0 writes into it.
-    dist_lib.barrier(world)
+    # Rank 0's run folder decides for all (other machines may not see it).
+    resuming = dist_lib.run_on_main(lambda: _check_run_folder(out_dir, resume), world)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -740,7 +739,8 @@ def _train(
     best_score, best_epoch = -math.inf, None
     start_epoch = 1
     if resuming:
-        state = load_train_state(state_path)
+        # Read by rank 0 and sent to the others: its folder need not be shared.
+        state = dist_lib.run_on_main(lambda: load_train_state(state_path), world)
         saved = TrainConfig.from_dict(state["config"])
         if saved.preprocess != config.preprocess:
             raise ConfigError(
@@ -767,10 +767,11 @@ def _train(
         write_text_atomic(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
     transform = augment_volume if config.augment else None
+    # Only rank 0 fills missing cache entries; the others decode what they miss.
     train_set = StudyDataset(
-        train_rows, config.preprocess, cache_dir=cache_dir, transform=transform
+        train_rows, config.preprocess, cache_dir=cache_dir, transform=transform, fill_cache=main
     )
-    val_set = StudyDataset(val_rows, config.preprocess, cache_dir=cache_dir)
+    val_set = StudyDataset(val_rows, config.preprocess, cache_dir=cache_dir, fill_cache=main)
     generator = torch.Generator()
     train_loader = _make_loader(
         train_set, config=config, train=True, generator=generator, device=device, world=world
