@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -239,8 +240,13 @@ def test_best_checkpoint_of_a_ddp_run_loads_in_predict(ddp_run, data, tmp_path) 
     assert 0.0 <= table["probability_of_pathology"].iloc[0] <= 1.0
 
 
-def test_resume_under_torchrun_continues_at_epoch_3(ddp_run, data) -> None:
-    work = ddp_run["work"]
+def test_resume_continues_at_epoch_3_and_a_sigterm_to_torchrun_keeps_the_state(
+    ddp_run, data
+) -> None:
+    """The two-epoch run resumed under torchrun, then stopped as a scheduler stops a
+    job: SIGTERM to torchrun alone, which passes it on to its processes (and their
+    DataLoader workers)."""
+    run = ddp_run["run"]
     args = [
         "-m",
         "ctscreen",
@@ -257,11 +263,11 @@ def test_resume_under_torchrun_continues_at_epoch_3(ddp_run, data) -> None:
         "--cache-dir",
         str(data / "cache"),
         "--epochs",
-        "3",
+        "1000",
         "--batch-size",
         "2",
         "--num-workers",
-        "0",
+        "1",
         "--device",
         "cpu",
         "--balance",
@@ -269,14 +275,30 @@ def test_resume_under_torchrun_continues_at_epoch_3(ddp_run, data) -> None:
         "--seed",
         "3",
         "--resume",
+        "--resume-state",
+        "on-interrupt",
         *TINY,
     ]
-    output = _finish(_torchrun(args, cwd=work))
+    proc = _torchrun(args, cwd=ddp_run["work"])
+    try:
+        deadline = time.monotonic() + GUARD_S
+        while len(pd.read_csv(run / "metrics.csv")) < 3:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "epoch 3 did not finish"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=GUARD_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert output.count("resuming run at epoch 3") == 1  # rank 0 speaks for both
-    assert output.count("epoch 3/3") == 1
-    assert output.count("run folder: run (3 epochs)") == 1
-    metrics = pd.read_csv(ddp_run["run"] / "metrics.csv")
-    assert metrics["epoch"].tolist() == [1, 2, 3]
+    assert output.count("add --resume to the same command to continue") == 1, output
+    assert "DataLoader worker" not in output
+    epochs = pd.read_csv(run / "metrics.csv")["epoch"].tolist()
+    assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 3
+    # written at the stop (on-interrupt), for the last epoch in metrics.csv
+    state = torch.load(run / "last_state.pth", map_location="cpu", weights_only=True)
+    assert state["epoch"] == epochs[-1]
 
 
 def test_only_rank_0_writes_files_on_two_nodes(data, tmp_path) -> None:
