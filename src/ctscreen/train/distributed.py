@@ -27,6 +27,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import numpy as np
@@ -41,6 +42,10 @@ from ..interrupts import stop_requested
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: How long the other processes wait for rank 0's work in :func:`run_on_main` (building
+#: the cache of a large registry takes hours; the group's own timeout is 10-30 minutes).
+MAIN_ONLY_TIMEOUT = timedelta(hours=48)
 
 
 @dataclass(frozen=True)
@@ -293,13 +298,18 @@ def run_on_main(fn: Callable[[], T], world: World) -> T:
     """
     if not world.distributed:
         return fn()
+    # A gloo group of its own: CPU objects, and a wait as long as rank 0's work.
+    group = dist.new_group(backend="gloo", timeout=MAIN_ONLY_TIMEOUT)
     box: list[Any] = [None]
-    if world.is_main:
-        try:
-            box[0] = _Outcome(value=fn())
-        except (Exception, KeyboardInterrupt) as exc:
-            box[0] = _Outcome(error=exc)
-    dist.broadcast_object_list(box, src=0)
+    try:
+        if world.is_main:
+            try:
+                box[0] = _Outcome(value=fn())
+            except (Exception, KeyboardInterrupt) as exc:
+                box[0] = _Outcome(error=exc)
+        dist.broadcast_object_list(box, src=0, group=group)
+    finally:
+        dist.destroy_process_group(group)
     outcome: _Outcome = box[0]
     if outcome.error is not None:
         raise outcome.error
