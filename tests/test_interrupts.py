@@ -14,6 +14,7 @@ from ctscreen.interrupts import (
     deferred_interrupts,
     interruptible,
     raise_if_stop_requested,
+    stop_requested,
     stop_requests,
 )
 
@@ -42,9 +43,11 @@ def test_a_request_outside_interruptible_code_waits_for_the_next_safe_point() ->
     with stop_requests():
         arrives(signal.SIGINT)
         reached.append("after the signal")  # not cut here: no interruptible block
+        assert stop_requested()
         with pytest.raises(KeyboardInterrupt, match=f"signal {int(signal.SIGINT)}"):
             raise_if_stop_requested()
         acknowledge_stop()
+        assert not stop_requested()
         raise_if_stop_requested()  # acknowledged: does not raise again
     assert reached == ["after the signal"]
 

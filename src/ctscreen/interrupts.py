@@ -71,6 +71,28 @@ def stop_requests() -> Iterator[None]:
         _catching, _raise_now, _requested = False, False, None
 
 
+def leave_stops_to_parent(worker_id: int = 0) -> None:
+    """Ignore SIGINT and SIGTERM in this (worker) process: its parent decides when to stop.
+
+    For DataLoader workers (``worker_init_fn``): Ctrl-C in a terminal or a
+    scheduler's SIGTERM to the whole process group would otherwise kill them, and
+    the DataLoader would raise a RuntimeError in the parent instead of the orderly
+    stop; the parent ends them when it stops.
+    """
+    if _in_main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_requested() -> bool:
+    """Whether a stop was requested and not yet acknowledged (raises nothing).
+
+    For code that must agree with other processes before it stops (distributed
+    training acts on a request only when every process knows of it).
+    """
+    return _requested is not None
+
+
 def raise_if_stop_requested() -> None:
     """Raise ``KeyboardInterrupt`` when a stop was requested and not yet acknowledged."""
     if _requested is not None:

@@ -8,6 +8,7 @@ written to ``<out>/config.json`` and into every checkpoint. See
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "state into --out. It states the disk use first, estimates the duration from "
             "the first batches and prints one line per epoch (loss, val ROC-AUC with its "
             "95%% CI, time, ETA). Ctrl-C stops within a batch; --resume continues from "
-            "the last finished epoch."
+            "the last finished epoch. Under torchrun (torchrun --nproc_per_node N -m "
+            "ctscreen train ...) it trains with DistributedDataParallel on N processes; "
+            "--batch-size is then per process and rank 0 alone writes --out."
         ),
     )
     p.add_argument("--registry", type=Path, required=True, help="registry CSV (merged.csv)")
@@ -154,10 +157,15 @@ def run(args: argparse.Namespace) -> int:
         ConfigError: invalid options or an existing run without --resume.
         DatasetError: registry or key lists missing or inconsistent.
     """
+    from ..train.distributed import world_from_env
     from ..train.loop import train
     from .console import echo
 
     config = config_from_args(args)
+    world = world_from_env()
+    if not world.is_main:
+        # Rank 0 speaks for all processes; the others say only what went wrong.
+        logging.getLogger("ctscreen").setLevel(logging.ERROR)
     result = train(
         registry=args.registry,
         train_keys=args.train_keys,
@@ -171,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if result.interrupted:
         return EXIT_INTERRUPTED
+    if not world.is_main:
+        return EXIT_OK
     auc = result.best_val_roc_auc
     auc_text = f"{auc:.4f}" if math.isfinite(auc) else "undefined"
     print(f"run folder: {result.out_dir} ({result.last_epoch} epochs)")

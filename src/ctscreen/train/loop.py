@@ -28,10 +28,19 @@ Reproducibility: every epoch reseeds torch, numpy, random and the data-order
 generator from ``(seed, epoch)``, so a run resumed from ``last_state.pth`` draws
 the same batches and augmentations as an uninterrupted one; on CPU the metric
 history is then identical.
+
+Several processes (``torchrun --nproc_per_node N -m ctscreen train ...``): the
+model is wrapped in DistributedDataParallel, every process trains on its shard of
+one epoch sample that all draw alike (class balancing kept), the epoch's labels
+and predictions of all processes are gathered so that every metric, the best
+epoch and the threshold are those of the whole set, and rank 0 alone writes the
+run folder and prints. Augmentations differ per process (seeded by
+``(seed, epoch, rank)``). :mod:`ctscreen.train.distributed` holds the plumbing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -47,6 +56,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from ..card import CLASS_NAMES, ModelCard
@@ -57,9 +67,10 @@ from ..fileio import folder_bytes, format_bytes, json_safe, write_text_atomic
 from ..interrupts import (
     acknowledge_stop,
     interruptible,
-    raise_if_stop_requested,
+    leave_stops_to_parent,
     stop_requests,
 )
+from . import distributed as dist_lib
 from . import metrics as metrics_lib
 from . import plots
 from . import progress as progress_lib
@@ -93,6 +104,9 @@ VAL_CI_BOOT = 1000
 Echo = Callable[[str], None]
 #: Called after every training batch with ``(step, seconds of that batch)``.
 BatchHook = Callable[[int, float], None]
+#: Called after every optimisation step with ``(epoch, step, model)``; ``model`` is
+#: the plain network (not its DDP wrapper), e.g. to log weight norms.
+StepHook = Callable[[int, int, nn.Module], None]
 
 
 @dataclass(frozen=True)
@@ -210,7 +224,12 @@ def _make_loader(
     train: bool,
     generator: torch.Generator,
     device: torch.device,
+    world: dist_lib.World = dist_lib.SINGLE,
 ) -> DataLoader:
+    if world.distributed:
+        return _make_shard_loader(
+            dataset, config=config, train=train, generator=generator, device=device, world=world
+        )
     sampler = None
     shuffle = False
     n = len(dataset)
@@ -237,7 +256,67 @@ def _make_loader(
         pin_memory=device.type == "cuda",
         drop_last=drop_last,
         generator=generator,
+        worker_init_fn=leave_stops_to_parent,
     )
+
+
+def _make_shard_loader(
+    dataset: StudyDataset,
+    *,
+    config: TrainConfig,
+    train: bool,
+    generator: torch.Generator,
+    device: torch.device,
+    world: dist_lib.World,
+) -> DataLoader:
+    """A loader over this process's shard; call ``loader.sampler.set_epoch`` every epoch.
+
+    Every process gets a shard of the same length, so the same number of batches
+    (the last-batch-of-one rule below sees the same length everywhere).
+    """
+    sampler = dist_lib.ShardSampler(
+        dataset.labels,
+        world=world,
+        weighted=train and config.balance in ("sampler", "both"),
+        shuffle=train,
+        seed=config.seed,
+    )
+    n = len(sampler)
+    drop_last = train and n > config.batch_size and n % config.batch_size == 1
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=drop_last,
+        generator=generator,
+        worker_init_fn=leave_stops_to_parent,
+    )
+
+
+@dataclass(frozen=True)
+class EpochPass:
+    """What one pass over a loader gave in this process.
+
+    Attributes:
+        loss_sum: sum over studies of the batch-mean loss times the batch size.
+        seen: studies passed.
+        labels: 0/1 per study, in loader order.
+        probs: sigmoid of the logits (float64).
+        logits: the raw logits (float64).
+    """
+
+    loss_sum: float
+    seen: int
+    labels: np.ndarray
+    probs: np.ndarray
+    logits: np.ndarray
+
+    @property
+    def mean_loss(self) -> float:
+        """Mean loss per study."""
+        return self.loss_sum / self.seen
 
 
 def _run_epoch(
@@ -253,15 +332,21 @@ def _run_epoch(
     desc: str,
     progress: bool,
     on_batch: BatchHook | None = None,
-) -> tuple[float, np.ndarray, np.ndarray]:
+    on_step: Callable[[int], None] | None = None,
+    world: dist_lib.World = dist_lib.SINGLE,
+) -> EpochPass:
     """One pass over ``loader``; trains when ``optimizer`` is given.
 
     Args:
         on_batch: called after every batch with ``(step, seconds)``, the time of
             that batch (data loading included).
+        on_step: called with the step number after every optimisation step.
+        world: the processes training together; with several, a stop request is
+            acted on at the end of a batch once all processes know of it, never
+            inside a batch (whose gradient exchange the others would wait for).
 
     Returns:
-        ``(mean loss per study, labels, probabilities)``.
+        This process's :class:`EpochPass`.
     """
     from tqdm.auto import tqdm
 
@@ -270,13 +355,15 @@ def _run_epoch(
     total_loss, seen = 0.0, 0
     labels: list[np.ndarray] = []
     probs: list[np.ndarray] = []
+    logit_parts: list[np.ndarray] = []
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress)
     tick = time.perf_counter()
     with torch.set_grad_enabled(training):
         for step, (x, y) in enumerate(bar, start=1):
             # Ctrl-C stops within the batch's computation; elsewhere (loading, the
             # loader starting its workers) it waits for the next batch (interrupts.py).
-            with interruptible():
+            guard = contextlib.nullcontext() if world.distributed else interruptible()
+            with guard:
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True).view(-1, 1)
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
@@ -296,11 +383,14 @@ def _run_epoch(
                         nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                     scaler.step(optimizer)
                     scaler.update()
+            if training and on_step is not None:
+                on_step(step)
             batch = int(y.shape[0])
             total_loss += float(loss.detach()) * batch
             seen += batch
             labels.append(y.detach().view(-1).cpu().numpy())
             probs.append(torch.sigmoid(logits.detach().float()).view(-1).cpu().numpy())
+            logit_parts.append(logits.detach().float().view(-1).cpu().numpy())
             bar.set_postfix(loss=f"{total_loss / seen:.4f}")
             if training and step % config.log_every == 0:
                 log.debug("%s step %d: running loss %.4f", desc, step, total_loss / seen)
@@ -308,21 +398,78 @@ def _run_epoch(
             if on_batch is not None:
                 on_batch(step, now - tick)
             tick = now
+            if world.distributed and dist_lib.stop_agreed(world):
+                bar.close()
+                raise KeyboardInterrupt(f"stop requested, acted on by all {world.size} processes")
     bar.close()
     if seen == 0:
         raise DatasetError(f"the {desc} pass saw no study; check the split and the batch size.")
-    y_all = np.concatenate(labels).astype(int)
-    p_all = np.concatenate(probs).astype(np.float64)
-    return total_loss / seen, y_all, p_all
+    return EpochPass(
+        loss_sum=total_loss,
+        seen=seen,
+        labels=np.concatenate(labels).astype(int),
+        probs=np.concatenate(probs).astype(np.float64),
+        logits=np.concatenate(logit_parts).astype(np.float64),
+    )
+
+
+def combine_passes(
+    done: EpochPass,
+    indices: np.ndarray,
+    *,
+    world: dist_lib.World,
+    validation: bool,
+    pos_weight: float | None,
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """The loss, labels and probabilities of a pass over all processes, in every process.
+
+    Args:
+        done: this process's pass.
+        indices: the dataset index of each of its studies, in loader order.
+        world: the processes training together.
+        validation: each study counts once (shard padding repeats some), in
+            dataset order, and the loss is recomputed over exactly those; else
+            (a training epoch) everything drawn counts and the loss is the
+            study-weighted mean over the processes.
+        pos_weight: of the loss, for the validation loss.
+
+    Returns:
+        ``(mean loss per study, labels, probabilities)``.
+    """
+    if not world.distributed:
+        return done.mean_loss, done.labels, done.probs
+    part = {
+        "index": np.asarray(indices, dtype=np.int64),
+        "label": done.labels,
+        "prob": done.probs,
+        "logit": done.logits,
+        "loss_sum": np.full(done.seen, done.loss_sum / done.seen),
+    }
+    merged = dist_lib.merge_parts(dist_lib.gather_parts(part, world), dedupe=validation)
+    if validation:
+        weight = None if pos_weight is None else torch.tensor([pos_weight], dtype=torch.float64)
+        loss = F.binary_cross_entropy_with_logits(
+            torch.from_numpy(merged["logit"]),
+            torch.from_numpy(merged["label"].astype(np.float64)),
+            pos_weight=weight,
+        )
+        return float(loss), merged["label"], merged["prob"]
+    return float(merged["loss_sum"].mean()), merged["label"], merged["prob"]
 
 
 def _write_split_outputs(
-    folder: Path, split: str, y: np.ndarray, p: np.ndarray, *, threshold: float, epoch: int
-) -> dict[str, float]:
-    """Confusion matrix PNG and classification report of one split; returns its metrics."""
+    folder: Path,
+    split: str,
+    y: np.ndarray,
+    p: np.ndarray,
+    values: dict[str, float],
+    *,
+    threshold: float,
+    epoch: int,
+) -> None:
+    """Confusion matrix PNG and classification report of one split (``values``: its metrics)."""
     from sklearn.metrics import classification_report
 
-    values = metrics_lib.binary_metrics(y, p, threshold)
     counts = {k: int(values[k]) for k in ("tp", "fp", "tn", "fn")}
     plots.plot_confusion_matrix(
         counts,
@@ -343,7 +490,6 @@ def _write_split_outputs(
         f"sensitivity {values['sensitivity']:.4f}  specificity {values['specificity']:.4f}\n\n"
     )
     write_text_atomic(folder / f"{split}_report.txt", header + report)
-    return values
 
 
 def _check_run_folder(out_dir: Path, resume: bool) -> bool:
@@ -400,6 +546,21 @@ def _state_payload(
     }
 
 
+def _loader_indices(loader: DataLoader) -> np.ndarray:
+    """The dataset indices a sharded loader visits this epoch, in order (as batched)."""
+    sampler = loader.sampler
+    if not isinstance(sampler, dist_lib.ShardSampler):
+        return np.arange(0)
+    indices = sampler.indices()
+    if loader.drop_last and loader.batch_size:
+        indices = indices[: len(indices) // loader.batch_size * loader.batch_size]
+    return indices
+
+
+def _per_process(world: dist_lib.World) -> str:
+    return f" per process ({world.size} processes)" if world.distributed else ""
+
+
 def _n_validated(start: int, config: TrainConfig) -> int:
     last = config.epochs
     return sum(1 for e in range(start, last + 1) if e % config.val_every == 0 or e == last)
@@ -416,6 +577,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     echo: Echo | None = None,
+    after_step: StepHook | None = None,
 ) -> TrainResult:
     """Train r3d_18 on the train keys, validate on the val keys, write a run folder.
 
@@ -430,6 +592,15 @@ def train(
     now when ``config.resume_state`` is ``"on_interrupt"``), and the function
     returns with ``interrupted=True``; ``resume=True`` continues from there.
 
+    Launched by ``torchrun`` with ``WORLD_SIZE`` > 1, every process calls this:
+    they join one process group (NCCL on CUDA, each on ``cuda:LOCAL_RANK``; gloo
+    on the CPU), train the model under DistributedDataParallel on their shards
+    (``config.batch_size`` studies per process and step), compute every metric on
+    the whole set, and rank 0 alone builds the cache (the others wait), writes
+    the run folder and echoes; the group is left at the end, also on errors and
+    Ctrl-C. A stop request is then acted on at the end of a batch, when all
+    processes know of it. A group the caller started is used and left running.
+
     Args:
         registry: registry frame or CSV path (``study_key``, ``path``, ``path_type``,
             ``label``; ``dataset`` is summarised when present).
@@ -443,7 +614,9 @@ def train(
         resume: continue from ``out_dir/last_state.pth`` at the next epoch.
         progress: draw tqdm bars on stderr.
         echo: receives the lines meant for the user (estimate, epoch lines, disk
-            use); default: this module's logger at INFO level.
+            use); default: this module's logger at INFO level. Rank 0 only.
+        after_step: called after every optimisation step with ``(epoch, step,
+            model)`` (the plain network, in every process).
 
     Returns:
         A :class:`TrainResult`.
@@ -456,11 +629,50 @@ def train(
         WeightsError: an unreadable Kinetics weight file.
     """
     from ..hardware import select_device
+
+    world = dist_lib.world_from_env()
+    device = dist_lib.process_device(world, select_device(config.device))
+    with dist_lib.process_group(world, device):
+        return _train(
+            registry=registry,
+            train_keys=train_keys,
+            val_keys=val_keys,
+            out_dir=Path(out_dir),
+            config=config,
+            cache_dir=cache_dir,
+            resume=resume,
+            progress=progress and world.is_main,
+            say=(echo if echo is not None else log.info) if world.is_main else _silent,
+            after_step=after_step,
+            world=world,
+            device=device,
+        )
+
+
+def _silent(line: str) -> None:
+    """The echo of every process but rank 0."""
+
+
+def _train(
+    *,
+    registry: pd.DataFrame | Path | str,
+    train_keys: Sequence[str] | Path | str,
+    val_keys: Sequence[str] | Path | str,
+    out_dir: Path,
+    config: TrainConfig,
+    cache_dir: Path | str | None,
+    resume: bool,
+    progress: bool,
+    say: Echo,
+    after_step: StepHook | None,
+    world: dist_lib.World,
+    device: torch.device,
+) -> TrainResult:
+    """The body of :func:`train`, within the process group."""
     from ..model import build_model
     from ..weights import save_checkpoint
 
-    say: Echo = echo if echo is not None else log.info
-    out_dir = Path(out_dir)
+    main = world.is_main
     state_path = out_dir / STATE_NAME
     frame = read_registry_arg(registry)
     train_rows = select_rows(frame, read_keys_arg(train_keys), what="train")
@@ -471,18 +683,24 @@ def train(
             f"{len(overlap)} studies are in both the train and the val list "
             f"(e.g. {sorted(overlap)[0]!r}); make the split again."
         )
-    resuming = _check_run_folder(out_dir, resume)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Rank 0's run folder decides for all (other machines may not see it).
+    resuming = dist_lib.run_on_main(lambda: _check_run_folder(out_dir, resume), world)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     dropped: list[str] = []
     if cache_dir is not None:
+        both_rows = pd.concat([train_rows, val_rows], ignore_index=True)
         try:
-            report = cache_lib.build_cache(
-                pd.concat([train_rows, val_rows], ignore_index=True),
-                cache_dir,
-                config.preprocess,
-                workers=max(1, config.num_workers),
-                progress=progress,
+            report = dist_lib.run_on_main(
+                lambda: cache_lib.build_cache(
+                    both_rows,
+                    cache_dir,
+                    config.preprocess,
+                    workers=max(1, config.num_workers),
+                    progress=progress,
+                ),
+                world,
             )
         except KeyboardInterrupt:
             say(
@@ -504,16 +722,13 @@ def train(
         raise DatasetError("the validation set is empty; give val keys of readable studies.")
     if val_rows["label"].nunique() < 2:
         log.warning("the validation set holds one class only: ROC-AUC is undefined (nan)")
-    writer = _open_tensorboard(out_dir) if config.tensorboard else None
+    writer = _open_tensorboard(out_dir) if config.tensorboard and main else None
 
-    device = select_device(config.device)
     use_amp = bool(config.amp and device.type == "cuda")
     seed_everything(config.seed)
     kinetics = Path(config.kinetics_weights) if config.kinetics_weights else None
-    model = build_model(kinetics_weights=kinetics).to(device)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
+    net = build_model(kinetics_weights=kinetics).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     pos_weight = None
     if config.balance in ("loss", "both"):
@@ -524,7 +739,8 @@ def train(
     best_score, best_epoch = -math.inf, None
     start_epoch = 1
     if resuming:
-        state = load_train_state(state_path)
+        # Read by rank 0 and sent to the others: its folder need not be shared.
+        state = dist_lib.run_on_main(lambda: load_train_state(state_path), world)
         saved = TrainConfig.from_dict(state["config"])
         if saved.preprocess != config.preprocess:
             raise ConfigError(
@@ -535,7 +751,7 @@ def train(
         changed = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
         if changed:
             log.warning("resuming with changed options: %s", ", ".join(changed))
-        model.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -545,19 +761,23 @@ def train(
         best_epoch = state["best_epoch"]
         start_epoch = int(state["epoch"]) + 1
         say(f"resuming {out_dir} at epoch {start_epoch}")
-    write_text_atomic(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+    # DDP starts every process from rank 0's weights (the same anyway: seed or resume state).
+    model = dist_lib.wrap(net, world, device)
+    if main:
+        write_text_atomic(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
 
     transform = augment_volume if config.augment else None
+    # Only rank 0 fills missing cache entries; the others decode what they miss.
     train_set = StudyDataset(
-        train_rows, config.preprocess, cache_dir=cache_dir, transform=transform
+        train_rows, config.preprocess, cache_dir=cache_dir, transform=transform, fill_cache=main
     )
-    val_set = StudyDataset(val_rows, config.preprocess, cache_dir=cache_dir)
+    val_set = StudyDataset(val_rows, config.preprocess, cache_dir=cache_dir, fill_cache=main)
     generator = torch.Generator()
     train_loader = _make_loader(
-        train_set, config=config, train=True, generator=generator, device=device
+        train_set, config=config, train=True, generator=generator, device=device, world=world
     )
     val_loader = _make_loader(
-        val_set, config=config, train=False, generator=generator, device=device
+        val_set, config=config, train=False, generator=generator, device=device, world=world
     )
     data_summary = training_data_summary(train_rows, val_rows, dropped, config.seed)
     epochs_left = max(config.epochs - start_epoch + 1, 0)
@@ -565,11 +785,11 @@ def train(
         f"training on {device}: {len(train_rows)} train studies ({n_pos} with pathology), "
         f"{len(val_rows)} val, input {'x'.join(map(str, config.preprocess.shape))}, "
         f"{epochs_left} epoch(s) of {len(train_loader)} train + {len(val_loader)} val "
-        f"batches, balance={config.balance}"
+        f"batches{_per_process(world)}, balance={config.balance}"
         + (f" (pos_weight {n_neg / n_pos:.3f})" if pos_weight is not None else "")
     )
     plan = progress_lib.disk_plan(
-        sum(v.numel() for v in model.state_dict().values()),
+        sum(v.numel() for v in net.state_dict().values()),
         epochs=epochs_left,
         save_every_epoch=config.save_every_epoch,
         state_on_interrupt=config.resume_state == "on_interrupt",
@@ -604,13 +824,18 @@ def train(
     epoch_seconds: list[float] = []
     snapshot: dict[str, Any] | None = None
     interrupted = False
+    pos_weight_value = float(pos_weight.item()) if pos_weight is not None else None
     with stop_requests():
         try:
             for epoch in range(start_epoch, config.epochs + 1):
                 started = time.perf_counter()
                 epoch_seed = _epoch_seed(config.seed, epoch)
-                seed_everything(epoch_seed)
-                generator.manual_seed(epoch_seed)
+                # Each process its own augmentations; the data order is shared (samplers).
+                seed_everything(epoch_seed + world.rank)
+                generator.manual_seed(epoch_seed + world.rank)
+                for loader in (train_loader, val_loader):
+                    if isinstance(loader.sampler, dist_lib.ShardSampler):
+                        loader.sampler.set_epoch(epoch_seed)
                 lr = learning_rate(epoch, config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -620,37 +845,64 @@ def train(
                     "use_amp": use_amp,
                     "config": config,
                     "progress": progress,
+                    "world": world,
                 }
-                train_loss, y_tr, p_tr = _run_epoch(
+                step_hook = (
+                    None
+                    if after_step is None
+                    else lambda step, epoch=epoch: after_step(epoch, step, net)
+                )
+                train_pass = _run_epoch(
                     model,
                     train_loader,
                     optimizer=optimizer,
                     scaler=scaler,
                     desc=f"epoch {epoch}/{config.epochs} train",
                     on_batch=None if estimated else time_first_batches,
+                    on_step=step_hook,
                     **common,
                 )
+                train_loss, y_tr, p_tr = combine_passes(
+                    train_pass,
+                    _loader_indices(train_loader),
+                    world=world,
+                    validation=False,
+                    pos_weight=pos_weight_value,
+                )
+                # Validation and the saved weights use rank 0's batch norm statistics.
+                dist_lib.sync_buffers(net, world)
                 folder = out_dir / "epochs" / f"epoch_{epoch:03d}"
                 row: dict[str, float] = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
-                tr = _write_split_outputs(
-                    folder, "train", y_tr, p_tr, threshold=config.threshold, epoch=epoch
-                )
+                tr = metrics_lib.binary_metrics(y_tr, p_tr, config.threshold)
+                if main:
+                    _write_split_outputs(
+                        folder, "train", y_tr, p_tr, tr, threshold=config.threshold, epoch=epoch
+                    )
                 row.update({f"train_{m}": float(tr[m]) for m in EPOCH_METRICS})
                 validate = epoch % config.val_every == 0 or epoch == config.epochs
                 va: dict[str, float] = {}
                 ci = (math.nan, math.nan)
                 if validate:
-                    val_loss, y_va, p_va = _run_epoch(
-                        model,
+                    val_pass = _run_epoch(
+                        net,
                         val_loader,
                         optimizer=None,
                         scaler=None,
                         desc=f"epoch {epoch}/{config.epochs} val",
                         **common,
                     )
-                    va = _write_split_outputs(
-                        folder, "val", y_va, p_va, threshold=config.threshold, epoch=epoch
+                    val_loss, y_va, p_va = combine_passes(
+                        val_pass,
+                        _loader_indices(val_loader),
+                        world=world,
+                        validation=True,
+                        pos_weight=pos_weight_value,
                     )
+                    va = metrics_lib.binary_metrics(y_va, p_va, config.threshold)
+                    if main:
+                        _write_split_outputs(
+                            folder, "val", y_va, p_va, va, threshold=config.threshold, epoch=epoch
+                        )
                     row["val_loss"] = val_loss
                     ci = metrics_lib.bootstrap_ci(
                         y_va, p_va, metrics_lib.roc_auc, n_boot=VAL_CI_BOOT, seed=epoch
@@ -676,36 +928,39 @@ def train(
                 score = row["val_roc_auc"]
                 score = score if math.isfinite(score) else -math.inf
                 is_best = validate and (best_epoch is None or score > best_score)
-                if config.save_every_epoch:
+                if main and config.save_every_epoch:
                     weights_path = folder / "weights.pth"
-                    save_checkpoint(weights_path, model, card)
+                    save_checkpoint(weights_path, net, card)
                     if is_best:
                         link_or_copy(weights_path, out_dir / BEST_NAME)
-                elif is_best:
-                    save_checkpoint(out_dir / BEST_NAME, model, card)
+                elif main and is_best:
+                    save_checkpoint(out_dir / BEST_NAME, net, card)
                 if is_best:
                     best_score, best_epoch = score, epoch
 
-                # The resume state first, the history after: a Ctrl-C between the two
-                # leaves a state that knows the epoch, never a history ahead of the state.
-                payload = _state_payload(
-                    epoch=epoch,
-                    model=model,
-                    optimizer=optimizer,
-                    scaler=scaler,
-                    use_amp=use_amp,
-                    best_score=best_score,
-                    best_epoch=best_epoch,
-                    history=[*history, row],
-                    config=config,
-                )
-                if config.resume_state == "every_epoch":
-                    save_train_state(state_path, payload)
-                else:
-                    snapshot = payload
                 history.append(row)
-                write_history(out_dir, history)
-                plots.plot_learning_curves(out_dir / "metrics.csv", out_dir / "learning_curves.png")
+                if main:
+                    # The resume state first, the history after: a Ctrl-C between the two
+                    # leaves a state that knows the epoch, never a history ahead of the state.
+                    payload = _state_payload(
+                        epoch=epoch,
+                        model=net,
+                        optimizer=optimizer,
+                        scaler=scaler,
+                        use_amp=use_amp,
+                        best_score=best_score,
+                        best_epoch=best_epoch,
+                        history=history,
+                        config=config,
+                    )
+                    if config.resume_state == "every_epoch":
+                        save_train_state(state_path, payload)
+                    else:
+                        snapshot = payload
+                    write_history(out_dir, history)
+                    plots.plot_learning_curves(
+                        out_dir / "metrics.csv", out_dir / "learning_curves.png"
+                    )
                 if writer is not None:
                     for key, value in row.items():
                         if key != "epoch" and math.isfinite(value):
@@ -719,7 +974,9 @@ def train(
                         row, epochs=config.epochs, eta_seconds=eta, best=is_best
                     )
                 )
-                raise_if_stop_requested()  # one that came while the epoch was recorded
+                # One that came while the epoch was recorded (all processes at once).
+                if dist_lib.stop_agreed(world):
+                    raise KeyboardInterrupt("stop requested")
         except KeyboardInterrupt:
             acknowledge_stop()
             interrupted = True
@@ -738,12 +995,13 @@ def train(
         finally:
             if writer is not None:
                 writer.close()
-    if not interrupted and config.resume_state == "on_interrupt" and state_path.exists():
+    if main and not interrupted and config.resume_state == "on_interrupt" and state_path.exists():
         # A state left by an earlier Ctrl-C describes an epoch this run has passed.
         state_path.unlink()
 
     best_path = out_dir / BEST_NAME
-    say(f"{out_dir} holds {format_bytes(folder_bytes(out_dir))}")
+    if main:
+        say(f"{out_dir} holds {format_bytes(folder_bytes(out_dir))}")
     return TrainResult(
         out_dir=out_dir,
         best_path=best_path if best_path.exists() else None,
