@@ -143,17 +143,16 @@ def read_input(row: Mapping[str, Any], *, settings: ReadSettings) -> list[dict[s
         and the pickled :class:`~ctscreen.pipeline.PreparedStudy`.
     """
     work_root = Path(tempfile.mkdtemp(prefix="ctscreen-ray-"))
+    out = []
     try:
-        items = [
-            _as_given(item, row["given"], row["path"])
-            for item in prepare(row["path"], settings, work_root=work_root)
-        ]
+        # Each study is pickled as it comes, so an input of many studies holds one
+        # unpickled network input at a time.
+        for item in prepare(row["path"], settings, work_root=work_root):
+            blob = pickle.dumps(_as_given(item, row["given"], row["path"]), protocol=5)
+            out.append({"input_index": row["input_index"], "prepared": blob})
     finally:
         shutil.rmtree(work_root, ignore_errors=True)
-    return [
-        {"input_index": row["input_index"], "prepared": pickle.dumps(item, protocol=5)}
-        for item in items
-    ]
+    return out
 
 
 class ScoreStage:
