@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..engines import ENGINES
 from .exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 from .types import add_runtime_arguments, positive_float, positive_int, probability
 
@@ -80,8 +81,8 @@ def add_parser(subparsers: Any) -> None:
     engine = p.add_argument_group("engine (where the studies are scored)")
     engine.add_argument(
         "--engine",
-        choices=["local", "ray"],
-        default="local",
+        choices=ENGINES,
+        default=ENGINES[0],
         help="local (default): in this process; ray: on a Ray cluster with Ray Data, reading "
         'as CPU tasks and one model per scoring worker (needs pip install "ctscreen[ray]")',
     )
