@@ -39,13 +39,13 @@ def _sync(device) -> None:  # noqa: ANN001
 def read_rate(inputs: list[Path], config, readers: int) -> float:  # noqa: ANN001
     """Studies per second of reading alone."""
     from ctscreen.config import SelectionConfig
-    from ctscreen.pipeline import prepare_inputs
+    from ctscreen.pipeline import ReadSettings, prepare_inputs
 
     t = time.perf_counter()
     n = sum(
         job.array is not None
         for job in prepare_inputs(
-            inputs, config=config, selection=SelectionConfig(), readers=readers
+            inputs, ReadSettings(config=config, selection=SelectionConfig()), readers=readers
         )
     )
     return n / (time.perf_counter() - t)

@@ -71,6 +71,12 @@ class ConfigError(CtscreenError):
     code = "CONFIG"
 
 
+class MissingExtraError(ConfigError):
+    """An option needs an optional extra (``pip install "ctscreen[NAME]"``) not installed here."""
+
+    code = "MISSING_EXTRA"
+
+
 class DatasetError(CtscreenError):
     """A dataset root, registry or split file is missing or inconsistent."""
 

@@ -360,41 +360,80 @@ def with_deadline(
         stop.set()
 
 
+@dataclass(frozen=True, kw_only=True)
+class ReadSettings:
+    """Everything the reading stage needs to turn an input into network inputs; no model.
+
+    :meth:`ctscreen.Screener.read_settings` gives the settings of a loaded model, so
+    a process that only reads (a Ray reading task) prepares studies exactly as the
+    scorer would.
+
+    Attributes:
+        config: the model card's preprocessing (HU window, input shape).
+        selection: series selection rules.
+        all_series: one item per eligible series instead of the chosen one only.
+        warnings: model warnings that every item carries first.
+        study_timeout: seconds an input may take per study before it becomes a
+            failure item (None: no limit).
+        keep_volume: keep the HU volume on each item (for pictures at full resolution).
+    """
+
+    config: PreprocessConfig
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    all_series: bool = False
+    warnings: tuple[str, ...] = ()
+    study_timeout: float | None = None
+    keep_volume: bool = False
+
+
+def prepare(
+    input_path: Path | str, settings: ReadSettings, *, work_root: Path | None = None
+) -> Iterator[PreparedStudy]:
+    """The reading stage for one input: its studies, read and preprocessed, in order.
+
+    Every study in gives an item out (an unreadable one has ``error`` set), and an
+    input whose next study takes longer than ``settings.study_timeout`` gives a
+    failure item (:func:`with_deadline`). Temporary folders go under ``work_root``.
+
+    Example:
+        >>> settings = ReadSettings(config=PreprocessConfig())
+        >>> [item.error for item in prepare("missing.zip", settings)]  # doctest: +SKIP
+    """
+    path = Path(input_path)
+
+    def make() -> Iterator[PreparedStudy]:
+        return prepare_input(
+            path,
+            config=settings.config,
+            selection=settings.selection,
+            all_series=settings.all_series,
+            warnings=settings.warnings,
+            work_root=work_root,
+            keep_volume=settings.keep_volume,
+        )
+
+    return with_deadline(
+        make, input_path=path, limit=settings.study_timeout, warnings=settings.warnings
+    )
+
+
 def prepare_inputs(
     inputs: Sequence[Path],
+    settings: ReadSettings,
     *,
-    config: PreprocessConfig,
-    selection: SelectionConfig,
-    all_series: bool = False,
-    warnings: tuple[str, ...] = (),
     readers: int = 1,
-    study_timeout: float | None = None,
     work_root: Path | None = None,
-    keep_volume: bool = False,
 ) -> Iterator[PreparedStudy]:
-    """:func:`prepare_input` for every input, in input order.
+    """:func:`prepare` for every input, in input order.
 
     With ``readers`` above 1, that many inputs are read at once in threads
     (decoding and resizing release the GIL; header parsing takes turns), each
     input's studies are kept until their turn comes, and at most ``readers``
-    inputs are in flight. With ``study_timeout``, an input whose next study takes
-    longer than that many seconds gives a failure item and the run goes on
-    (:func:`with_deadline`); temporary folders go under ``work_root``.
+    inputs are in flight. Temporary folders go under ``work_root``.
     """
 
     def one(path: Path) -> Iterator[PreparedStudy]:
-        def make() -> Iterator[PreparedStudy]:
-            return prepare_input(
-                Path(path),
-                config=config,
-                selection=selection,
-                all_series=all_series,
-                warnings=warnings,
-                work_root=work_root,
-                keep_volume=keep_volume,
-            )
-
-        return with_deadline(make, input_path=Path(path), limit=study_timeout, warnings=warnings)
+        return prepare(path, settings, work_root=work_root)
 
     if readers <= 1 or len(inputs) <= 1:
         for input_path in inputs:

@@ -113,12 +113,11 @@ def read_studies(
     entries = sorted(folder.rglob("*.npy"))
     if entries:
         return _read_cache(folder, entries[:limit], config)
-    from .pipeline import prepare_inputs
+    from .pipeline import ReadSettings, prepare_inputs
 
+    settings = ReadSettings(config=config, selection=selection or SelectionConfig())
     arrays, names, uids, failed = [], [], [], []
-    for item in prepare_inputs(
-        _study_inputs(folder), config=config, selection=selection or SelectionConfig()
-    ):
+    for item in prepare_inputs(_study_inputs(folder), settings):
         if item.array is None:
             failed.append(f"{item.location}: {item.error}")
             continue

@@ -1,4 +1,4 @@
-"""The result table: rows -> one DataFrame -> an .xlsx, .csv or .json file.
+"""The result table: rows -> one DataFrame -> an .xlsx, .csv, .json or .parquet file.
 
 The first seven columns and their names are fixed by the task statement::
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 
-from .errors import ConfigError
+from .errors import ConfigError, MissingExtraError
 from .fileio import write_atomic
 from .results import FAILURE, STATUSES, SUCCESS, StudyResult
 
@@ -76,6 +76,8 @@ class OutputFormat(str, enum.Enum):
     XLSX = "xlsx"
     CSV = "csv"
     JSON = "json"
+    #: Columnar, for large runs; needs pyarrow (it comes with ``ctscreen[ray]``).
+    PARQUET = "parquet"
 
     @classmethod
     def from_path(cls, path: Path | str) -> OutputFormat:
@@ -92,6 +94,21 @@ class OutputFormat(str, enum.Enum):
                 f"cannot write a table to {path}: unknown suffix {Path(path).suffix!r}; "
                 f"end the file name with one of {', '.join('.' + f for f in OUTPUT_FORMATS)}."
             ) from None
+
+    def require_writer(self) -> None:
+        """Check that this format can be written here (Parquet needs pyarrow).
+
+        Raises:
+            MissingExtraError: the format's library is not installed.
+        """
+        if self is OutputFormat.PARQUET:
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError as exc:
+                raise MissingExtraError(
+                    "a .parquet table needs pyarrow, which is not installed here; install it "
+                    'with: pip install "ctscreen[ray]" (or pip install pyarrow).'
+                ) from exc
 
 
 #: Suffixes for CLI ``choices=``; the first is the default.
@@ -365,13 +382,17 @@ def _write_json(frame: pd.DataFrame, tmp: Path) -> None:
     tmp.write_text(text + "\n", encoding="utf-8")
 
 
+def _write_parquet(frame: pd.DataFrame, tmp: Path) -> None:
+    frame.to_parquet(tmp, index=False, engine="pyarrow")
+
+
 def _write_run_json(run_info: Mapping[str, Any], tmp: Path) -> None:
     text = json.dumps(dict(run_info), ensure_ascii=False, indent=2, default=str)
     tmp.write_text(text + "\n", encoding="utf-8")
 
 
 def run_info_path(path: Path) -> Path:
-    """Where run information goes beside a .csv or .json table (``<name>.run.json``)."""
+    """Where run information goes beside a .csv, .json or .parquet table (``<name>.run.json``)."""
     return path.with_name(path.stem + ".run.json")
 
 
@@ -383,8 +404,8 @@ def write_table(
     Args:
         frame: the table from :func:`rows_to_frame`.
         path: ``.xlsx`` (sheet "results", plus sheet "run" with ``run_info``),
-            ``.csv`` or ``.json`` (a list of records). For .csv and .json,
-            ``run_info`` goes to ``<name>.run.json`` beside the table.
+            ``.csv``, ``.json`` (a list of records) or ``.parquet``. For the formats
+            other than .xlsx, ``run_info`` goes to ``<name>.run.json`` beside the table.
         run_info: key/value facts about the run (ctscreen version, model sha256,
             threshold, device, start time, ...).
 
@@ -393,14 +414,20 @@ def write_table(
 
     Raises:
         ConfigError: the suffix is unknown, or the folder cannot be written.
+        MissingExtraError: a .parquet table without pyarrow.
     """
     path = Path(path)
     fmt = OutputFormat.from_path(path)
+    fmt.require_writer()
     try:
         if fmt is OutputFormat.XLSX:
             write_atomic(path, lambda tmp: _write_xlsx(frame, run_info, tmp))
         else:
-            writer = _write_csv if fmt is OutputFormat.CSV else _write_json
+            writer = {
+                OutputFormat.CSV: _write_csv,
+                OutputFormat.JSON: _write_json,
+                OutputFormat.PARQUET: _write_parquet,
+            }[fmt]
             write_atomic(path, lambda tmp: writer(frame, tmp))
             if run_info:
                 write_atomic(run_info_path(path), lambda tmp: _write_run_json(run_info, tmp))

@@ -25,20 +25,37 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any, Protocol
 
 from .errors import ConfigError
 from .interrupts import interruptible, raise_if_stop_requested, stop_requests
 from .report import OutputFormat, ResultRow, result_rows, rows_to_frame, run_info_path, write_table
 from .results import StudyResult
 
-if TYPE_CHECKING:
-    from .screener import Screener
-
 log = logging.getLogger(__name__)
+
+
+class Scorer(Protocol):
+    """What a table run needs of a scorer: :class:`ctscreen.Screener` in this process,
+    or :class:`ctscreen.engines.ray_engine.RayScorer` on a Ray cluster."""
+
+    def score(
+        self,
+        inputs: Sequence[Path | str],
+        *,
+        keep_image: bool = False,
+        keep_volume: bool = False,
+    ) -> Generator[StudyResult, None, None]:
+        """One result per study of ``inputs``, in input order."""
+        ...
+
+    def run_info(self) -> dict[str, Any]:
+        """Plain facts about the scorer for the table's ``run`` sheet."""
+        ...
+
 
 JOURNAL_SUFFIX = ".journal.jsonl"
 
@@ -57,7 +74,7 @@ def check_output_path(path: Path | str, *, overwrite: bool = False, resume: bool
     """Check, before anything is scored, that the result table can be written at ``path``.
 
     Args:
-        path: the table to write (``.xlsx``, ``.csv`` or ``.json``).
+        path: the table to write (``.xlsx``, ``.csv``, ``.json`` or ``.parquet``).
         overwrite: an existing table (and journal) may be replaced.
         resume: the run continues an unfinished one, whose partial table may exist.
 
@@ -68,9 +85,10 @@ def check_output_path(path: Path | str, *, overwrite: bool = False, resume: bool
         ConfigError: an unknown suffix, a folder where the file should be, a parent
             that is missing, not a folder or not writable, or an existing table
             without ``overwrite``/``resume``.
+        MissingExtraError: a ``.parquet`` table without pyarrow.
     """
     path = Path(path)
-    OutputFormat.from_path(path)
+    OutputFormat.from_path(path).require_writer()
     if path.is_dir():
         raise ConfigError(
             f"the output {path} is a folder; name a file in it, e.g. {path / 'results.xlsx'}."
@@ -243,7 +261,7 @@ class RunOutcome:
 
 
 def score_to_table(
-    screener: Screener,
+    screener: Scorer,
     inputs: Sequence[Path | str],
     *,
     output: Path | str,
@@ -258,7 +276,7 @@ def score_to_table(
     """Score ``inputs`` into the table at ``output``, journaling rows as they finish.
 
     Args:
-        screener: the loaded model.
+        screener: the loaded model (a :class:`ctscreen.Screener`, or a scorer on Ray).
         inputs: zip archives, folders or files, in table order.
         output: the table (.xlsx, .csv or .json).
         mode: row layout, ``study``, ``series`` or ``slice`` (see

@@ -18,7 +18,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,14 @@ from .config import PreprocessConfig, SelectionConfig
 from .errors import ConfigError
 from .explain import localization_box, slice_scores
 from .hardware import default_batch_size, default_readers, select_device
-from .pipeline import STUDY_TIMEOUT_S, PreparedStudy, batches, prefetched, prepare_inputs
+from .pipeline import (
+    STUDY_TIMEOUT_S,
+    PreparedStudy,
+    ReadSettings,
+    batches,
+    prefetched,
+    prepare_inputs,
+)
 from .results import StudyResult, sigmoid
 from .weights import LoadedModel, load_checkpoint
 
@@ -42,6 +49,38 @@ log = logging.getLogger(__name__)
 
 #: ``study``: one result per study (its chosen series); ``series``: one per eligible series.
 MODES: tuple[str, ...] = ("study", "series")
+
+
+def model_warnings(loaded: LoadedModel) -> tuple[str, ...]:
+    """Sentences about a model that every result scored with it carries (a legacy
+    file, a model trained on synthetic data or at another input shape)."""
+    return loaded.warnings + loaded.card.caveats()
+
+
+def read_settings(
+    loaded: LoadedModel,
+    *,
+    mode: str = "study",
+    min_slices: int = 16,
+    study_timeout: float | None = STUDY_TIMEOUT_S,
+    keep_volume: bool = False,
+) -> ReadSettings:
+    """How inputs are read for ``loaded``, without a backend: what a process that only
+    reads (a Ray reading task) needs to prepare studies exactly as :class:`Screener`.
+
+    Raises:
+        ConfigError: an unknown ``mode``.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, not {mode!r}.")
+    return ReadSettings(
+        config=loaded.card.preprocess,
+        selection=SelectionConfig(min_slices=min_slices),
+        all_series=mode == "series",
+        warnings=model_warnings(loaded),
+        study_timeout=study_timeout,
+        keep_volume=keep_volume,
+    )
 
 
 class Screener:
@@ -147,7 +186,7 @@ class Screener:
     def warnings(self) -> tuple[str, ...]:
         """Sentences about the model that every result carries (a legacy file, a model
         trained on synthetic data or at another input shape)."""
-        return self.loaded.warnings + self.card.caveats()
+        return model_warnings(self.loaded)
 
     def run_info(self) -> dict[str, Any]:
         """Plain facts about this scorer for reports (the table's ``run`` sheet)."""
@@ -189,14 +228,31 @@ class Screener:
             )
         return self.engine.run(np.ascontiguousarray(batch, dtype=np.float32)[:, None])
 
+    def read_settings(self, *, keep_volume: bool = False) -> ReadSettings:
+        """How this scorer reads inputs (the first stage of :meth:`score`), for
+        :func:`ctscreen.pipeline.prepare` in another thread or process."""
+        return read_settings(
+            self.loaded,
+            mode=self.mode,
+            min_slices=self.selection.min_slices,
+            study_timeout=self.study_timeout,
+            keep_volume=keep_volume,
+        )
+
     def score(
         self,
         inputs: Sequence[Path | str],
         *,
         keep_image: bool = False,
         keep_volume: bool = False,
-    ) -> Iterator[StudyResult]:
+    ) -> Generator[StudyResult, None, None]:
         """Score every study of every input.
+
+        The two stages are public: :func:`ctscreen.pipeline.prepare` reads an input
+        into prepared studies (with :meth:`read_settings`), and
+        :meth:`score_prepared` runs the network on a group of them. This method
+        chains them with a bounded read-ahead; the Ray engine spreads them over a
+        cluster.
 
         Args:
             inputs: zip archives, folders, DICOM files or NIfTI files, in order.
@@ -215,27 +271,34 @@ class Screener:
         items = prefetched(
             prepare_inputs(
                 [Path(p) for p in inputs],
-                config=self.config,
-                selection=self.selection,
-                all_series=self.mode == "series",
-                warnings=self.warnings,
+                self.read_settings(keep_volume=keep_volume),
                 readers=self.readers,
-                study_timeout=self.study_timeout,
                 work_root=work_root,
-                keep_volume=keep_volume,
             ),
             self.prefetch,
         )
         try:
             for group in batches(items, self.batch_size):
-                yield from self._score_group(group, keep_image=keep_image)
+                yield from self.score_prepared(group, keep_image=keep_image)
         finally:
             items.close()
             shutil.rmtree(work_root, ignore_errors=True)
 
-    def _score_group(
-        self, group: list[PreparedStudy], *, keep_image: bool
+    def score_prepared(
+        self, group: Sequence[PreparedStudy], *, keep_image: bool = False
     ) -> Iterator[StudyResult]:
+        """The model stage: one result per prepared study of ``group``, in order.
+
+        The studies that were read are scored in one forward pass (so ``group``
+        should hold at most :attr:`batch_size` of them); one that failed to read
+        gives its failure result. Each item's arrays are dropped once its result
+        is made.
+
+        Args:
+            group: items from :func:`ctscreen.pipeline.prepare`, read with this
+                scorer's :meth:`read_settings`.
+            keep_image: attach the network input to each result.
+        """
         scorable = [item for item in group if item.array is not None]
         outputs: dict[int, tuple[float, np.ndarray]] = {}
         share = 0.0

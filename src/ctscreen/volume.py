@@ -61,6 +61,15 @@ class Volume:
     warnings: tuple[str, ...] = field(default_factory=tuple)
     source: str = ""
 
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        # A volume without voxels (one value broadcast over the shape, as
+        # ``pipeline.without_voxels`` makes it) pickles as that value and the shape,
+        # not as D x H x W floats: results cross process boundaries (Ray) cheaply.
+        fields = (self.spacing, self.affine, self.slices, self.warnings, self.source)
+        if self.hu.size and not any(self.hu.strides):
+            return (_broadcast_volume, (self.hu.flat[0], self.hu.shape, *fields))
+        return (Volume, (self.hu, *fields))
+
     @property
     def shape(self) -> tuple[int, int, int]:
         d, h, w = self.hu.shape
@@ -73,6 +82,11 @@ class Volume:
     @property
     def instance_numbers(self) -> tuple[int | None, ...]:
         return tuple(s.instance_number for s in self.slices)
+
+
+def _broadcast_volume(value: np.generic, shape: tuple[int, ...], *fields: object) -> Volume:
+    """Rebuild a pickled volume whose voxels are one value broadcast over ``shape``."""
+    return Volume(np.broadcast_to(value, shape), *fields)  # type: ignore[arg-type]
 
 
 def canonical_permutation(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..engines import ENGINES
 from .exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 from .types import add_runtime_arguments, positive_float, positive_int, probability
 
@@ -31,7 +34,7 @@ def add_parser(subparsers: Any) -> None:
         "--output",
         type=Path,
         default=Path("results.xlsx"),
-        help="result table; .xlsx (default), .csv or .json by suffix",
+        help="result table; .xlsx (default), .csv, .json or .parquet by suffix",
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--per-series", action="store_true", help="one row per eligible series")
@@ -75,24 +78,115 @@ def add_parser(subparsers: Any) -> None:
         help="a study not read within this time becomes a Failure row and the run goes on "
         "(default 600)",
     )
+    engine = p.add_argument_group("engine (where the studies are scored)")
+    engine.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=ENGINES[0],
+        help="local (default): in this process; ray: on a Ray cluster with Ray Data, reading "
+        'as CPU tasks and one model per scoring worker (needs pip install "ctscreen[ray]")',
+    )
+    engine.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="with --engine ray: join the Ray cluster at ADDR (e.g. auto or ray://head:10001) "
+        "instead of starting a local Ray",
+    )
+    engine.add_argument(
+        "--ray-cpus",
+        type=positive_int,
+        metavar="N",
+        help="with --engine ray and no --address: CPUs of the local Ray (default: every core)",
+    )
+    engine.add_argument(
+        "--ray-scorers",
+        type=positive_int,
+        metavar="N",
+        help="with --engine ray: scoring workers, one model each (default: one per GPU of "
+        "the cluster, else one per two CPUs)",
+    )
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def check_engine_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before anything is read, options that do not fit the chosen engine.
 
+    Raises:
+        MissingExtraError: ``--engine ray`` without Ray installed.
+        ConfigError: a Ray option without ``--engine ray``, or a local-only option with it.
+    """
     from ..errors import ConfigError
-    from ..runs import check_output_path, score_to_table
-    from ..screener import Screener
+
+    ray_only = [
+        flag
+        for flag, value in (
+            ("--address", args.address),
+            ("--ray-cpus", args.ray_cpus),
+            ("--ray-scorers", args.ray_scorers),
+        )
+        if value is not None
+    ]
+    if args.engine != "ray":
+        if ray_only:
+            raise ConfigError(f"{', '.join(ray_only)} needs --engine ray.")
+        return
+    from ..engines import require_ray
+
+    require_ray()
+    if args.address is not None and args.ray_cpus is not None:
+        raise ConfigError(
+            "--ray-cpus sizes a local Ray; a cluster joined with --address has its own CPUs."
+        )
+    local_only = [
+        flag
+        for flag, value in (("--report", args.report), ("--readers", args.readers))
+        if value is not None
+    ]
+    if local_only:
+        raise ConfigError(
+            f"{', '.join(local_only)} works with --engine local only (with --engine ray the "
+            "studies are read by Ray tasks and their images stay on the workers)."
+        )
+
+
+@contextlib.contextmanager
+def open_scorer(args: argparse.Namespace, options: dict[str, Any]) -> Iterator[Any]:
+    """The scorer of the chosen engine: a :class:`ctscreen.Screener`, or a
+    :class:`~ctscreen.engines.ray_engine.RayScorer` inside a Ray session that ends
+    with the block."""
+    if args.engine != "ray":
+        from ..screener import Screener
+
+        yield Screener(args.weights, readers=args.readers, **options)
+        return
+    from ..engines.ray_engine import RayScorer, ray_session
+
+    scorer = RayScorer(args.weights, **options)  # the weights are checked before Ray starts
+    quiet = logging.getLogger("ctscreen").getEffectiveLevel() > logging.INFO
+    with ray_session(args.address, cpus=args.ray_cpus, quiet=quiet) as resources:
+        scorer.place(resources, scorers=args.ray_scorers)
+        log.info(
+            "Ray: %d scoring worker(s), %g GPU each, batch %d, cluster %s",
+            scorer.scorers,
+            scorer.gpus_per_scorer,
+            scorer.batch_size,
+            {k: v for k, v in resources.items() if k in ("CPU", "GPU")},
+        )
+        yield scorer
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from ..runs import check_output_path
 
     # Everything checkable is checked before the model loads and a study is read.
+    check_engine_arguments(args)
     check_output_path(args.output, overwrite=args.overwrite, resume=args.resume)
     missing = [str(p) for p in args.inputs if not p.exists()]
     if len(missing) == len(args.inputs):
         raise ConfigError(f"none of the inputs exist ({', '.join(missing)}); check the paths.")
     mode = "series" if args.per_series else "slice" if args.per_slice else "study"
-    screener = Screener(
-        args.weights,
+    options = dict(
         device=args.device,
         backend=args.backend,
         precision=args.precision,
@@ -101,9 +195,19 @@ def run(args: argparse.Namespace) -> int:
         min_slices=args.min_slices,
         localize=not args.no_localization,
         batch_size=args.batch_size,
-        readers=args.readers,
         study_timeout=args.study_timeout,
     )
+    with open_scorer(args, options) as screener:
+        return score_inputs(args, screener, mode)
+
+
+def score_inputs(args: argparse.Namespace, screener: Any, mode: str) -> int:
+    """Score ``args.inputs`` with ``screener`` into the table, printing progress and
+    the outcome; the exit code."""
+    from tqdm import tqdm
+
+    from ..runs import score_to_table
+
     for warning in screener.warnings:
         log.warning(warning)
     report = None

@@ -361,13 +361,16 @@ def create_app(settings: ServiceSettings, *, worker: Worker | None = None) -> Fa
 
     def table_response(rows: list[ResultRow], folder: Path, stem: str, fmt: str) -> Response:
         if fmt not in OUTPUT_FORMATS:
-            raise HTTPException(404, f"unknown table format {fmt!r}; use xlsx, csv or json.")
+            raise HTTPException(
+                404, f"unknown table format {fmt!r}; use {', '.join(OUTPUT_FORMATS)}."
+            )
         folder.mkdir(parents=True, exist_ok=True)
         path = write_table(rows_to_frame(rows), folder / f"{stem}.{fmt}", run_info=run_info())
         media = {
             "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
             "csv": "text/csv; charset=utf-8",
             "json": "application/json",
+            "parquet": "application/vnd.apache.parquet",
         }[fmt]
         return FileResponse(path, media_type=media, filename=path.name)
 
