@@ -31,7 +31,12 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from .errors import ConfigError
-from .interrupts import interruptible, raise_if_stop_requested, stop_requests
+from .interrupts import (
+    deferred_interrupts,
+    interruptible,
+    raise_if_stop_requested,
+    stop_requests,
+)
 from .report import OutputFormat, ResultRow, result_rows, rows_to_frame, run_info_path, write_table
 from .results import StudyResult
 
@@ -320,24 +325,27 @@ def score_to_table(
             for result in results:
                 raise_if_stop_requested()  # a Ctrl-C Python dropped is acted on here
                 key = input_key(result.input_path)
-                if current is not None and key != current:
-                    journal.finish_input(current)
-                current = key
                 rows = result_rows(result, mode)
-                # Table first, then journal: an interrupt between the two leaves the row
-                # in the partial table (and scored again on resume), never lost from it.
-                rows_by_key.setdefault(key, []).extend(rows)
-                journal.record(key, rows)
-                outcome.studies += 1
-                outcome.failures += not result.ok
+                # A finished study is recorded whole (journal, table rows, counts): a
+                # Ctrl-C meanwhile waits, so the partial table and the counts agree.
+                with deferred_interrupts():
+                    if current is not None and key != current:
+                        journal.finish_input(current)
+                    current = key
+                    journal.record(key, rows)
+                    rows_by_key.setdefault(key, []).extend(rows)
+                    outcome.studies += 1
+                    outcome.failures += not result.ok
                 if on_result is not None:
                     on_result(result)
             if current is not None:
                 journal.finish_input(current)
     except KeyboardInterrupt:
         outcome.interrupted = True
-        finished = sum(map(len, rows_by_key.values()))
-        log.warning("interrupted: writing the %d finished row(s)", finished)
+        log.warning(
+            "interrupted: writing the %d finished row(s) to the partial table",
+            sum(map(len, rows_by_key.values())),
+        )
     finally:
         results.close()  # stops the readers and removes the run's temporary folders
     outcome.rows = [row for key in keys for row in rows_by_key.get(key, [])]
