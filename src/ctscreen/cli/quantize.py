@@ -49,8 +49,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--keep",
         default="auto",
         help="parts kept in floating point, comma-separated from stem, layer1, layer2, layer3, "
-        "layer4, head; or auto (default): with --check, stem,head then stem,layer4,head then "
-        "stem,layer1,head then stem,layer1,layer4,head until the check passes",
+        "layer4, head; or auto (default): with --check, stem,head then stem,layer1,head then "
+        "stem,layer1,layer2,head until the check passes",
     )
     p.add_argument(
         "--max-calibration",
