@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -134,7 +135,11 @@ def test_sigint_writes_the_finished_rows_and_resume_on_ray_completes_the_table(
     journal = tmp_path / "results.csv.journal.jsonl"
     command = [sys.executable, "-m", "ctscreen", "--no-progress", "predict", *map(str, inputs)]
     command += ["-w", str(tiny_checkpoint), "-o", str(out), "--engine", "ray", "--ray-cpus", "2"]
-    env = dict(os.environ, PYTHONPATH=str(SRC))
+    scratch = tmp_path / "tmp"  # where the run's temporary folders go
+    scratch.mkdir()
+    # Ray's own session folder stays where it was: its socket paths must stay short.
+    env = dict(os.environ, PYTHONPATH=str(SRC), TMPDIR=str(scratch))
+    env.setdefault("RAY_TMPDIR", tempfile.gettempdir())
     proc = subprocess.Popen(command + list(COMMON), stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and _journal_rows(journal) < 2:
@@ -146,6 +151,8 @@ def test_sigint_writes_the_finished_rows_and_resume_on_ray_completes_the_table(
     partial = pd.read_csv(out)
     assert 2 <= len(partial) < len(inputs)
     assert journal.exists()
+    # The reading tasks stopped mid-archive left no unpacked study behind.
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("ctscreen")] == []
 
     before = dict(zip(partial["path_to_study"], partial["time_of_processing"], strict=True))
     done = read_journal(journal)

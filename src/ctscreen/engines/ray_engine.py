@@ -130,19 +130,26 @@ def _as_given(item: PreparedStudy, given: str, read_as: str) -> PreparedStudy:
     return replace(item, input_path=given, location=location)
 
 
-def read_input(row: Mapping[str, Any], *, settings: ReadSettings) -> list[dict[str, Any]]:
+def read_input(
+    row: Mapping[str, Any], *, settings: ReadSettings, scratch: str
+) -> list[dict[str, Any]]:
     """The reading stage as a Ray Data ``flat_map``: one input -> its prepared studies.
 
     Args:
         row: ``input_index``, ``given`` (the input as named on the command line) and
             ``path`` (its absolute path, as a worker elsewhere must open it).
         settings: the model's reading settings.
+        scratch: the run's temporary folder: each task unpacks into a folder of its
+            own inside it and removes that; the driver removes the whole folder at
+            the end, so a task killed mid-way (Ctrl-C, a lost worker) leaves nothing
+            on the driver's machine.
 
     Returns:
         One row per study (per eligible series in ``series`` mode): ``input_index``
         and the pickled :class:`~ctscreen.pipeline.PreparedStudy`.
     """
-    work_root = Path(tempfile.mkdtemp(prefix="ctscreen-ray-"))
+    Path(scratch).mkdir(parents=True, exist_ok=True)  # another node's first task
+    work_root = Path(tempfile.mkdtemp(prefix="ctscreen-", dir=scratch))
     out = []
     try:
         # Each study is pickled as it comes, so an input of many studies holds one
@@ -316,10 +323,26 @@ class RayScorer:
             {"input_index": i, "given": g, "path": os.path.abspath(g)} for i, g in enumerate(given)
         ]
         gpu = {"num_gpus": self.gpus_per_scorer} if self.gpus_per_scorer else {}
+        scratch = Path(tempfile.mkdtemp(prefix="ctscreen-ray-"))
+        try:
+            yield from self._score_rows(rows, given, scratch=scratch, progress=progress, gpu=gpu)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _score_rows(
+        self,
+        rows: list[dict[str, Any]],
+        given: list[str],
+        *,
+        scratch: Path,
+        progress: bool,
+        gpu: Mapping[str, float],
+    ) -> Generator[StudyResult, None, None]:
+        reading = {"settings": self.settings, "scratch": str(scratch)}
         with _data_context(progress=progress):
             dataset = (
                 ray.data.from_items(rows, override_num_blocks=len(rows))
-                .flat_map(read_input, fn_kwargs={"settings": self.settings}, num_cpus=1)
+                .flat_map(read_input, fn_kwargs=reading, num_cpus=1)
                 .map_batches(
                     ScoreStage,
                     fn_constructor_kwargs={"weights": str(self.weights), "options": self.options},
