@@ -94,6 +94,8 @@ def test_a_study_over_the_time_limit_times_out_and_the_next_job_runs(
     worker = client.app.state.worker
     assert worker.stats.timeouts == 1 and worker.stats.child_starts == 2
     assert client.get("/readyz").status_code == 200
+    # The killed child was unpacking the slow archive: its folder is gone with it.
+    assert [p.name for p in worker.scratch_root.iterdir()] == ["child-2"]
 
 
 def test_a_crashing_scorer_fails_its_job_and_the_next_job_runs(

@@ -20,8 +20,10 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -89,8 +91,11 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, name="ctscreen-parent-watch", daemon=True).start()
 
 
-def child_main(conn: Connection, config: WorkerConfig) -> None:
+def child_main(conn: Connection, config: WorkerConfig, scratch: str | None = None) -> None:
     """The child process: load the model, then score jobs sent over ``conn``.
+
+    Every temporary file of the child (unpacked archives) goes under ``scratch``,
+    a folder the parent removes when the child ends, also when it was killed.
 
     Messages in: ``("job", job_id, [paths], [names], mode, report_dir)``, ``("stop",)``.
     Messages out: ``("ready", run_info)`` or ``("fatal", sentence)`` once, then per
@@ -98,6 +103,9 @@ def child_main(conn: Connection, config: WorkerConfig) -> None:
     ``("done", job_id)`` or ``("error", job_id, sentence)``.
     """
     _die_with_parent()
+    if scratch is not None:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+        tempfile.tempdir = scratch
     logging.basicConfig(
         level=config.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -300,6 +308,9 @@ class Worker:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self._context = multiprocessing.get_context("spawn")
+        #: the children's temporary folders (one each), inside the service's data folder
+        self.scratch_root = store.data_dir / "tmp"
+        self._scratch: Path | None = None
 
     # ------------------------------------------------------------------ control
 
@@ -307,6 +318,8 @@ class Worker:
         """Start the thread (it starts the child and then takes queued jobs); once only."""
         if self._thread is not None:
             return
+        # No child runs yet: what is there was left by a server that was killed.
+        shutil.rmtree(self.scratch_root, ignore_errors=True)
         self._thread = threading.Thread(target=self._loop, name="ctscreen-worker", daemon=True)
         self._thread.start()
 
@@ -356,8 +369,12 @@ class Worker:
     def _spawn_child(self) -> bool:
         """Start a child and wait for its model; False when it cannot load one."""
         parent_conn, child_conn = self._context.Pipe()
+        self._scratch = self.scratch_root / f"child-{self.stats.child_starts + 1}"
         process = self._context.Process(
-            target=child_main, args=(child_conn, self.config), name="ctscreen-scorer", daemon=True
+            target=child_main,
+            args=(child_conn, self.config, str(self._scratch)),
+            name="ctscreen-scorer",
+            daemon=True,
         )
         process.start()
         child_conn.close()
@@ -416,6 +433,10 @@ class Worker:
             process.join(timeout=10)
         if conn is not None:
             conn.close()
+        if self._scratch is not None and (process is None or not process.is_alive()):
+            # what a killed child had unpacked (a finished child left nothing)
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
     # ------------------------------------------------------------------ jobs
 
