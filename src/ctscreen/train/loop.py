@@ -57,7 +57,7 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler, WeightedRandomSampler
 
 from ..card import CLASS_NAMES, ModelCard
 from ..data import cache as cache_lib
@@ -217,6 +217,40 @@ def training_data_summary(
     return summary
 
 
+def _make_sampler(
+    dataset: StudyDataset,
+    *,
+    config: TrainConfig,
+    train: bool,
+    generator: torch.Generator,
+    world: dist_lib.World,
+) -> Sampler[int] | None:
+    """Which studies a pass visits, in which order; None: the dataset in order.
+
+    Several processes: this process's shard of one epoch sample that all draw alike
+    (call ``sampler.set_epoch`` every epoch; every shard has the same length, so every
+    process runs the same number of batches). One process: for training, a weighted
+    sample with replacement when balancing by sampler, else a shuffle.
+    """
+    balanced = train and config.balance in ("sampler", "both")
+    if world.distributed:
+        return dist_lib.ShardSampler(
+            dataset.labels, world=world, weighted=balanced, shuffle=train, seed=config.seed
+        )
+    if not train:
+        return None
+    if balanced:
+        counts = np.bincount(dataset.labels, minlength=2).astype(np.float64)
+        weights = 1.0 / counts[dataset.labels]
+        return WeightedRandomSampler(
+            torch.as_tensor(weights, dtype=torch.double),
+            num_samples=len(dataset),
+            replacement=True,
+            generator=generator,
+        )
+    return RandomSampler(dataset, generator=generator)
+
+
 def _make_loader(
     dataset: StudyDataset,
     *,
@@ -226,62 +260,9 @@ def _make_loader(
     device: torch.device,
     world: dist_lib.World = dist_lib.SINGLE,
 ) -> DataLoader:
-    if world.distributed:
-        return _make_shard_loader(
-            dataset, config=config, train=train, generator=generator, device=device, world=world
-        )
-    sampler = None
-    shuffle = False
-    n = len(dataset)
-    if train:
-        if config.balance in ("sampler", "both"):
-            counts = np.bincount(dataset.labels, minlength=2).astype(np.float64)
-            weights = 1.0 / counts[dataset.labels]
-            sampler = WeightedRandomSampler(
-                torch.as_tensor(weights, dtype=torch.double),
-                num_samples=n,
-                replacement=True,
-                generator=generator,
-            )
-        else:
-            shuffle = True
+    sampler = _make_sampler(dataset, config=config, train=train, generator=generator, world=world)
+    n = len(sampler) if sampler is not None else len(dataset)
     # A last batch of one study makes batch norm statistics degenerate; drop it.
-    drop_last = train and n > config.batch_size and n % config.batch_size == 1
-    return DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
-        num_workers=config.num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=drop_last,
-        generator=generator,
-        worker_init_fn=leave_stops_to_parent,
-    )
-
-
-def _make_shard_loader(
-    dataset: StudyDataset,
-    *,
-    config: TrainConfig,
-    train: bool,
-    generator: torch.Generator,
-    device: torch.device,
-    world: dist_lib.World,
-) -> DataLoader:
-    """A loader over this process's shard; call ``loader.sampler.set_epoch`` every epoch.
-
-    Every process gets a shard of the same length, so the same number of batches
-    (the last-batch-of-one rule below sees the same length everywhere).
-    """
-    sampler = dist_lib.ShardSampler(
-        dataset.labels,
-        world=world,
-        weighted=train and config.balance in ("sampler", "both"),
-        shuffle=train,
-        seed=config.seed,
-    )
-    n = len(sampler)
     drop_last = train and n > config.batch_size and n % config.batch_size == 1
     return DataLoader(
         dataset,
