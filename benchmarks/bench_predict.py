@@ -273,21 +273,11 @@ def only_pairs(base, weights: Path, archive: Path, pairs: int, load_start: str) 
     """The headline alone: auto's measured choice, then ``pairs`` paired ratios."""
     import torch
 
-    from ctscreen.backends import choose_backend, openvino_version
-    from ctscreen.card import failed_check, passed_check
+    from ctscreen.backends import ModelSource, choose_backend, openvino_version
     from ctscreen.hardware import cpu_model
 
     loaded = base.loaded
-    choice, _ = choose_backend(
-        loaded.model,
-        device=torch.device("cpu"),
-        weights_sha256=loaded.sha256,
-        weights_path=loaded.path,
-        preprocess=loaded.card.preprocess,
-        int8_graph=loaded.int8_graph,
-        int8_failed_check=failed_check(loaded.card),
-        int8_passed_check=passed_check(loaded.card),
-    )
+    choice, _ = choose_backend(ModelSource.of(loaded), device=torch.device("cpu"))
     t = time.perf_counter()
     auto = _scorer(weights, "auto", "auto")
     load_s = time.perf_counter() - t

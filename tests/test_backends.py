@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ctscreen import backends
-from ctscreen.backends import FallbackBackend, TorchBackend, make_backend
+from ctscreen.backends import FallbackBackend, ModelSource, TorchBackend, make_backend
 from ctscreen.card import ModelCard
 from ctscreen.config import PreprocessConfig
 from ctscreen.errors import ConfigError
@@ -131,13 +131,10 @@ def test_every_backend_keeps_the_cam_decomposition(
     cache = request.getfixturevalue("ov_cache") if name == "openvino" else None
     exports = _count_exports(monkeypatch)
     engine = make_backend(
-        model,
+        ModelSource(model, MODEL_SHA, PreprocessConfig(shape=SHAPE), cache_root=cache),
         device=CPU,
         backend=name,
         precision=precision,
-        weights_sha256=MODEL_SHA,
-        preprocess=PreprocessConfig(shape=SHAPE),
-        cache_root=cache,
     )
     assert engine.name == name and not exports  # the module's export is reused
     logits, cam = engine.run(batch)
@@ -275,13 +272,10 @@ def test_openvino_output_beyond_fp16_hands_the_run_to_torch(
         model.stem[1].weight.mul_(1e7)
         model.stem[1].bias.mul_(1e7)
     engine = make_backend(
-        model,
+        ModelSource(model, "cd" * 32, PreprocessConfig(shape=SHAPE), cache_root=tmp_path),
         device=CPU,
         backend="openvino",
         precision="bf16",
-        weights_sha256="cd" * 32,
-        preprocess=PreprocessConfig(shape=SHAPE),
-        cache_root=tmp_path,
     )
     assert engine.name == "openvino"
     with caplog.at_level(logging.WARNING, logger="ctscreen.backends"):
@@ -321,11 +315,10 @@ def test_a_backend_that_fails_to_load_falls_back_with_one_warning(
     monkeypatch.setattr(backends, "load_openvino", broken)
     with caplog.at_level(logging.WARNING, logger="ctscreen.backends"):
         engine = make_backend(
-            model,
+            ModelSource(model, "", PreprocessConfig(shape=SHAPE)),
             device=CPU,
             backend="openvino",
             precision="fp32",
-            preprocess=PreprocessConfig(shape=SHAPE),
         )
     assert engine.name == "torch"
     assert len(caplog.records) == 1 and "compile failed" in caplog.records[0].getMessage()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from ctscreen import backends
-from ctscreen.backends import Candidate, TorchBackend, choose_backend
+from ctscreen.backends import Candidate, ModelSource, TorchBackend, choose_backend
 from ctscreen.backends.choice import (
     GATE_MAX_DP,
     GATE_MAX_LOGIT,
@@ -156,31 +157,30 @@ def test_choose_backend_measures_once_then_reuses_until_the_weights_shape_or_ver
     model: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "choices.json"
+    source = ModelSource(model, "ab" * 32, PreprocessConfig(shape=SHAPE))
     kwargs = dict(
         device=CPU,
         backend="torch",  # PyTorch fp32 and bf16: two real candidates, no export needed
-        weights_sha256="ab" * 32,
-        preprocess=PreprocessConfig(shape=SHAPE),
         choices_file=path,
         rounds=1,
     )
-    first, built = choose_backend(model, **kwargs)
+    first, built = choose_backend(source, **kwargs)
     assert not first.from_cache and set(built) == {REFERENCE, Candidate("torch", "bf16")}
     assert {t.candidate for t in first.trials} == set(built) and all(t.passed for t in first.trials)
     record = json.loads(path.read_text())[first.key]
     assert record["winner"] == first.winner.label and record["facts"]["shape"] == list(SHAPE)
 
-    again, built = choose_backend(model, **kwargs)
+    again, built = choose_backend(source, **kwargs)
     assert again.from_cache and again.winner == first.winner and not built
     assert again.trials == first.trials
 
-    other_weights, _ = choose_backend(model, **{**kwargs, "weights_sha256": "cd" * 32})
+    other_weights, _ = choose_backend(replace(source, weights_sha256="cd" * 32), **kwargs)
     other_shape, _ = choose_backend(
-        model, **{**kwargs, "preprocess": PreprocessConfig(shape=(16, 32, 48))}
+        replace(source, preprocess=PreprocessConfig(shape=(16, 32, 48))), **kwargs
     )
     real = backends.runtime_versions()
     monkeypatch.setattr(backends, "runtime_versions", lambda: {**real, "torch": "9.9.9"})
-    other_version, _ = choose_backend(model, **kwargs)
+    other_version, _ = choose_backend(source, **kwargs)
     for choice in (other_weights, other_shape, other_version):
         assert not choice.from_cache and choice.key != first.key
     assert len(json.loads(path.read_text())) == 4  # every measurement kept under its own key
@@ -191,9 +191,11 @@ def test_int8_is_refused_where_it_cannot_run(model: nn.Module) -> None:
     from ctscreen.errors import ConfigError
 
     with pytest.raises(ConfigError, match="ctscreen quantize"):
-        backends.make_backend(model, device=CPU, precision="int8", preprocess=pre)
+        backends.make_backend(ModelSource(model, "", pre), device=CPU, precision="int8")
     with pytest.raises(ConfigError, match="OpenVINO"):
-        backends.make_backend(model, device=CPU, backend="torch", precision="int8", preprocess=pre)
+        backends.make_backend(
+            ModelSource(model, "", pre), device=CPU, backend="torch", precision="int8"
+        )
     with pytest.raises(ConfigError, match="CPU"):
         backends.check_request("auto", "int8", torch.device("cuda"), int8_graph=None)
     with pytest.raises(ConfigError, match="GPU"):
@@ -245,3 +247,21 @@ def test_a_recorded_passed_check_replaces_the_phantom_gate_but_not_finiteness() 
     assert trials[checked].worst_dp > GATE_MAX_DP  # shown, though not the judge
     assert not trials[unchecked].passed
     assert not trials[nan].passed and trials[nan].worst_dp == 1.0
+
+
+def test_info_backends_measures_on_the_first_call_then_shows_the_kept_table(
+    tiny_checkpoint: Path, run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CTSCREEN_CACHE_DIR", str(tmp_path / "cache"))
+    weights = tmp_path / "model.pth"
+    weights.write_bytes(tiny_checkpoint.read_bytes())  # exports go beside the weights
+    first = run_cli("info", weights, "--backends")
+    assert first.code == 0, first.err
+    table = first.out[first.out.index("backends on ") :]
+    assert ", measured " in table.splitlines()[0]
+    rows = {line.split()[0]: line for line in table.splitlines()[2:] if "/" in line.split()[0]}
+    assert "torch/fp32" in rows and rows["torch/fp32"].split()[1] == "pass"
+    (chosen,) = [name for name, line in rows.items() if line.endswith("<- chosen")]
+    assert table.rstrip().endswith(f"auto runs {chosen}")
+    again = run_cli("info", weights, "--backends")
+    assert ", kept from " in again.out and again.out.rstrip().endswith(f"auto runs {chosen}")

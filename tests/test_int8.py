@@ -112,17 +112,16 @@ def test_auto_never_runs_an_int8_graph_whose_recorded_check_failed(
     card = ModelCard(preprocess=PreprocessConfig(shape=SHAPE), quantization=record)
     save_checkpoint(tmp_path / "bad.pth", _model(), card, int8_graph=graph)
     loaded = load_checkpoint(tmp_path / "bad.pth")
-    choice, built = backends.choose_backend(
+    source = backends.ModelSource(
         loaded.model,
-        device=CPU,
-        backend="openvino",
-        weights_sha256=loaded.sha256,
-        preprocess=loaded.card.preprocess,
+        loaded.sha256,
+        loaded.card.preprocess,
         cache_root=tmp_path / "export",
         int8_graph=loaded.int8_graph,
         int8_failed_check="FAILED: max |p - p_fp32| 0.06",
-        choices_file=tmp_path / "choices.json",
-        rounds=1,
+    )
+    choice, built = backends.choose_backend(
+        source, device=CPU, backend="openvino", choices_file=tmp_path / "choices.json", rounds=1
     )
     int8 = backends.Candidate("openvino", "int8")
     (trial,) = [t for t in choice.trials if t.candidate == int8]

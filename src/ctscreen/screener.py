@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._version import __version__
-from .backends import Backend, make_backend
-from .card import ModelCard, failed_check, passed_check
+from .backends import Backend, ModelSource, make_backend
+from .card import ModelCard
 from .config import PreprocessConfig, SelectionConfig
 from .errors import ConfigError
 from .explain import localization_box, slice_scores
@@ -157,17 +157,10 @@ class Screener:
         self.threshold_rule = self.card.threshold_rule if threshold is None else "given"
         self.bias = float(self.loaded.model.fc.bias.detach().float().cpu()[0])
         self.engine: Backend = make_backend(
-            self.loaded.model,
+            ModelSource.of(self.loaded, cache_root=cache_dir),
             device=self.device,
             backend=backend,
             precision=precision,
-            weights_sha256=self.loaded.sha256,
-            weights_path=self.loaded.path,
-            preprocess=self.config,
-            cache_root=cache_dir,
-            int8_graph=self.loaded.int8_graph,
-            int8_failed_check=failed_check(self.card),
-            int8_passed_check=passed_check(self.card),
         )
 
     # ------------------------------------------------------------------ facts

@@ -40,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +99,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..config import PreprocessConfig
+    from ..weights import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ __all__ = [
     "ExportRecipe",
     "FallbackBackend",
     "Int8Graph",
+    "ModelSource",
     "OpenVinoBackend",
     "TorchBackend",
     "Trial",
@@ -321,17 +323,57 @@ class Choice:
         return format_trials(self.trials, self.winner)
 
 
-def build_candidate(
-    candidate: Candidate,
-    model: nn.Module,
-    *,
-    device: torch.device,
-    weights_sha256: str,
-    weights_path: Path | None,
-    shape: tuple[int, int, int],
-    cache_root: Path | None = None,
-    int8_graph: Int8Graph | None = None,
-) -> Backend:
+@dataclass(frozen=True)
+class ModelSource:
+    """The checkpoint every way of running it starts from (what the backends need to
+    know of it, whoever loaded it).
+
+    Attributes:
+        model: the r3d_18 on the device it will run on, eval mode.
+        weights_sha256: SHA-256 of the checkpoint (keys the exports and the choice);
+            empty: a digest of the model's tensors is taken.
+        preprocess: the model card's preprocessing (its shape is the static input shape).
+        weights_path: the checkpoint file (the export cache goes beside it).
+        cache_root: export cache folder; default beside the weights or in the user cache.
+        int8_graph: the checkpoint's INT8 graph, when it carries one.
+        int8_failed_check: why that graph failed its recorded check, if it did.
+        int8_passed_check: that graph passed its recorded check on real studies (it is
+            then judged by that, not by the phantom gate; see :mod:`.choice`).
+    """
+
+    model: nn.Module
+    weights_sha256: str
+    preprocess: PreprocessConfig
+    weights_path: Path | None = None
+    cache_root: Path | None = None
+    int8_graph: Int8Graph | None = None
+    int8_failed_check: str | None = None
+    int8_passed_check: bool = False
+
+    @classmethod
+    def of(cls, loaded: LoadedModel, *, cache_root: Path | None = None) -> ModelSource:
+        """The source of a checkpoint loaded by :func:`ctscreen.weights.load_checkpoint`."""
+        from ..card import failed_check, passed_check
+
+        return cls(
+            model=loaded.model,
+            weights_sha256=loaded.sha256,
+            preprocess=loaded.card.preprocess,
+            weights_path=loaded.path,
+            cache_root=cache_root,
+            int8_graph=loaded.int8_graph,
+            int8_failed_check=failed_check(loaded.card),
+            int8_passed_check=passed_check(loaded.card),
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The static input shape ``(D, H, W)``."""
+        d, h, w = self.preprocess.shape
+        return (d, h, w)
+
+
+def build_candidate(candidate: Candidate, source: ModelSource, *, device: torch.device) -> Backend:
     """Load ``candidate`` (exporting or compiling what it needs).
 
     Raises:
@@ -339,41 +381,26 @@ def build_candidate(
             OpenVINO cannot load the model.
     """
     if candidate.backend == "torch":
-        return TorchBackend(model, device, candidate.precision)
+        return TorchBackend(source.model, device, candidate.precision)
+    where = {
+        "weights_sha256": source.weights_sha256,
+        "weights_path": source.weights_path,
+        "shape": source.shape,
+        "cache_root": source.cache_root,
+    }
     if candidate.precision == "int8":
-        if int8_graph is None:
+        if source.int8_graph is None:
             raise ConfigError(INT8_NEEDS_QUANTIZE)
-        return load_openvino_int8(
-            model,
-            int8_graph,
-            weights_sha256=weights_sha256,
-            weights_path=weights_path,
-            shape=shape,
-            cache_root=cache_root,
-        )
-    return load_openvino(
-        model,
-        weights_sha256=weights_sha256,
-        weights_path=weights_path,
-        shape=shape,
-        precision=candidate.precision,
-        cache_root=cache_root,
-    )
+        return load_openvino_int8(source.model, source.int8_graph, **where)
+    return load_openvino(source.model, precision=candidate.precision, **where)
 
 
 def choose_backend(
-    model: nn.Module,
+    source: ModelSource,
     *,
     device: torch.device,
     backend: str = "auto",
     precision: str = "auto",
-    weights_sha256: str,
-    weights_path: Path | None = None,
-    preprocess: PreprocessConfig,
-    cache_root: Path | None = None,
-    int8_graph: Int8Graph | None = None,
-    int8_failed_check: str | None = None,
-    int8_passed_check: bool = False,
     choices_file: Path | None = None,
     remeasure: bool = False,
     rounds: int | None = None,
@@ -381,18 +408,10 @@ def choose_backend(
     """Resolve ``auto`` by measurement (or by the measurement kept for this key).
 
     Args:
-        model: the r3d_18 on ``device``, eval mode.
+        source: the checkpoint (its model on ``device``).
         device: where the network runs.
         backend: ``auto``, ``torch`` or ``openvino``.
         precision: ``auto`` or a concrete precision.
-        weights_sha256: SHA-256 of the checkpoint (keys the choice and the exports).
-        weights_path: the checkpoint file.
-        preprocess: the model card's preprocessing (input shape, window of the gate studies).
-        cache_root: export cache folder (default beside the weights).
-        int8_graph: the checkpoint's INT8 graph, when it carries one.
-        int8_failed_check: why the INT8 graph failed its recorded check, if it did.
-        int8_passed_check: the INT8 graph passed a recorded check on real studies
-            (it is then judged by that, not by the phantom gate; see :mod:`.choice`).
         choices_file: the JSON file of measured choices (default :func:`choices_path`).
         remeasure: measure even when a choice is kept for this key.
         rounds: timed forwards per candidate (default :data:`.choice.DEFAULT_ROUNDS`).
@@ -401,14 +420,14 @@ def choose_backend(
         The choice, and the backends built while measuring (empty when the
         choice came from the cache).
     """
-    shape = tuple(preprocess.shape)
+    shape = source.shape
     fits = candidates(
         device,
         backend,
         precision,
         openvino=device.type == "cpu" and openvino_version() is not None,
         openvino_bf16=device.type == "cpu" and openvino_bf16_capable(),
-        int8=int8_graph is not None,
+        int8=source.int8_graph is not None,
         cuda_bf16=device.type != "cuda" or _cuda_bf16(),
     )
     versions = runtime_versions()
@@ -419,7 +438,7 @@ def choose_backend(
         cores=usable_cores(),
         device=str(device),
         versions=versions,
-        weights_sha256=weights_sha256,
+        weights_sha256=source.weights_sha256,
         shape=shape,
         requested=requested,
     )
@@ -441,29 +460,24 @@ def choose_backend(
     built: dict[Candidate, Backend] = {}
     failures: dict[Candidate, str] = {}
     for candidate in [REFERENCE, *[c for c in fits if c != REFERENCE]]:
-        if candidate.precision == "int8" and int8_failed_check:
-            failures[candidate] = int8_failed_check
+        if candidate.precision == "int8" and source.int8_failed_check:
+            failures[candidate] = source.int8_failed_check
             built[candidate] = _NotRun(candidate)
             continue
         try:
-            built[candidate] = build_candidate(
-                candidate,
-                model,
-                device=device,
-                weights_sha256=weights_sha256,
-                weights_path=weights_path,
-                shape=shape,
-                cache_root=cache_root,
-                int8_graph=int8_graph,
-            )
+            built[candidate] = build_candidate(candidate, source, device=device)
         except Exception as exc:  # a candidate that cannot load is simply not chosen
             reason = exc.message if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
             failures[candidate] = f"cannot load: {reason}"
             built[candidate] = _NotRun(candidate)
     runners = {c: b.run for c, b in built.items()}
-    checked = [c for c in built if c.precision == "int8" and int8_passed_check]
+    checked = [c for c in built if c.precision == "int8" and source.int8_passed_check]
     trials = measure_candidates(
-        runners, gate_inputs(preprocess), recorded=failures, checked=checked, **_rounds(rounds)
+        runners,
+        gate_inputs(source.preprocess),
+        recorded=failures,
+        checked=checked,
+        **_rounds(rounds),
     )
     winner = pick(trials, allowed=fits)
     facts = {
@@ -471,8 +485,10 @@ def choose_backend(
         "cores": usable_cores(),
         "device": str(device),
         "versions": versions,
-        "weights_sha256": weights_sha256,
-        "weights_path": None if weights_path is None else str(Path(weights_path).resolve()),
+        "weights_sha256": source.weights_sha256,
+        "weights_path": None
+        if source.weights_path is None
+        else str(Path(source.weights_path).resolve()),
         "shape": list(shape),
         "requested": list(requested),
     }
@@ -509,34 +525,21 @@ def _gpu_name(device: torch.device) -> str:
 
 
 def make_backend(
-    model: nn.Module,
+    source: ModelSource,
     *,
     device: torch.device,
     backend: str = "auto",
     precision: str = "auto",
-    weights_sha256: str = "",
-    weights_path: Path | None = None,
-    preprocess: PreprocessConfig,
-    cache_root: Path | None = None,
-    int8_graph: Int8Graph | None = None,
-    int8_failed_check: str | None = None,
-    int8_passed_check: bool = False,
     choices_file: Path | None = None,
 ) -> Backend:
-    """The backend that will run ``model``, falling back to PyTorch fp32 when it fails.
+    """The backend that will run the model of ``source``, falling back to PyTorch fp32
+    when it fails.
 
     Args:
-        model: the r3d_18 on ``device``, eval mode.
+        source: the checkpoint (its model on ``device``).
         device: where the network runs.
         backend: ``auto``, ``torch`` or ``openvino``.
         precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` (GPU) or ``int8`` (OpenVINO).
-        weights_sha256: SHA-256 of the checkpoint (keys the export cache and the choice).
-        weights_path: the checkpoint file (the export cache goes beside it).
-        preprocess: the model card's preprocessing (its shape is the static input shape).
-        cache_root: export cache folder; default beside the weights or in the user cache.
-        int8_graph: the checkpoint's INT8 graph, when it carries one.
-        int8_failed_check: why that graph failed its recorded check, if it did.
-        int8_passed_check: that graph passed its recorded check on real studies.
         choices_file: the JSON file of measured choices (default in the user cache).
 
     Returns:
@@ -546,9 +549,10 @@ def make_backend(
     Raises:
         ConfigError: see :func:`check_request`.
     """
-    check_request(backend, precision, device, int8_graph=int8_graph)
-    sha = weights_sha256 or _model_digest(model)
-    shape = tuple(preprocess.shape)
+    check_request(backend, precision, device, int8_graph=source.int8_graph)
+    if not source.weights_sha256:
+        source = replace(source, weights_sha256=_model_digest(source.model))
+    model = source.model
 
     def torch_backend() -> Backend:
         return TorchBackend(model, device, "fp32")
@@ -559,7 +563,7 @@ def make_backend(
         precision,
         openvino=device.type == "cpu" and openvino_version() is not None,
         openvino_bf16=True,  # asked for by name: OpenVINO itself runs f32 where it lacks bf16
-        int8=int8_graph is not None,
+        int8=source.int8_graph is not None,
     )
     if not fits:  # OpenVINO asked for by name but not installed
         log.warning("OpenVINO is not installed (pip install openvino); running with PyTorch")
@@ -567,23 +571,17 @@ def make_backend(
     built: dict[Candidate, Backend] = {}
     if len(fits) == 1:
         chosen = fits[0]
-        if chosen.precision == "int8" and int8_failed_check:
+        if chosen.precision == "int8" and source.int8_failed_check:
             log.warning(
-                "this INT8 graph failed its check (%s); running it as asked", int8_failed_check
+                "this INT8 graph failed its check (%s); running it as asked",
+                source.int8_failed_check,
             )
     else:
         choice, built = choose_backend(
-            model,
+            source,
             device=device,
             backend=backend,
             precision=precision,
-            weights_sha256=sha,
-            weights_path=weights_path,
-            preprocess=preprocess,
-            cache_root=cache_root,
-            int8_graph=int8_graph,
-            int8_failed_check=int8_failed_check,
-            int8_passed_check=int8_passed_check,
             choices_file=choices_file,
         )
         chosen = choice.winner
@@ -592,16 +590,7 @@ def make_backend(
     engine = built.get(chosen)
     if engine is None:
         try:
-            engine = build_candidate(
-                chosen,
-                model,
-                device=device,
-                weights_sha256=sha,
-                weights_path=weights_path,
-                shape=shape,
-                cache_root=cache_root,
-                int8_graph=int8_graph,
-            )
+            engine = build_candidate(chosen, source, device=device)
         except Exception as exc:  # a speed option must never fail the run
             reason = exc.message if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
             log.warning("OpenVINO could not load the model (%s); running with PyTorch", reason)

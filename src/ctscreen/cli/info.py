@@ -73,23 +73,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _backend_table(loaded: Any, device_name: str, *, remeasure: bool) -> str:
     """The measured table of ``auto`` for ``loaded`` on this machine (measured when needed)."""
-    from ..backends import choose_backend
-    from ..card import failed_check, passed_check
+    from ..backends import ModelSource, choose_backend
     from ..hardware import cpu_model, select_device, usable_cores
 
     device = select_device(device_name)
     loaded.model.to(device)
-    choice, _ = choose_backend(
-        loaded.model,
-        device=device,
-        weights_sha256=loaded.sha256,
-        weights_path=loaded.path,
-        preprocess=loaded.card.preprocess,
-        int8_graph=loaded.int8_graph,
-        int8_failed_check=failed_check(loaded.card),
-        int8_passed_check=passed_check(loaded.card),
-        remeasure=remeasure,
-    )
+    choice, _ = choose_backend(ModelSource.of(loaded), device=device, remeasure=remeasure)
     where = "kept from" if choice.from_cache else "measured"
     head = (
         f"backends on {cpu_model() if device.type == 'cpu' else device} ({usable_cores()} cores), "
