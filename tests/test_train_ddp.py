@@ -101,6 +101,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _train_command(data: Path, *options: str) -> list[str]:
+    """``-m ctscreen train`` on the test data into ``./run``, tiny input, on the CPU."""
+    return [
+        *("-m", "ctscreen", "--no-progress", "train"),
+        *("--registry", str(data / "registry.csv")),
+        *("--train-keys", str(data / "train_keys.txt")),
+        *("--val-keys", str(data / "val_keys.txt")),
+        *("--out", "run", "--device", "cpu", *TINY),
+        *options,
+    ]
+
+
 def _torchrun(
     args: list[str], *, cwd: Path, env: dict[str, str] | None = None, nodes: str = ""
 ) -> subprocess.Popen[str]:
@@ -247,38 +259,12 @@ def test_resume_continues_at_epoch_3_and_a_sigterm_to_torchrun_keeps_the_state(
     job: SIGTERM to torchrun alone, which passes it on to its processes (and their
     DataLoader workers)."""
     run = ddp_run["run"]
-    args = [
-        "-m",
-        "ctscreen",
-        "--no-progress",
-        "train",
-        "--registry",
-        str(data / "registry.csv"),
-        "--train-keys",
-        str(data / "train_keys.txt"),
-        "--val-keys",
-        str(data / "val_keys.txt"),
-        "--out",
-        "run",
-        "--cache-dir",
-        str(data / "cache"),
-        "--epochs",
-        "1000",
-        "--batch-size",
-        "2",
-        "--num-workers",
-        "1",
-        "--device",
-        "cpu",
-        "--balance",
-        "sampler",
-        "--seed",
-        "3",
-        "--resume",
-        "--resume-state",
-        "on-interrupt",
-        *TINY,
-    ]
+    args = _train_command(
+        data,
+        *("--cache-dir", str(data / "cache"), "--epochs", "1000", "--batch-size", "2"),
+        *("--num-workers", "1", "--balance", "sampler", "--seed", "3"),
+        *("--resume", "--resume-state", "on-interrupt"),
+    )
     proc = _torchrun(args, cwd=ddp_run["work"])
     try:
         deadline = time.monotonic() + GUARD_S
@@ -314,27 +300,7 @@ def test_only_rank_0_writes_files_on_two_nodes(data, tmp_path) -> None:
             f"--nnodes 2 --nproc_per_node 1 --node_rank {node} "
             f"--master_addr 127.0.0.1 --master_port {port}"
         )
-        args = [
-            "-m",
-            "ctscreen",
-            "--no-progress",
-            "train",
-            "--registry",
-            str(data / "registry.csv"),
-            "--train-keys",
-            str(data / "train_keys.txt"),
-            "--val-keys",
-            str(data / "val_keys.txt"),
-            "--out",
-            "run",
-            "--epochs",
-            "1",
-            "--num-workers",
-            "0",
-            "--device",
-            "cpu",
-            *TINY,
-        ]
+        args = _train_command(data, "--epochs", "1", "--num-workers", "0")
         # matplotlib's font cache, as a shared HOME would hold it, outside both nodes
         env = {"HOME": str(home), "TMPDIR": str(home / "tmp"), "MPLCONFIGDIR": str(shared)}
         procs.append(_torchrun(args, cwd=home, env=env, nodes=nodes))
