@@ -125,3 +125,26 @@ def test_deferred_blocks_nest_and_deliver_one_stop_at_the_outermost_end() -> Non
                 order.append("inner end")
             order.append("outer end")
     assert order == ["inner end", "outer end"]
+
+
+def test_a_handler_set_outside_python_is_replaced_by_pythons_default_afterwards(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = signal.signal
+    replaced = []
+
+    def as_if_set_in_c(sig: int, handler: object) -> object:
+        previous = real(sig, handler)  # type: ignore[arg-type]
+        if not replaced or len(replaced) < 2:
+            replaced.append(sig)
+            return None  # what signal.signal returns for a handler set outside Python
+        return previous
+
+    monkeypatch.setattr(signal, "signal", as_if_set_in_c)
+    with stop_requests():
+        pass
+    monkeypatch.setattr(signal, "signal", real)
+    assert sorted(replaced) == sorted([signal.SIGINT, signal.SIGTERM])
+    # not left with the run's handler, which would swallow every later Ctrl-C
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

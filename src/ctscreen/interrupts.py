@@ -66,8 +66,7 @@ def stop_requests() -> Iterator[None]:
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        _restore(previous)
         _catching, _raise_now, _requested = False, False, None
 
 
@@ -153,10 +152,18 @@ def deferred_interrupts() -> Iterator[None]:
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        _restore(previous)
     if pending:
         _deliver(pending[0], previous[pending[0]])
+
+
+def _restore(handlers: dict[signal.Signals, object]) -> None:
+    """Put back the handlers that were in place. One set outside Python reads as None
+    and cannot be put back from Python: Python's default takes its place (Ctrl-C
+    raises ``KeyboardInterrupt``, SIGTERM ends the process)."""
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    for sig, handler in handlers.items():
+        signal.signal(sig, defaults[sig] if handler is None else handler)  # type: ignore[arg-type]
 
 
 def _deliver(signum: int, handler: object) -> None:
