@@ -244,6 +244,16 @@ def openvino_hint(precision: str) -> str:
     return "bf16" if precision == "bf16" else "f32"
 
 
+def compile_for_latency(core: Any, graph: Any, inference_precision: str) -> Any:
+    """``graph`` compiled for the CPU, one request at a time, computing in
+    ``inference_precision`` (``f32`` or ``bf16``) where it is not quantized."""
+    return core.compile_model(
+        graph,
+        "CPU",
+        {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"},
+    )
+
+
 def load_openvino(
     model: nn.Module,
     *,
@@ -288,16 +298,9 @@ def load_openvino(
     if hint == "bf16" and openvino_bf16_capable():
         graphs = half_boundaries(graphs)
 
-    def compile_graph(graph: Any, inference_precision: str) -> Any:
-        return core.compile_model(
-            graph,
-            "CPU",
-            {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"},
-        )
-
     bias = float(model.fc.bias.detach().float().cpu()[0])
     stages = [
-        compile_graph(graph, "f32" if stage == "stem" else hint)
+        compile_for_latency(core, graph, "f32" if stage == "stem" else hint)
         for stage, graph in zip(_OV_STAGES, graphs, strict=True)
     ]
     actual = str(stages[-1].get_property("INFERENCE_PRECISION_HINT")).lower()

@@ -32,7 +32,12 @@ import numpy as np
 from ..errors import ConfigError
 from .base import cam_network
 from .export_cache import ExportRecipe, cached_export, export_cache_root
-from .openvino_backend import OpenVinoBackend, block_converter_telemetry, openvino_version
+from .openvino_backend import (
+    OpenVinoBackend,
+    block_converter_telemetry,
+    compile_for_latency,
+    openvino_version,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -245,11 +250,7 @@ def load_openvino_int8(
         recipe=openvino_int8_recipe(graph),
     )
     core = ov.Core()
-    compiled = core.compile_model(
-        core.read_model(str(xml)),
-        "CPU",
-        {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"},
-    )
+    compiled = compile_for_latency(core, core.read_model(str(xml)), "f32")
     bias = float(model.fc.bias.detach().float().cpu()[0])
     return OpenVinoBackend(
         stages=[compiled], shape=tuple(shape), bias=bias, precision="int8", from_cache=from_cache
