@@ -79,6 +79,29 @@ def test_box_in_voxels_inverts_the_localization_box() -> None:
     np.testing.assert_allclose(edges, expected, atol=0.2)  # the box is rounded to 0.1 mm
 
 
+def test_the_box_holds_the_peak_region_and_a_flat_map_gives_none() -> None:
+    shape = (40, 64, 48)
+    volume = Volume(
+        hu=np.zeros(shape, np.float32),
+        spacing=(2.5, 0.7, 0.8),
+        affine=canonical_affine((2.5, 0.7, 0.8), (-20.0, -30.0, -400.0)),
+    )
+    rng = np.random.default_rng(0)
+    flat = 1.0 + 0.01 * rng.standard_normal((5, 4, 3))  # every cell near the peak
+    assert localization_box(flat, volume) is None
+    # a hot corner on a cool floor, and a weaker spot apart from it: the box holds
+    # the corner's group only, not the span of both
+    cornered = flat * 0.3
+    cornered[0:2, 0:2, 0] = 1.0
+    cornered[4, 3, 2] = 0.8
+    box = localization_box(cornered, volume)
+    assert box is not None
+    edges = box_in_voxels(box, volume)
+    grid, size = np.array(flat.shape, float), np.array(shape, float)
+    expected = np.array([[0, 2], [0, 2], [0, 1]]) / grid[:, None] * size[:, None] - 0.5
+    np.testing.assert_allclose(edges, expected, atol=0.2)
+
+
 def test_pick_key_slices_spreads_the_top_and_adds_the_lowest_as_reference() -> None:
     input_scores = np.array([0.1, 0.2, 0.9, 0.95, 0.3, 0.05, 0.4, 0.8] * 4)
     slice_score = np.linspace(0.0, 1.0, 64)

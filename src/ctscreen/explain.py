@@ -20,11 +20,15 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from .volume import Volume
 
-#: A feature cell belongs to the box when its activation reaches this share of the maximum.
+#: A feature cell is hot when its activation reaches this share of the maximum.
 BOX_FRACTION = 0.5
+#: No box when more than this share of the cells is hot: evidence spread over most of
+#: the scan (a flat map) localises nothing, and a box round it would mislead.
+MAX_HOT_SHARE = 0.5
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -68,20 +72,29 @@ def slice_scores(cam: np.ndarray, bias: float, n_slices: int) -> np.ndarray:
 def localization_box(cam: np.ndarray, volume: Volume) -> tuple[float, ...] | None:
     """Box around the strongest positive evidence, in patient coordinates.
 
+    The hot cells are those whose activation is at least ``BOX_FRACTION`` of the
+    maximum; the box holds the connected group of them (faces, edges or corners
+    touching) that contains the maximum, so a second, separate hot spot does not
+    stretch it across the scan.
+
     Returns:
         ``(x_min, x_max, y_min, y_max, z_min, z_max)`` in DICOM patient
-        coordinates (LPS, mm: x to the patient's left, y posterior, z superior),
-        the axis-aligned box that holds every feature cell whose activation is at
-        least ``BOX_FRACTION`` of the maximum; None when no cell is positive.
+        coordinates (LPS, mm: x to the patient's left, y posterior, z superior);
+        None when no cell is positive, or when more than ``MAX_HOT_SHARE`` of the
+        cells are hot (the evidence is not in one region).
     """
     if cam.size == 0 or not np.isfinite(cam).all() or not np.isfinite(volume.affine).all():
         return None
     peak = float(cam.max())
     if peak <= 0:
         return None
-    hot = np.argwhere(cam >= BOX_FRACTION * peak)
-    lo = hot.min(axis=0)
-    hi = hot.max(axis=0) + 1  # cell edges
+    hot = cam >= BOX_FRACTION * peak
+    if hot.mean() > MAX_HOT_SHARE:
+        return None
+    groups, _ = ndimage.label(hot, structure=np.ones((3,) * cam.ndim, dtype=bool))
+    region = np.argwhere(groups == groups[np.unravel_index(np.argmax(cam), cam.shape)])
+    lo = region.min(axis=0)
+    hi = region.max(axis=0) + 1  # cell edges
     grid = np.asarray(cam.shape, dtype=np.float64)
     shape = np.asarray(volume.shape, dtype=np.float64)
     # fraction of the field of view -> continuous canonical voxel index (edge at -0.5)

@@ -348,6 +348,12 @@ class Screener:
         box = localization_box(cam, geometry) if (self.localize and pathology) else None
         borderline = self.card.is_borderline(probability, self.threshold)
         warnings = item.warnings
+        if self.localize and pathology and box is None:
+            warnings += (
+                "no localisation: the network's evidence is not in one region (more than "
+                "half of the scan is as hot as its peak region, or no part is positive), so "
+                "no box is given",
+            )
         if borderline:
             warnings += (
                 f"borderline: the probability {probability:.3f} lies within "
