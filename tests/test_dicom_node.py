@@ -10,8 +10,8 @@ destination down and then up.
 from __future__ import annotations
 
 import shutil
-import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,7 +86,7 @@ def node(tmp_path: Path, pacs: Orthanc, tiny_checkpoint: Path) -> Iterator[dict]
     shutil.copy(tiny_checkpoint, weights)
     http_port = free_port()
 
-    def start() -> subprocess.Popen:
+    def start(**options: float) -> subprocess.Popen:
         return start_node(
             tmp_path / "data",
             weights,
@@ -94,13 +94,14 @@ def node(tmp_path: Path, pacs: Orthanc, tiny_checkpoint: Path) -> Iterator[dict]
             dicom_port=pacs.node_port,
             send_to=pacs.destination,
             log_file=tmp_path / "serve.log",
+            **options,
         )
 
     servers = [start()]
 
-    def restart() -> None:
+    def restart(**options: float) -> None:
         stop_process(servers[-1])
-        servers.append(start())
+        servers.append(start(**options))
 
     try:
         yield {
@@ -231,32 +232,67 @@ def test_aborted_association_is_scored_with_the_missing_slices_named(
     assert any("17-20 missing" in text for text in comments)
 
 
+def node_status(http_port: int) -> dict:
+    """``GET /api/v1/dicom``: the node's incoming studies and outbox."""
+    return requests.get(f"http://127.0.0.1:{http_port}/api/v1/dicom", timeout=10).json()
+
+
+def metric(http_port: int, name: str) -> float:
+    """One value of the service's ``/metrics``."""
+    text = requests.get(f"http://127.0.0.1:{http_port}/metrics", timeout=10).text
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    return float(values[name])
+
+
 def test_destination_down_then_up_results_arrive_after_retry_and_restart(
     tmp_path: Path, pacs: Orthanc, node: dict
 ) -> None:
+    port = node["http_port"]
     pacs.stop()  # the PACS is down when the results are ready
     study_uid, paths = write_study(tmp_path / "studies", "later", seed=6)
     assert store(node["dicom_port"], paths) == [0] * len(paths)
-    wait_for(lambda: only_row(node["http_port"], study_uid), timeout=240, interval=1)
-    outbox = node["data"] / "dicom-node.db"
+    wait_for(lambda: only_row(port, study_uid), timeout=240, interval=1)
 
-    def failed_tries() -> int:
-        with sqlite3.connect(outbox) as db:
-            return db.execute(
-                "SELECT COUNT(*) FROM outbox WHERE state = 'pending' AND attempts >= 2"
-            ).fetchone()[0]
+    def failed_tries() -> list[dict]:
+        items = node_status(port)["items"]
+        return [
+            i for i in items if i["state"] == "pending" and i["attempts"] >= 2
+        ] == items and items
 
-    wait_for(failed_tries, timeout=60, interval=0.5)  # tried, failed, kept
-    node["restart"]()  # the outbox is on disk: a restart keeps it
+    items = wait_for(failed_tries, timeout=60, interval=0.5)  # tried, failed, kept
+    assert all(i["last_error"] and i["destination"] == pacs.destination for i in items)
+    assert {i["file"].split(".")[-1] for i in items} == {"dcm"}
+    assert metric(port, 'ctscreen_dicom_outbox{state="pending"}') == len(items)
+    assert metric(port, "ctscreen_dicom_outbox_oldest_pending_seconds") > 0
+
+    # The outbox is on disk: a restart keeps it. With an hour's backoff after the next
+    # failed try, only the retry route brings the results over once the PACS is back.
+    node["restart"](retry_seconds=3600.0)
+
+    def waiting_long() -> bool:
+        status = node_status(port)
+        return status["outbox"]["pending"] == len(items) and all(
+            i["next_try"] > time.time() + 600 for i in status["items"]
+        )
+
+    wait_for(waiting_long, timeout=60, interval=0.5)
     pacs.start()
+    retry = requests.post(f"http://127.0.0.1:{port}/api/v1/dicom/outbox/retry", timeout=10)
+    assert retry.json() == {"rescheduled": len(items)}
     found = wait_for(
         lambda: (lambda f: f if f["SR"] and f["SC"] else None)(results_in(pacs, study_uid)),
         timeout=120,
         interval=1,
     )
     assert read_sr(found["SR"][0]).probability == pytest.approx(
-        only_row(node["http_port"], study_uid)["probability_of_pathology"], abs=1e-6
+        only_row(port, study_uid)["probability_of_pathology"], abs=1e-6
     )
+    outbox = wait_for(
+        lambda: (lambda o: o if o["sent"] == len(items) else None)(node_status(port)["outbox"]),
+        timeout=30,
+    )
+    assert outbox["pending"] == 0 and outbox["oldest_pending_seconds"] is None
+    assert metric(port, 'ctscreen_dicom_outbox{state="sent"}') == len(items)
 
 
 @pytest.mark.skipif(

@@ -283,6 +283,14 @@ def test_metrics_count_jobs_and_study_times(client: TestClient, files: dict[str,
         values['ctscreen_study_seconds_bucket{le="+Inf"}'] == values["ctscreen_study_seconds_count"]
     )
     assert values["ctscreen_model_ready"] == 1
+    assert not any(key.startswith("ctscreen_dicom_") for key in values)  # no DICOM node
+
+
+def test_dicom_routes_say_the_node_is_off_without_dicom_port(client: TestClient) -> None:
+    for method, route in (("get", "/api/v1/dicom"), ("post", "/api/v1/dicom/outbox/retry")):
+        response = getattr(client, method)(route, headers=AUTH)
+        assert response.status_code == 404
+        assert "--dicom-port" in response.json()["detail"]
 
 
 def test_openapi_lists_the_versioned_routes_and_docs_need_no_network(client: TestClient) -> None:
@@ -293,6 +301,8 @@ def test_openapi_lists_the_versioned_routes_and_docs_need_no_network(client: Tes
         "/api/v1/jobs/{job_id}/result.{fmt}",
         "/api/v1/results.{fmt}",
         "/api/v1/jobs/{job_id}/report",
+        "/api/v1/dicom",
+        "/api/v1/dicom/outbox/retry",
         "/healthz",
         "/readyz",
     ):

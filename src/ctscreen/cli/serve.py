@@ -217,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         node = node_from_args(args, settings.data_dir, worker.wake)  # hook: the DICOM node
         if node is not None:
             node.start()
+            app.state.node = node  # its outbox in /api/v1/dicom and /metrics
     except BaseException:
         worker.stop()
         raise

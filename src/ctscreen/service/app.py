@@ -321,6 +321,7 @@ def create_app(settings: ServiceSettings, *, worker: Worker | None = None) -> Fa
     app.state.store = store
     app.state.worker = worker
     app.state.settings = settings
+    app.state.node = None  # the DICOM node, set by ``ctscreen serve --dicom-port``
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.middleware("http")
@@ -515,6 +516,24 @@ def create_app(settings: ServiceSettings, *, worker: Worker | None = None) -> Fa
         store.delete(job.id)
         return {"id": job.id, "deleted": True}
 
+    # ------------------------------------------------------------------ DICOM node
+
+    def dicom_node() -> Any:
+        node = app.state.node
+        if node is None:
+            raise HTTPException(
+                404, "the DICOM node is off; start ctscreen serve with --dicom-port to use it."
+            )
+        return node
+
+    @app.get("/api/v1/dicom", summary="The DICOM node: studies being received, the outbox")
+    def dicom_status(limit: int = 100) -> dict[str, Any]:
+        return dicom_node().status(limit=max(1, min(limit, 1000)))
+
+    @app.post("/api/v1/dicom/outbox/retry", summary="Send every pending result now")
+    def dicom_retry() -> dict[str, int]:
+        return {"rescheduled": dicom_node().retry_now()}
+
     # ------------------------------------------------------------------ health
 
     @app.get("/healthz", summary="The process answers")
@@ -539,7 +558,8 @@ def create_app(settings: ServiceSettings, *, worker: Worker | None = None) -> Fa
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(
-            prometheus_text(store, worker), media_type="text/plain; version=0.0.4; charset=utf-8"
+            prometheus_text(store, worker, app.state.node),
+            media_type="text/plain; version=0.0.4; charset=utf-8",
         )
 
     @app.get("/docs", include_in_schema=False)
@@ -602,8 +622,9 @@ def create_app(settings: ServiceSettings, *, worker: Worker | None = None) -> Fa
     return app
 
 
-def prometheus_text(store: JobStore, worker: Worker) -> str:
-    """The ``/metrics`` body: jobs by status, queue depth, study times, worker state."""
+def prometheus_text(store: JobStore, worker: Worker, node: Any = None) -> str:
+    """The ``/metrics`` body: jobs by status, queue depth, study times, worker state,
+    and with a DICOM node (``node``) its outbox and the studies being received."""
     counts = store.count_by_status()
     stats = worker.stats
     lines = [
@@ -641,7 +662,29 @@ def prometheus_text(store: JobStore, worker: Worker) -> str:
         "# TYPE ctscreen_process_resident_bytes gauge",
         f"ctscreen_process_resident_bytes {_resident_bytes()}",
     ]
+    if node is not None:
+        lines += _dicom_node_metrics(node)
     return "\n".join(lines) + "\n"
+
+
+def _dicom_node_metrics(node: Any) -> list[str]:
+    """The DICOM node's lines of ``/metrics`` (an alert on the oldest pending result
+    catches a destination that has been down for too long)."""
+    status = node.status(limit=0)
+    outbox = dict(status["outbox"])
+    oldest = outbox.pop("oldest_pending_seconds")
+    return [
+        "# HELP ctscreen_dicom_outbox Result files (SR, key images) in the outbox, by state.",
+        "# TYPE ctscreen_dicom_outbox gauge",
+        *(f'ctscreen_dicom_outbox{{state="{k}"}} {v}' for k, v in outbox.items()),
+        "# HELP ctscreen_dicom_outbox_oldest_pending_seconds Age of the oldest unsent result "
+        "(0 when none).",
+        "# TYPE ctscreen_dicom_outbox_oldest_pending_seconds gauge",
+        f"ctscreen_dicom_outbox_oldest_pending_seconds {oldest or 0.0:.1f}",
+        "# HELP ctscreen_dicom_incoming_studies Studies being received (not yet stable).",
+        "# TYPE ctscreen_dicom_incoming_studies gauge",
+        f"ctscreen_dicom_incoming_studies {len(status['incoming'])}",
+    ]
 
 
 def _resident_bytes() -> int:

@@ -269,6 +269,54 @@ class DicomNode:
         self.node_store.close()
         self.jobs.close()
 
+    def status(self, limit: int = 100) -> dict[str, Any]:
+        """The node as ``GET /api/v1/dicom`` shows it: its settings, the studies being
+        received, the outbox's counts and its newest ``limit`` items (Unix times)."""
+        oldest = self.node_store.oldest_pending()
+        settings = self.settings
+        return {
+            "ae_title": settings.ae_title,
+            "port": settings.port,
+            "send_to": None if settings.send_to is None else str(settings.send_to),
+            "stable_seconds": settings.stable_seconds,
+            "incoming": [
+                {
+                    "study_uid": s.study_uid,
+                    "calling_ae": s.calling_ae,
+                    "instances": s.instances,
+                    "first": s.first,
+                    "last": s.last,
+                    "receiving": s.receiving,
+                    "aborted": s.aborted,
+                }
+                for s in self.node_store.incoming()
+            ],
+            "outbox": {
+                **self.node_store.outbox_counts(),
+                "oldest_pending_seconds": None
+                if oldest is None
+                else round(time.time() - oldest, 1),
+            },
+            "items": [
+                {
+                    "id": i.id,
+                    "job_id": i.job_id,
+                    "file": Path(i.path).name,
+                    "state": i.state,
+                    "attempts": i.attempts,
+                    "next_try": i.next_try,
+                    "last_error": i.last_error,
+                    "destination": i.destination,
+                }
+                for i in self.node_store.outbox(limit)
+            ],
+        }
+
+    def retry_now(self) -> int:
+        """Send every pending result at the outbox's next round instead of after its
+        backoff; returns how many were waiting."""
+        return self.node_store.retry_now()
+
     # ------------------------------------------------------------------ receiver
 
     def _on_store(self, event: Any) -> int:

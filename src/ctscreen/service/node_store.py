@@ -234,14 +234,36 @@ class NodeStore(Database):
             ).fetchall()
         return [OutboxItem(*r) for r in rows]
 
-    def outbox(self) -> list[OutboxItem]:
-        """Every outbox item, oldest first."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT id, job_id, path, state, attempts, next_try, last_error, destination "
-                "FROM outbox ORDER BY id"
-            ).fetchall()
+    def outbox(self, limit: int = 100) -> list[OutboxItem]:
+        """The newest ``limit`` outbox items, newest first."""
+        rows = self._query(
+            "SELECT id, job_id, path, state, attempts, next_try, last_error, destination "
+            "FROM outbox ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
         return [OutboxItem(*r) for r in rows]
+
+    def outbox_counts(self) -> dict[str, int]:
+        """Outbox items by state (every state present, 0 when none)."""
+        counts = dict.fromkeys((PENDING, SENT, GONE), 0)
+        counts.update(self._query("SELECT state, COUNT(*) FROM outbox GROUP BY state"))
+        return counts
+
+    def oldest_pending(self) -> float | None:
+        """Unix time the oldest unsent result entered the outbox (None: nothing pending)."""
+        ((created,),) = self._query("SELECT MIN(created) FROM outbox WHERE state = ?", (PENDING,))
+        return None if created is None else float(created)
+
+    def retry_now(self) -> int:
+        """Make every pending item due at once (an operator fixed the destination and
+        does not want to wait for the backoff). Returns how many were waiting."""
+        now = time.time()
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE outbox SET next_try = ? WHERE state = ? AND next_try > ?",
+                (now, PENDING, now),
+            )
+            return cursor.rowcount
 
     def mark_sent(self, item_id: int, destination: str) -> None:
         with self._transaction() as db:
