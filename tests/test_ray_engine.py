@@ -169,3 +169,48 @@ def test_sigint_writes_the_finished_rows_and_resume_on_ray_completes_the_table(
         if input_key(row.input_path) in done:
             assert row.time_of_processing == before[row.path_to_study]
     assert not journal.exists()
+
+
+# A Ray started with the crash hook in every worker (tests/ray_crash_hook.py), then the CLI.
+CRASHING_RAY = """
+import logging, sys
+import ray
+ray.init(
+    num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
+    object_store_memory=256 * 1024 * 1024,
+    runtime_env={
+        "worker_process_setup_hook": "ray_crash_hook.install",
+        "env_vars": {"PYTHONPATH": sys.argv[1], "CTSCREEN_CRASH_LOG": sys.argv[2]},
+    },
+)
+from ctscreen.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_an_input_that_kills_its_worker_is_a_failure_row_not_a_stall(
+    archives: list[Path], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    from ctscreen.engines.ray_engine import TASK_RETRIES
+
+    inputs = [archives[1], tmp_path / "crash-read.zip", archives[5], tmp_path / "crash-score.zip"]
+    inputs[1].write_bytes(archives[0].read_bytes())
+    inputs[3].write_bytes(archives[4].read_bytes())
+    crashes = tmp_path / "crashes.txt"
+    out = tmp_path / "results.csv"
+    paths = os.pathsep.join([str(Path(__file__).parent), str(SRC)])
+    command = [sys.executable, "-c", CRASHING_RAY, paths, str(crashes), "--no-progress"]
+    command += ["predict", *map(str, inputs), "-w", str(tiny_checkpoint), "-o", str(out)]
+    command += ["--engine", "ray", "--ray-scorers", "1", *COMMON]
+    env = dict(os.environ, PYTHONPATH=paths)
+    # Ray's default (retry for ever) never ends: the timeout makes that a failure.
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400)
+    assert done.returncode == 1, done.stderr  # 1: the table has Failure rows
+
+    table = pd.read_csv(out)
+    assert list(table["input_path"]) == [str(p) for p in inputs]
+    assert list(table["processing_status"]) == ["Success", "Failure", "Success", "Failure"]
+    for row in (table.loc[1], table.loc[3]):
+        assert "Ray task" in row["error"] and "--engine local" in row["error"]
+    tries = crashes.read_text().split()
+    assert tries.count("read") == tries.count("score") == TASK_RETRIES + 1

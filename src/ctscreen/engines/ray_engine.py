@@ -20,7 +20,8 @@ blocks of one input, so the object store holds a few studies per worker.
 
 Every input gives a row: a damaged one gives its Failure row from the reading
 stage as locally, and an input whose Ray task died (a worker killed, a decoder
-crash) gives a Failure row saying so instead of ending the job.
+crash) ``TASK_RETRIES + 1`` times gives a Failure row saying so instead of ending
+or stalling the job.
 
 This module imports Ray; import it only after :func:`ctscreen.engines.require_ray`.
 """
@@ -53,6 +54,12 @@ from ..screener import Screener, read_settings
 from ..weights import load_checkpoint
 
 log = logging.getLogger(__name__)
+
+#: Tries after the first of a reading task, or of a scoring batch, whose worker process
+#: died (a decoder's crash, the kernel's out-of-memory killer, a lost node). Ray Data's
+#: default is to try for ever, so one input that always kills its worker stalled the
+#: whole run; after these it is a Failure row and the run goes on.
+TASK_RETRIES = 2
 
 #: Object store of a Ray started here: room for a few dozen prepared studies in
 #: flight (14 MB each at 96x192x192); Ray Data's backpressure keeps within it.
@@ -342,7 +349,7 @@ class RayScorer:
         with _data_context(progress=progress):
             dataset = (
                 ray.data.from_items(rows, override_num_blocks=len(rows))
-                .flat_map(read_input, fn_kwargs=reading, num_cpus=1)
+                .flat_map(read_input, fn_kwargs=reading, num_cpus=1, max_retries=TASK_RETRIES)
                 .map_batches(
                     ScoreStage,
                     fn_constructor_kwargs={"weights": str(self.weights), "options": self.options},
@@ -350,6 +357,8 @@ class RayScorer:
                     batch_format="numpy",
                     compute=ray.data.ActorPoolStrategy(size=self.scorers),
                     num_cpus=1,
+                    max_restarts=-1,  # a scorer that died is replaced ...
+                    max_task_retries=TASK_RETRIES,  # ... but its batch is not tried for ever
                     **gpu,
                 )
             )
