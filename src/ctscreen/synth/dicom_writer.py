@@ -235,7 +235,27 @@ def _file_name(
         stem = hashlib.sha1(sop_uid.encode()).hexdigest()[:8].upper() + "_anon"
     else:
         stem = f"{prefix}IM{index:05d}"
+    return _dcm_name(stem, extensionless)
+
+
+def _dcm_name(stem: str, extensionless: bool) -> str:
     return stem if extensionless else stem + ".dcm"
+
+
+def _save(ds: Dataset, path: Path) -> Path:
+    """Write ``ds`` as a DICOM file at ``path``, its folder made when missing.
+
+    Raises:
+        OSError: the write failed; it names ``path`` and keeps the cause's errno
+            (pydicom re-raises a write error without either).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        ds.save_as(path, enforce_file_format=True)
+    except OSError as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+        raise OSError(cause.errno, cause.strerror or str(exc), str(path)) from exc
+    return path
 
 
 def write_series(
@@ -324,8 +344,7 @@ def write_series(
             transfer_syntax=transfer_syntax,
             **common,
         )
-        ds.save_as(path, enforce_file_format=True)
-        return [path]
+        return [_save(ds, path)]
 
     paths: list[Path] = []
     for number, (frame, pos) in enumerate(zip(plane.frames, plane.positions, strict=True), 1):
@@ -359,8 +378,7 @@ def write_series(
             extensionless=extensionless,
             shuffle_names=shuffle_names,
         )
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
+        paths.append(_save(ds, path))
     log.debug("wrote %d slices of series %s to %s", len(paths), series_uid, out_dir)
     return paths
 
@@ -564,11 +582,7 @@ def write_localizer(
     ds.RescaleSlope = "1"
     ds.RescaleType = "HU"
     _set_pixels(ds, encode_pixels(image, enc), enc, ExplicitVRLittleEndian)
-    stem = name or "LOCALIZER"
-    path = Path(out_dir) / (stem if extensionless else stem + ".dcm")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return _save(ds, Path(out_dir) / _dcm_name(name or "LOCALIZER", extensionless))
 
 
 def write_secondary_capture(
@@ -628,8 +642,4 @@ def write_secondary_capture(
     ds.PixelRepresentation = 0
     ds.PixelData = image.tobytes()
     ds.file_meta = _file_meta(ds, ExplicitVRLittleEndian)
-    stem = name or "SC"
-    path = Path(out_dir) / (stem if extensionless else stem + ".dcm")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return _save(ds, Path(out_dir) / _dcm_name(name or "SC", extensionless))
