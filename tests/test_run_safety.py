@@ -240,3 +240,97 @@ def test_the_head_ct_is_a_failure_not_a_probability(
         assert result.probability is None
     assert 0.0 <= results[2].probability <= 1.0
     assert torch.isfinite(torch.tensor(results[2].probability))
+
+
+# --------------------------------------------------------------------------- a full disk
+
+# A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes the kernel refuse a write part-way
+# (EFBIG), as a disk that fills during the run does (ENOSPC): the same error path.
+SIZE_LIMITED_CLI = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2)
+from ctscreen.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file-size limits")
+def test_a_journal_write_refused_by_the_disk_is_one_sentence_and_resume_finishes(
+    tmp_path: Path, tiny_checkpoint: Path, make_series
+) -> None:
+    inputs = [make_series(seed=s, name=f"in{s}")[0][0].parent for s in range(6)]
+    out = tmp_path / "results.csv"
+    args = [*inputs, "-w", tiny_checkpoint, "-o", out, "--precision", "fp32", "--backend", "torch"]
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    command = [sys.executable, "-c", SIZE_LIMITED_CLI, "3000", "--no-progress", "predict"]
+    done = subprocess.run(
+        [*command, *map(str, args)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    (sentence,) = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert f"cannot write the run's journal {journal_path(out)} (File too large)" in sentence
+    assert "free space on that disk" in sentence and "--resume" in sentence
+    kept = read_journal(journal_path(out))
+    assert 1 <= len(kept) < len(inputs)
+
+    resumed = _subprocess_predict([*args, "--resume"], tmp_path)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert f"({len(kept)} input(s) taken from the journal)" in err
+    table = pd.read_csv(out)
+    assert list(table["path_to_study"]) == [str(p) for p in inputs]
+    assert (table["processing_status"] == "Success").all()
+
+
+def test_a_table_the_disk_refuses_keeps_its_rows_for_resume(
+    run_cli, tmp_path: Path, tiny_checkpoint: Path, make_series, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import ctscreen.report as report
+
+    inputs = [make_series(seed=s, name=f"in{s}")[0][0].parent for s in range(2)]
+    out = tmp_path / "results.csv"
+    args = [*inputs, "-w", tiny_checkpoint, "-o", out, "--precision", "fp32", "--backend", "torch"]
+    real_writer = report._write_csv
+
+    def full_disk(frame: pd.DataFrame, tmp: Path) -> None:
+        tmp.write_bytes(b"half a tab")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "_write_csv", full_disk)
+    failed = run_cli("predict", *args)
+    assert failed.code == 2
+    assert failed.err.strip().splitlines()[-1] == (
+        f"ctscreen: error: cannot write the result table {out} (No space left on device); "
+        "there is no room for it: free space on that disk or choose another folder; the 2 "
+        f"row(s) are kept in {journal_path(out)}: run the same command with --resume to "
+        "write the table without scoring again."
+    )
+    assert not out.exists() and [p.name for p in tmp_path.glob(".results*")] == []
+
+    monkeypatch.setattr(report, "_write_csv", real_writer)
+    resumed = run_cli("predict", *args, "--resume")
+    assert resumed.code == 0, resumed.err
+    assert "(2 input(s) taken from the journal)" in resumed.err
+    assert list(pd.read_csv(out)["path_to_study"]) == [str(p) for p in inputs]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file-size limits")
+def test_any_command_whose_file_the_disk_refuses_names_it_in_one_sentence(tmp_path: Path) -> None:
+    out = tmp_path / "synthetic"
+    command = [sys.executable, "-c", SIZE_LIMITED_CLI, "4096", "--no-progress", "synth", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    done = subprocess.run(
+        [*command, "--studies", "1"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()  # one sentence, no traceback
+    named = line.removeprefix("ctscreen: error: cannot write ").split(" (File too large)")[0]
+    assert Path(named).is_file() and Path(named).is_relative_to(out), line
+    assert line.endswith(
+        " (File too large); there is no room for it: free space on that disk or choose "
+        "another folder."
+    )

@@ -7,6 +7,13 @@ exit code; library code never calls ``sys.exit``.
 
 from __future__ import annotations
 
+import errno
+
+#: OS errors that mean "no room to write": a full disk, a quota, a file-size limit.
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+#: OS errors that mean "not allowed to write here".
+NOT_ALLOWED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
 
 class CtscreenError(Exception):
     """Base class of every error ctscreen raises on purpose."""
@@ -87,3 +94,29 @@ class NotChestError(CtscreenError):
     """The series to score is not a chest CT (too little aerated lung in the image)."""
 
     code = "NOT_CHEST"
+
+
+def cannot_write(what: str, exc: OSError, *, then: str = "") -> ConfigError:
+    """The one sentence for an output that could not be written.
+
+    Args:
+        what: the output, e.g. ``"the result table /data/out.xlsx"``.
+        exc: the error the write raised.
+        then: what to do once the cause is fixed, appended after a comma
+            (e.g. ``"then run the same command with --resume"``).
+
+    Example:
+        >>> full = OSError(errno.ENOSPC, "No space left on device")
+        >>> print(cannot_write("the table t.csv", full).message)
+        cannot write the table t.csv (No space left on device); there is no room for it: \
+free space on that disk or choose another folder.
+    """
+    if exc.errno in NO_ROOM:
+        advice = "there is no room for it: free space on that disk or choose another folder"
+    elif exc.errno == errno.EROFS:
+        advice = "that file system is read-only: choose another folder"
+    else:
+        advice = "choose a folder you can write to"
+    return ConfigError(
+        f"cannot write {what} ({exc.strerror or exc}); {advice}{', ' + then if then else ''}."
+    )

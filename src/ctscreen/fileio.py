@@ -61,6 +61,10 @@ def write_atomic(path: Path | str, write: Callable[[Path], None]) -> None:
             write(tmp)
             os.chmod(tmp, new_file_mode())
             os.replace(tmp, path)
+        except OSError as exc:
+            if exc.filename in (None, tmp_name):
+                exc.filename = str(path)  # the file the user knows, not its temporary twin
+            raise
         finally:
             tmp.unlink(missing_ok=True)
 

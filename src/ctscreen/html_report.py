@@ -44,7 +44,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from .config import PreprocessConfig
-from .errors import ConfigError
+from .errors import ConfigError, cannot_write
 from .explain import box_in_voxels, slice_scores
 from .fileio import write_text_atomic
 from .results import StudyResult
@@ -533,10 +533,7 @@ class ReportWriter:
             for old in self.img_dir.glob("series-*.png"):  # pictures of an earlier run
                 old.unlink()
         except OSError as exc:
-            raise ConfigError(
-                f"cannot write the HTML report into {self.out_dir} ({exc.strerror or exc}); "
-                "choose a folder you can write to."
-            ) from exc
+            raise cannot_write(f"the HTML report into {self.out_dir}", exc) from exc
 
     def add(self, result: StudyResult) -> None:
         """Add one study's card; render its pictures now when it carries its activation
@@ -634,10 +631,7 @@ class ReportWriter:
                 if not any(self.img_dir.iterdir()):
                     self.img_dir.rmdir()
         except OSError as exc:
-            raise ConfigError(
-                f"cannot write the HTML report {index} ({exc.strerror or exc}); "
-                "choose a folder you can write to."
-            ) from exc
+            raise cannot_write(f"the HTML report {index}", exc) from exc
         log.info(
             "wrote the HTML report %s (%d cards, pictures %s)",
             index,

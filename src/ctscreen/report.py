@@ -21,6 +21,7 @@ a half-written table (and an earlier table at that path survives a failed write)
 from __future__ import annotations
 
 import enum
+import io
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from typing import Any
 
 import pandas as pd
 
-from .errors import ConfigError, MissingExtraError
+from .errors import ConfigError, MissingExtraError, cannot_write
 from .fileio import write_atomic
 from .results import FAILURE, STATUSES, SUCCESS, StudyResult
 
@@ -352,7 +353,10 @@ def _column_width(header: str, values: Sequence[object]) -> int:
 def _write_xlsx(frame: pd.DataFrame, run_info: Mapping[str, Any] | None, tmp: Path) -> None:
     from openpyxl.utils import get_column_letter
 
-    with pd.ExcelWriter(tmp, engine="openpyxl") as writer:
+    # Built in memory, then written in one go: openpyxl's zip writer, cut off by a
+    # full disk, would complain again from its finaliser after the error is handled.
+    buffer = io.BytesIO()
+    with pd.ExcelWriter(buffer, engine="openpyxl") as writer:
         frame.to_excel(writer, sheet_name=RESULTS_SHEET, index=False)
         sheet = writer.sheets[RESULTS_SHEET]
         sheet.freeze_panes = "A2"
@@ -369,6 +373,7 @@ def _write_xlsx(frame: pd.DataFrame, run_info: Mapping[str, Any] | None, tmp: Pa
             for i, name in enumerate(info.columns, start=1):
                 width = _column_width(name, info[name].tolist())
                 run_sheet.column_dimensions[get_column_letter(i)].width = width
+    tmp.write_bytes(buffer.getvalue())
 
 
 def _write_csv(frame: pd.DataFrame, tmp: Path) -> None:
@@ -432,9 +437,6 @@ def write_table(
             if run_info:
                 write_atomic(run_info_path(path), lambda tmp: _write_run_json(run_info, tmp))
     except OSError as exc:
-        raise ConfigError(
-            f"cannot write the result table {path} ({exc.strerror or exc}); "
-            "choose a folder you can write to."
-        ) from exc
+        raise cannot_write(f"the result table {path}", exc) from exc
     log.info("wrote %d rows to %s", len(frame), path)
     return path

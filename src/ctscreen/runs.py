@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from .errors import ConfigError
+from .errors import ConfigError, cannot_write
 from .interrupts import (
     deferred_interrupts,
     interruptible,
@@ -109,9 +109,7 @@ def check_output_path(path: Path | str, *, overwrite: bool = False, resume: bool
         with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe"):
             pass
     except OSError as exc:
-        raise ConfigError(
-            f"cannot write into {parent} ({exc.strerror or exc}); choose a folder you can write to."
-        ) from exc
+        raise cannot_write(f"into {parent}", exc) from exc
     if path.exists() and not (overwrite or resume):
         raise ConfigError(
             f"{path} already exists; pass --overwrite to replace it, or choose another name."
@@ -178,9 +176,26 @@ class Journal:
             self.path.unlink(missing_ok=True)
 
     def _write(self, lines: list[dict[str, Any]]) -> None:
-        self._handle.write("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        """Append ``lines``, on disk when this returns.
+
+        Raises:
+            ConfigError: they cannot be written (a full disk): the run stops; what
+                the journal holds already is read back by ``--resume`` (a line cut
+                short is ignored).
+        """
+        try:
+            self._handle.write(
+                "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+            )
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as exc:
+            raise cannot_write(
+                f"the run's journal {self.path}",
+                exc,
+                then="then run the same command with --resume: the studies scored before "
+                "this one are kept",
+            ) from exc
 
 
 def _done(key: str) -> dict[str, Any]:
@@ -361,8 +376,15 @@ def score_to_table(
     }
     try:
         write_table(rows_to_frame(outcome.rows), out, run_info=outcome.run_info)
-    except BaseException:
+    except ConfigError as exc:
         journal.close(remove=False)  # the rows stay on disk for --resume
+        raise ConfigError(
+            f"{exc.message.removesuffix('.')}; the {len(outcome.rows)} row(s) are kept in "
+            f"{journal.path}: run the same command with --resume to write the table "
+            "without scoring again."
+        ) from exc
+    except BaseException:
+        journal.close(remove=False)
         raise
     journal.close(remove=not outcome.interrupted)
     return outcome

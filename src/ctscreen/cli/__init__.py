@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from .._version import __version__
-from ..errors import CtscreenError
+from ..errors import NO_ROOM, NOT_ALLOWED, CtscreenError, cannot_write
 from .exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 
 __all__ = [
@@ -88,6 +88,17 @@ def _set_up_logging(level: str) -> None:
     root.setLevel(level)
 
 
+def _write_refused(exc: BaseException) -> OSError | None:
+    """The OS error behind ``exc`` that means "no room" or "not allowed", if any (pydicom,
+    for one, re-raises a write error as a new ``OSError`` without its ``errno``)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in NO_ROOM | NOT_ALLOWED:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command and return its exit code (never calls ``sys.exit``)."""
     parser = build_parser()
@@ -99,6 +110,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"ctscreen: error: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        # A full disk or a folder closed to writing, met where no writer said so itself
+        # (a checkpoint, a cache entry, a DICOM file): one sentence, not a traceback.
+        cause = _write_refused(exc)
+        if args.debug or cause is None:
+            raise
+        sentence = cannot_write(str(cause.filename or exc.filename or "a file"), cause).message
+        print(f"ctscreen: error: {sentence}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("ctscreen: interrupted", file=sys.stderr)
