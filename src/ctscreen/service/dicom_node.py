@@ -29,7 +29,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -279,16 +279,9 @@ class DicomNode:
             "port": settings.port,
             "send_to": None if settings.send_to is None else str(settings.send_to),
             "stable_seconds": settings.stable_seconds,
+            # The folder and the file's full path are the server's business, not the API's.
             "incoming": [
-                {
-                    "study_uid": s.study_uid,
-                    "calling_ae": s.calling_ae,
-                    "instances": s.instances,
-                    "first": s.first,
-                    "last": s.last,
-                    "receiving": s.receiving,
-                    "aborted": s.aborted,
-                }
+                {k: v for k, v in asdict(s).items() if k != "folder"}
                 for s in self.node_store.incoming()
             ],
             "outbox": {
@@ -298,16 +291,7 @@ class DicomNode:
                 else round(time.time() - oldest, 1),
             },
             "items": [
-                {
-                    "id": i.id,
-                    "job_id": i.job_id,
-                    "file": Path(i.path).name,
-                    "state": i.state,
-                    "attempts": i.attempts,
-                    "next_try": i.next_try,
-                    "last_error": i.last_error,
-                    "destination": i.destination,
-                }
+                {k: v for k, v in asdict(i).items() if k != "path"} | {"file": Path(i.path).name}
                 for i in self.node_store.outbox(limit)
             ],
         }
