@@ -220,6 +220,42 @@ def normalise_name(name: str) -> str:
     return re.sub(r"[\s\-./]+", "_", name.strip().lower()).strip("_")
 
 
+def read_registry_table(
+    root: Path,
+    source: str,
+    synonyms: Mapping[str, Sequence[str]],
+    *,
+    required: Iterable[str],
+    column_map: Mapping[str, str] | None = None,
+) -> tuple[pd.DataFrame, dict[str, str | None]]:
+    """The dataset's own table in ``root`` (``dataset_registry.xlsx`` and a ``studies/``
+    folder beside it) and which of its columns plays which role.
+
+    Args:
+        root: dataset root, already checked by :func:`require_root`.
+        source: adapter name, for messages.
+        synonyms, required, column_map: as :func:`resolve_columns` takes them.
+
+    Returns:
+        The table (every cell a stripped string) and role -> column.
+
+    Raises:
+        DatasetError: no table, or its columns cannot be matched to the roles.
+    """
+    table_path = find_registry_table(root)
+    if table_path is None:
+        raise missing_table_error(root, source, "dataset_registry.xlsx and studies/")
+    table = read_table(table_path)
+    cols = resolve_columns(
+        list(table.columns),
+        synonyms,
+        required=required,
+        column_map=column_map,
+        table=str(table_path),
+    )
+    return table, cols
+
+
 def resolve_columns(
     columns: Sequence[str],
     synonyms: Mapping[str, Sequence[str]],

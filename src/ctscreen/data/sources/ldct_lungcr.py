@@ -20,14 +20,11 @@ from ..registry import RegistryRow, rows_to_frame
 from .common import (
     AdapterResult,
     binary_rule,
-    find_registry_table,
     iter_files,
     label_map_rule,
-    missing_table_error,
+    read_registry_table,
     read_study_header,
-    read_table,
     require_root,
-    resolve_columns,
 )
 
 log = logging.getLogger(__name__)
@@ -66,16 +63,8 @@ def build_ldct_lungcr(
         DatasetError: the root or its registry table is missing, or columns are not found.
     """
     root = require_root(root, NAME)
-    table_path = find_registry_table(root)
-    if table_path is None:
-        raise missing_table_error(root, NAME, "dataset_registry.xlsx and studies/")
-    table = read_table(table_path)
-    cols = resolve_columns(
-        list(table.columns),
-        COLUMN_SYNONYMS,
-        required=("study", "label"),
-        column_map=column_map,
-        table=str(table_path),
+    table, cols = read_registry_table(
+        root, NAME, COLUMN_SYNONYMS, required=("study", "label"), column_map=column_map
     )
     rule = label_map_rule(label_map) if label_map else binary_rule(POSITIVE_VALUES, NEGATIVE_VALUES)
     studies_dir = root / "studies"
