@@ -4,6 +4,8 @@ random-weight checkpoint and an in-process CLI runner."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,24 @@ TINY_INPUT = (16, 32, 32)
 SMALL_SHAPE = (24, 64, 64)
 SMALL_SPACING = (5.0, 5.0, 5.0)
 SMALL_ORIGIN = (-157.5, -170.0, -320.0)
+
+
+#: Roughly what the suite holds on disk at once (full r3d_18 checkpoints are 130-400 MB;
+#: a passing test's folder is removed when it ends, see pyproject.toml).
+SUITE_DISK_BYTES = 4 << 30
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int) -> None:
+    """After a failed or short-of-space run, the free space where the tests write: a full
+    disk shows up as errors in fixtures (a DICOM or checkpoint write refused) that do not
+    name the cause."""
+    where = tempfile.gettempdir()
+    free = shutil.disk_usage(where).free
+    if exitstatus != 0 or free < SUITE_DISK_BYTES:
+        terminalreporter.write_line(
+            f"free disk space in {where}: {free / 2**30:.1f} GiB (the suite needs about "
+            f"{SUITE_DISK_BYTES / 2**30:.0f} GiB)"
+        )
 
 
 def _real_dicom_root() -> Path:
