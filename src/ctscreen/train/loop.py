@@ -634,7 +634,29 @@ def _silent(line: str) -> None:
     """The echo of every process but rank 0."""
 
 
-def _train(
+@dataclass(frozen=True)
+class _Studies:
+    """The studies a run trains and validates on, after caching and checks.
+
+    Attributes:
+        train_rows: registry rows of the training studies (readable ones only).
+        val_rows: registry rows of the validation studies (readable ones only).
+        dropped: keys of the studies left out because they could not be cached.
+        n_pos: training studies with pathology (label 1).
+        n_neg: normal training studies (label 0).
+        resuming: the run folder holds a resume state to continue from (rank 0's
+            folder decides for every process).
+    """
+
+    train_rows: pd.DataFrame
+    val_rows: pd.DataFrame
+    dropped: list[str]
+    n_pos: int
+    n_neg: int
+    resuming: bool
+
+
+def _prepare_studies(
     *,
     registry: pd.DataFrame | Path | str,
     train_keys: Sequence[str] | Path | str,
@@ -645,16 +667,23 @@ def _train(
     resume: bool,
     progress: bool,
     say: Echo,
-    after_step: StepHook | None,
     world: dist_lib.World,
-    device: torch.device,
-) -> TrainResult:
-    """The body of :func:`train`, within the process group."""
-    from ..model import build_model
-    from ..weights import save_checkpoint
+) -> _Studies | None:
+    """Select the train and val studies, check the run folder, cache, check the classes.
 
-    main = world.is_main
-    state_path = out_dir / STATE_NAME
+    Collectives (every process calls them alike): the run folder check and the
+    cache build, both done by rank 0 (:func:`dist_lib.run_on_main`). Rank 0 also
+    creates ``out_dir``.
+
+    Returns:
+        The studies, or None when Ctrl-C stopped the cache build (said via ``say``;
+        the studies cached so far are kept).
+
+    Raises:
+        DatasetError: keys missing from the registry, train/val overlap, a training
+            set without both classes or an empty validation set.
+        ConfigError: an existing run folder without ``resume``.
+    """
     frame = read_registry_arg(registry)
     train_rows = select_rows(frame, read_keys_arg(train_keys), what="train")
     val_rows = select_rows(frame, read_keys_arg(val_keys), what="val")
@@ -666,7 +695,7 @@ def _train(
         )
     # Rank 0's run folder decides for all (other machines may not see it).
     resuming = dist_lib.run_on_main(lambda: _check_run_folder(out_dir, resume), world)
-    if main:
+    if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
     dropped: list[str] = []
@@ -688,7 +717,7 @@ def _train(
                 "stopped by Ctrl-C while caching; the studies cached so far are kept, "
                 "run the same command again to go on"
             )
-            return TrainResult(out_dir, None, None, math.nan, 0, (), (), interrupted=True)
+            return None
         train_rows, lost_train = _drop_unreadable(train_rows, report.failed_keys, "train")
         val_rows, lost_val = _drop_unreadable(val_rows, report.failed_keys, "val")
         dropped = lost_train + lost_val
@@ -703,6 +732,46 @@ def _train(
         raise DatasetError("the validation set is empty; give val keys of readable studies.")
     if val_rows["label"].nunique() < 2:
         log.warning("the validation set holds one class only: ROC-AUC is undefined (nan)")
+    return _Studies(train_rows, val_rows, dropped, n_pos, n_neg, resuming)
+
+
+def _train(
+    *,
+    registry: pd.DataFrame | Path | str,
+    train_keys: Sequence[str] | Path | str,
+    val_keys: Sequence[str] | Path | str,
+    out_dir: Path,
+    config: TrainConfig,
+    cache_dir: Path | str | None,
+    resume: bool,
+    progress: bool,
+    say: Echo,
+    after_step: StepHook | None,
+    world: dist_lib.World,
+    device: torch.device,
+) -> TrainResult:
+    """The body of :func:`train`, within the process group."""
+    from ..model import build_model
+    from ..weights import save_checkpoint
+
+    main = world.is_main
+    state_path = out_dir / STATE_NAME
+    studies = _prepare_studies(
+        registry=registry,
+        train_keys=train_keys,
+        val_keys=val_keys,
+        out_dir=out_dir,
+        config=config,
+        cache_dir=cache_dir,
+        resume=resume,
+        progress=progress,
+        say=say,
+        world=world,
+    )
+    if studies is None:
+        return TrainResult(out_dir, None, None, math.nan, 0, (), (), interrupted=True)
+    train_rows, val_rows, dropped = studies.train_rows, studies.val_rows, studies.dropped
+    n_pos, n_neg, resuming = studies.n_pos, studies.n_neg, studies.resuming
     writer = _open_tensorboard(out_dir) if config.tensorboard and main else None
 
     use_amp = bool(config.amp and device.type == "cuda")
