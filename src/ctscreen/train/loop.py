@@ -48,7 +48,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -735,6 +735,76 @@ def _prepare_studies(
     return _Studies(train_rows, val_rows, dropped, n_pos, n_neg, resuming)
 
 
+@dataclass
+class _Standing:
+    """Where a run stands: its finished epochs and the best of them.
+
+    Attributes:
+        history: one row per finished epoch (the rows of metrics.csv).
+        best_score: validation ROC-AUC of the best epoch (-inf: none yet, or undefined).
+        best_epoch: the best epoch; None before the first validated one.
+        start_epoch: the first epoch this run trains (1, or the one after the resume state's).
+        snapshot: rank 0's resume state of the last finished epoch, kept in memory and
+            written on Ctrl-C (``resume_state="on_interrupt"``); None otherwise.
+    """
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int | None = None
+    start_epoch: int = 1
+    snapshot: dict[str, Any] | None = None
+
+
+def _restore_state(
+    out_dir: Path,
+    *,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    config: TrainConfig,
+    say: Echo,
+    world: dist_lib.World,
+) -> _Standing:
+    """Load ``out_dir/last_state.pth`` into the network, optimizer, scaler and RNGs.
+
+    A collective: rank 0 reads the state and sends it to the others
+    (:func:`dist_lib.run_on_main`).
+
+    Returns:
+        The history, best epoch and score of the resumed run, starting at the epoch
+        after the state's.
+
+    Raises:
+        ConfigError: the state was made with other preprocessing.
+    """
+    state_path = out_dir / STATE_NAME
+    # Read by rank 0 and sent to the others: its folder need not be shared.
+    state = dist_lib.run_on_main(lambda: load_train_state(state_path), world)
+    saved = TrainConfig.from_dict(state["config"])
+    if saved.preprocess != config.preprocess:
+        raise ConfigError(
+            f"cannot resume {out_dir}: it was trained with preprocessing "
+            f"{saved.preprocess.describe()}, not {config.preprocess.describe()}; "
+            "use the same window and shape or start a new run."
+        )
+    changed = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
+    if changed:
+        log.warning("resuming with changed options: %s", ", ".join(changed))
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"])
+    standing = _Standing(
+        history=[dict(row) for row in state["history"]],
+        best_score=float(state["best_score"]),
+        best_epoch=state["best_epoch"],
+        start_epoch=int(state["epoch"]) + 1,
+    )
+    say(f"resuming {out_dir} at epoch {standing.start_epoch}")
+    return standing
+
+
 def _train(
     *,
     registry: pd.DataFrame | Path | str,
@@ -785,32 +855,20 @@ def _train(
         pos_weight = torch.tensor([n_neg / n_pos], dtype=torch.float32, device=device)
     criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
-    history: list[dict[str, float]] = []
-    best_score, best_epoch = -math.inf, None
-    start_epoch = 1
+    standing = _Standing()
     if resuming:
-        # Read by rank 0 and sent to the others: its folder need not be shared.
-        state = dist_lib.run_on_main(lambda: load_train_state(state_path), world)
-        saved = TrainConfig.from_dict(state["config"])
-        if saved.preprocess != config.preprocess:
-            raise ConfigError(
-                f"cannot resume {out_dir}: it was trained with preprocessing "
-                f"{saved.preprocess.describe()}, not {config.preprocess.describe()}; "
-                "use the same window and shape or start a new run."
-            )
-        changed = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
-        if changed:
-            log.warning("resuming with changed options: %s", ", ".join(changed))
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"])
-        history = [dict(row) for row in state["history"]]
-        best_score = float(state["best_score"])
-        best_epoch = state["best_epoch"]
-        start_epoch = int(state["epoch"]) + 1
-        say(f"resuming {out_dir} at epoch {start_epoch}")
+        standing = _restore_state(
+            out_dir,
+            net=net,
+            optimizer=optimizer,
+            scaler=scaler,
+            config=config,
+            say=say,
+            world=world,
+        )
+    history = standing.history
+    best_score, best_epoch = standing.best_score, standing.best_epoch
+    start_epoch = standing.start_epoch
     # DDP starts every process from rank 0's weights (the same anyway: seed or resume state).
     model = dist_lib.wrap(net, world, device)
     if main:
