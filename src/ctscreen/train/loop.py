@@ -634,6 +634,57 @@ def _silent(line: str) -> None:
     """The echo of every process but rank 0."""
 
 
+def _train(
+    *,
+    registry: pd.DataFrame | Path | str,
+    train_keys: Sequence[str] | Path | str,
+    val_keys: Sequence[str] | Path | str,
+    out_dir: Path,
+    config: TrainConfig,
+    cache_dir: Path | str | None,
+    resume: bool,
+    progress: bool,
+    say: Echo,
+    after_step: StepHook | None,
+    world: dist_lib.World,
+    device: torch.device,
+) -> TrainResult:
+    """The body of :func:`train`, within the process group.
+
+    Every process makes the same calls in the same order (several of them are
+    collectives); rank 0 alone writes the run folder.
+    """
+    studies = _prepare_studies(
+        registry=registry,
+        train_keys=train_keys,
+        val_keys=val_keys,
+        out_dir=out_dir,
+        config=config,
+        cache_dir=cache_dir,
+        resume=resume,
+        progress=progress,
+        say=say,
+        world=world,
+    )
+    if studies is None:
+        return TrainResult(out_dir, None, None, math.nan, 0, (), (), interrupted=True)
+    run, standing = _build_run(
+        studies,
+        out_dir=out_dir,
+        config=config,
+        cache_dir=cache_dir,
+        progress=progress,
+        say=say,
+        after_step=after_step,
+        world=world,
+        device=device,
+    )
+    epochs_left = _announce_run(run, studies, standing)
+    estimate = _DurationEstimate(run, epochs_left=epochs_left, start_epoch=standing.start_epoch)
+    interrupted = _run_epochs(run, standing, estimate)
+    return _finish_run(run, standing, dropped=studies.dropped, interrupted=interrupted)
+
+
 @dataclass(frozen=True)
 class _Studies:
     """The studies a run trains and validates on, after caching and checks.
@@ -805,43 +856,84 @@ def _restore_state(
     return standing
 
 
-def _train(
+@dataclass(frozen=True)
+class _Run:
+    """The objects a training run works with, made once before its first epoch.
+
+    Attributes:
+        config: the training configuration.
+        out_dir: the run folder.
+        world: the processes training together.
+        device: this process's device.
+        say: receives the lines for the user (silent in every process but rank 0).
+        progress: draw tqdm bars.
+        after_step: the caller's hook after every optimisation step, or None.
+        net: the plain network (validated, saved, handed to ``after_step``).
+        model: ``net`` or its DistributedDataParallel wrapper (the one trained).
+        optimizer: AdamW over ``net``'s parameters.
+        scaler: the mixed-precision gradient scaler (disabled without AMP).
+        criterion: the (possibly ``pos_weight``-ed) BCE-with-logits loss.
+        use_amp: mixed precision is on (CUDA only).
+        pos_weight: the loss's weight of the positive class, or None.
+        generator: the data-order and augmentation generator of the loaders,
+            reseeded every epoch.
+        train_loader: the training studies (this process's shard).
+        val_loader: the validation studies (this process's shard).
+        writer: the TensorBoard ``SummaryWriter`` (rank 0, when requested), or None.
+        data_summary: the training data summary of the model cards.
+    """
+
+    config: TrainConfig
+    out_dir: Path
+    world: dist_lib.World
+    device: torch.device
+    say: Echo
+    progress: bool
+    after_step: StepHook | None
+    net: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    use_amp: bool
+    pos_weight: float | None
+    generator: torch.Generator
+    train_loader: DataLoader
+    val_loader: DataLoader
+    writer: Any
+    data_summary: dict[str, Any]
+
+    @property
+    def state_path(self) -> Path:
+        """The resume state, ``out_dir/last_state.pth``."""
+        return self.out_dir / STATE_NAME
+
+
+def _build_run(
+    studies: _Studies,
     *,
-    registry: pd.DataFrame | Path | str,
-    train_keys: Sequence[str] | Path | str,
-    val_keys: Sequence[str] | Path | str,
     out_dir: Path,
     config: TrainConfig,
     cache_dir: Path | str | None,
-    resume: bool,
     progress: bool,
     say: Echo,
     after_step: StepHook | None,
     world: dist_lib.World,
     device: torch.device,
-) -> TrainResult:
-    """The body of :func:`train`, within the process group."""
+) -> tuple[_Run, _Standing]:
+    """Make the network, optimizer, loss and loaders; restore the resume state if any.
+
+    Seeds the global generators with ``config.seed`` before building the network.
+    Collectives: reading the resume state (:func:`_restore_state`) and the
+    DistributedDataParallel wrap. Rank 0 opens TensorBoard (when requested) and
+    writes ``config.json``.
+
+    Returns:
+        The run and where it stands (a fresh :class:`_Standing` unless resuming).
+    """
     from ..model import build_model
-    from ..weights import save_checkpoint
 
     main = world.is_main
-    state_path = out_dir / STATE_NAME
-    studies = _prepare_studies(
-        registry=registry,
-        train_keys=train_keys,
-        val_keys=val_keys,
-        out_dir=out_dir,
-        config=config,
-        cache_dir=cache_dir,
-        resume=resume,
-        progress=progress,
-        say=say,
-        world=world,
-    )
-    if studies is None:
-        return TrainResult(out_dir, None, None, math.nan, 0, (), (), interrupted=True)
-    train_rows, val_rows, dropped = studies.train_rows, studies.val_rows, studies.dropped
-    n_pos, n_neg, resuming = studies.n_pos, studies.n_neg, studies.resuming
     writer = _open_tensorboard(out_dir) if config.tensorboard and main else None
 
     use_amp = bool(config.amp and device.type == "cuda")
@@ -852,11 +944,13 @@ def _train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     pos_weight = None
     if config.balance in ("loss", "both"):
-        pos_weight = torch.tensor([n_neg / n_pos], dtype=torch.float32, device=device)
+        pos_weight = torch.tensor(
+            [studies.n_neg / studies.n_pos], dtype=torch.float32, device=device
+        )
     criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
 
     standing = _Standing()
-    if resuming:
+    if studies.resuming:
         standing = _restore_state(
             out_dir,
             net=net,
@@ -866,9 +960,6 @@ def _train(
             say=say,
             world=world,
         )
-    history = standing.history
-    best_score, best_epoch = standing.best_score, standing.best_epoch
-    start_epoch = standing.start_epoch
     # DDP starts every process from rank 0's weights (the same anyway: seed or resume state).
     model = dist_lib.wrap(net, world, device)
     if main:
@@ -877,9 +968,15 @@ def _train(
     transform = augment_volume if config.augment else None
     # Only rank 0 fills missing cache entries; the others decode what they miss.
     train_set = StudyDataset(
-        train_rows, config.preprocess, cache_dir=cache_dir, transform=transform, fill_cache=main
+        studies.train_rows,
+        config.preprocess,
+        cache_dir=cache_dir,
+        transform=transform,
+        fill_cache=main,
     )
-    val_set = StudyDataset(val_rows, config.preprocess, cache_dir=cache_dir, fill_cache=main)
+    val_set = StudyDataset(
+        studies.val_rows, config.preprocess, cache_dir=cache_dir, fill_cache=main
+    )
     generator = torch.Generator()
     train_loader = _make_loader(
         train_set, config=config, train=True, generator=generator, device=device, world=world
@@ -887,234 +984,469 @@ def _train(
     val_loader = _make_loader(
         val_set, config=config, train=False, generator=generator, device=device, world=world
     )
-    data_summary = training_data_summary(train_rows, val_rows, dropped, config.seed)
-    epochs_left = max(config.epochs - start_epoch + 1, 0)
-    say(
-        f"training on {device}: {len(train_rows)} train studies ({n_pos} with pathology), "
-        f"{len(val_rows)} val, input {'x'.join(map(str, config.preprocess.shape))}, "
-        f"{epochs_left} epoch(s) of {len(train_loader)} train + {len(val_loader)} val "
-        f"batches{_per_process(world)}, balance={config.balance}"
-        + (f" (pos_weight {n_neg / n_pos:.3f})" if pos_weight is not None else "")
+    run = _Run(
+        config=config,
+        out_dir=out_dir,
+        world=world,
+        device=device,
+        say=say,
+        progress=progress,
+        after_step=after_step,
+        net=net,
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        criterion=criterion,
+        use_amp=use_amp,
+        pos_weight=float(pos_weight.item()) if pos_weight is not None else None,
+        generator=generator,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        writer=writer,
+        data_summary=training_data_summary(
+            studies.train_rows, studies.val_rows, studies.dropped, config.seed
+        ),
+    )
+    return run, standing
+
+
+def _announce_run(run: _Run, studies: _Studies, standing: _Standing) -> int:
+    """Say what the run trains on and how much disk its folder will take.
+
+    Returns:
+        The number of epochs still to run.
+    """
+    config = run.config
+    epochs_left = max(config.epochs - standing.start_epoch + 1, 0)
+    run.say(
+        f"training on {run.device}: {len(studies.train_rows)} train studies "
+        f"({studies.n_pos} with pathology), "
+        f"{len(studies.val_rows)} val, input {'x'.join(map(str, config.preprocess.shape))}, "
+        f"{epochs_left} epoch(s) of {len(run.train_loader)} train + {len(run.val_loader)} val "
+        f"batches{_per_process(run.world)}, balance={config.balance}"
+        + (
+            f" (pos_weight {studies.n_neg / studies.n_pos:.3f})"
+            if run.pos_weight is not None
+            else ""
+        )
     )
     plan = progress_lib.disk_plan(
-        sum(v.numel() for v in net.state_dict().values()),
+        sum(v.numel() for v in run.net.state_dict().values()),
         epochs=epochs_left,
         save_every_epoch=config.save_every_epoch,
         state_on_interrupt=config.resume_state == "on_interrupt",
     )
-    say(progress_lib.disk_line(plan, str(out_dir)))
+    run.say(progress_lib.disk_line(plan, str(run.out_dir)))
+    return epochs_left
 
-    batch_times: list[float] = []
-    estimated = False
 
-    def time_first_batches(step: int, seconds: float) -> None:
-        nonlocal estimated
-        n_batches = len(train_loader)
-        if estimated:
+class _DurationEstimate:
+    """Times the first training batches, then says once how long the run will take.
+
+    An instance is the ``on_batch`` hook of the training passes (see :attr:`hook`)
+    until it has said so.
+    """
+
+    def __init__(self, run: _Run, *, epochs_left: int, start_epoch: int) -> None:
+        self.run = run
+        self.epochs_left = epochs_left
+        self.start_epoch = start_epoch
+        self.batch_times: list[float] = []
+        self.done = False
+
+    @property
+    def hook(self) -> BatchHook | None:
+        """This estimate while it still times batches, else None."""
+        return None if self.done else self
+
+    def __call__(self, step: int, seconds: float) -> None:
+        """Record the time of a training batch; say the estimate once it has enough."""
+        config = self.run.config
+        n_batches = len(self.run.train_loader)
+        if self.done:
             return
         # The first batch of each loader worker pays for its start-up: not timed.
         if step > max(1, config.num_workers) or n_batches <= max(1, config.num_workers):
-            batch_times.append(seconds)
-        if len(batch_times) >= progress_lib.ESTIMATE_BATCHES or step == n_batches:
-            estimated = True
+            self.batch_times.append(seconds)
+        if len(self.batch_times) >= progress_lib.ESTIMATE_BATCHES or step == n_batches:
+            self.done = True
             estimate = progress_lib.estimate_from_batches(
-                batch_times,
+                self.batch_times,
                 train_batches=n_batches,
-                val_batches=len(val_loader),
-                epochs_left=epochs_left,
-                validated_epochs=_n_validated(start_epoch, config),
+                val_batches=len(self.run.val_loader),
+                epochs_left=self.epochs_left,
+                validated_epochs=_n_validated(self.start_epoch, config),
             )
             for line in progress_lib.estimate_lines(
-                estimate, device=device.type, batch_size=config.batch_size
+                estimate, device=self.run.device.type, batch_size=config.batch_size
             ):
-                say(line)
+                self.run.say(line)
 
+
+def _run_epochs(run: _Run, standing: _Standing, estimate: _DurationEstimate) -> bool:
+    """Train, validate and record the epochs still to run, until the last or Ctrl-C.
+
+    Args:
+        run: the run.
+        standing: where it stands; updated after every epoch.
+        estimate: the duration estimate, fed by the first training batches.
+
+    Returns:
+        Whether Ctrl-C stopped the run (the unfinished epoch is then dropped and the
+        last finished one's resume state is on disk).
+    """
+    config = run.config
     epoch_seconds: list[float] = []
-    snapshot: dict[str, Any] | None = None
     interrupted = False
-    pos_weight_value = float(pos_weight.item()) if pos_weight is not None else None
     with stop_requests():
         try:
-            for epoch in range(start_epoch, config.epochs + 1):
+            for epoch in range(standing.start_epoch, config.epochs + 1):
                 started = time.perf_counter()
-                epoch_seed = _epoch_seed(config.seed, epoch)
-                # Each process its own augmentations; the data order is shared (samplers).
-                seed_everything(epoch_seed + world.rank)
-                generator.manual_seed(epoch_seed + world.rank)
-                for loader in (train_loader, val_loader):
-                    if isinstance(loader.sampler, dist_lib.ShardSampler):
-                        loader.sampler.set_epoch(epoch_seed)
-                lr = learning_rate(epoch, config)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                common = {
-                    "criterion": criterion,
-                    "device": device,
-                    "use_amp": use_amp,
-                    "config": config,
-                    "progress": progress,
-                    "world": world,
-                }
-                step_hook = (
-                    None
-                    if after_step is None
-                    else lambda step, epoch=epoch: after_step(epoch, step, net)
+                lr = _begin_epoch(run, epoch)
+                folder = run.out_dir / "epochs" / f"epoch_{epoch:03d}"
+                train_result = _split_pass(
+                    run, "train", epoch=epoch, folder=folder, on_batch=estimate.hook
                 )
-                train_pass = _run_epoch(
-                    model,
-                    train_loader,
-                    optimizer=optimizer,
-                    scaler=scaler,
-                    desc=f"epoch {epoch}/{config.epochs} train",
-                    on_batch=None if estimated else time_first_batches,
-                    on_step=step_hook,
-                    **common,
-                )
-                train_loss, y_tr, p_tr = combine_passes(
-                    train_pass,
-                    _loader_indices(train_loader),
-                    world=world,
-                    validation=False,
-                    pos_weight=pos_weight_value,
-                )
-                # Validation and the saved weights use rank 0's batch norm statistics.
-                dist_lib.sync_buffers(net, world)
-                folder = out_dir / "epochs" / f"epoch_{epoch:03d}"
-                row: dict[str, float] = {"epoch": epoch, "lr": lr, "train_loss": train_loss}
-                tr = metrics_lib.binary_metrics(y_tr, p_tr, config.threshold)
-                if main:
-                    _write_split_outputs(
-                        folder, "train", y_tr, p_tr, tr, threshold=config.threshold, epoch=epoch
-                    )
-                row.update({f"train_{m}": float(tr[m]) for m in EPOCH_METRICS})
                 validate = epoch % config.val_every == 0 or epoch == config.epochs
-                va: dict[str, float] = {}
-                ci = (math.nan, math.nan)
-                if validate:
-                    val_pass = _run_epoch(
-                        net,
-                        val_loader,
-                        optimizer=None,
-                        scaler=None,
-                        desc=f"epoch {epoch}/{config.epochs} val",
-                        **common,
-                    )
-                    val_loss, y_va, p_va = combine_passes(
-                        val_pass,
-                        _loader_indices(val_loader),
-                        world=world,
-                        validation=True,
-                        pos_weight=pos_weight_value,
-                    )
-                    va = metrics_lib.binary_metrics(y_va, p_va, config.threshold)
-                    if main:
-                        _write_split_outputs(
-                            folder, "val", y_va, p_va, va, threshold=config.threshold, epoch=epoch
-                        )
-                    row["val_loss"] = val_loss
-                    ci = metrics_lib.bootstrap_ci(
-                        y_va, p_va, metrics_lib.roc_auc, n_boot=VAL_CI_BOOT, seed=epoch
-                    )
-                else:
-                    row["val_loss"] = math.nan
-                row.update({f"val_{m}": float(va.get(m, math.nan)) for m in EPOCH_METRICS})
-                row["val_roc_auc_ci_low"], row["val_roc_auc_ci_high"] = ci
-                row["seconds"] = time.perf_counter() - started
-
-                card = ModelCard(
-                    preprocess=config.preprocess,
-                    threshold=config.threshold,
-                    validation_metrics={
-                        "epoch": epoch,
-                        "val_loss": row["val_loss"],
-                        **{m: row[f"val_{m}"] for m in EPOCH_METRICS},
-                    },
-                    training_data=data_summary,
-                    train_config=config.to_dict(),
-                    threshold_rule="default",
+                val_result = (
+                    _split_pass(run, "val", epoch=epoch, folder=folder) if validate else None
                 )
-                score = row["val_roc_auc"]
-                score = score if math.isfinite(score) else -math.inf
-                is_best = validate and (best_epoch is None or score > best_score)
-                if main and config.save_every_epoch:
-                    weights_path = folder / "weights.pth"
-                    save_checkpoint(weights_path, net, card)
-                    if is_best:
-                        link_or_copy(weights_path, out_dir / BEST_NAME)
-                elif main and is_best:
-                    save_checkpoint(out_dir / BEST_NAME, net, card)
-                if is_best:
-                    best_score, best_epoch = score, epoch
-
-                history.append(row)
-                if main:
-                    # The resume state first, the history after: a Ctrl-C between the two
-                    # leaves a state that knows the epoch, never a history ahead of the state.
-                    payload = _state_payload(
-                        epoch=epoch,
-                        model=net,
-                        optimizer=optimizer,
-                        scaler=scaler,
-                        use_amp=use_amp,
-                        best_score=best_score,
-                        best_epoch=best_epoch,
-                        history=history,
-                        config=config,
-                    )
-                    if config.resume_state == "every_epoch":
-                        save_train_state(state_path, payload)
-                    else:
-                        snapshot = payload
-                    write_history(out_dir, history)
-                    plots.plot_learning_curves(
-                        out_dir / "metrics.csv", out_dir / "learning_curves.png"
-                    )
-                if writer is not None:
-                    for key, value in row.items():
-                        if key != "epoch" and math.isfinite(value):
-                            writer.add_scalar(key.replace("_", "/", 1), value, epoch)
-                    writer.flush()
+                row = _epoch_row(epoch, lr, train_result, val_result, started=started)
+                is_best = _record_epoch(
+                    run, standing, row, epoch=epoch, folder=folder, validated=validate
+                )
                 epoch_seconds.append(row["seconds"])
                 left = config.epochs - epoch
                 eta = sum(epoch_seconds) / len(epoch_seconds) * left if left else None
-                say(
+                run.say(
                     progress_lib.epoch_line(
                         row, epochs=config.epochs, eta_seconds=eta, best=is_best
                     )
                 )
                 # One that came while the epoch was recorded (all processes at once).
-                if dist_lib.stop_agreed(world):
+                if dist_lib.stop_agreed(run.world):
                     raise KeyboardInterrupt("stop requested")
         except KeyboardInterrupt:
             acknowledge_stop()
             interrupted = True
-            if snapshot is not None:
-                save_train_state(state_path, snapshot)
-            done = int(history[-1]["epoch"]) if history else start_epoch - 1
-            if snapshot is not None:
-                done = int(snapshot["epoch"])
-            if done >= 1 and state_path.exists():
-                say(
-                    f"stopped by Ctrl-C during epoch {done + 1}; the run up to epoch {done} is "
-                    f"kept in {state_path}: add --resume to the same command to continue"
-                )
-            else:
-                say("stopped by Ctrl-C before the first epoch finished; there is nothing to resume")
+            _keep_stopped_run(run, standing)
         finally:
-            if writer is not None:
-                writer.close()
-    if main and not interrupted and config.resume_state == "on_interrupt" and state_path.exists():
+            if run.writer is not None:
+                run.writer.close()
+    return interrupted
+
+
+def _begin_epoch(run: _Run, epoch: int) -> float:
+    """Reseed the generators from ``(seed, epoch, rank)``, set the samplers' epoch and the lr.
+
+    Returns:
+        The epoch's learning rate.
+    """
+    epoch_seed = _epoch_seed(run.config.seed, epoch)
+    # Each process its own augmentations; the data order is shared (samplers).
+    seed_everything(epoch_seed + run.world.rank)
+    run.generator.manual_seed(epoch_seed + run.world.rank)
+    for loader in (run.train_loader, run.val_loader):
+        if isinstance(loader.sampler, dist_lib.ShardSampler):
+            loader.sampler.set_epoch(epoch_seed)
+    lr = learning_rate(epoch, run.config)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+@dataclass(frozen=True)
+class _SplitResult:
+    """One split's pass of an epoch, over all processes.
+
+    Attributes:
+        loss: mean loss per study.
+        labels: 0/1 per study.
+        probs: predicted probabilities.
+        metrics: :func:`metrics_lib.binary_metrics` at the configured threshold.
+    """
+
+    loss: float
+    labels: np.ndarray
+    probs: np.ndarray
+    metrics: dict[str, float]
+
+
+def _split_pass(
+    run: _Run,
+    split: str,
+    *,
+    epoch: int,
+    folder: Path,
+    on_batch: BatchHook | None = None,
+) -> _SplitResult:
+    """Run one pass over a split, gather it from all processes, score it, write its outputs.
+
+    ``"train"`` trains ``run.model`` (calling ``on_batch`` and the caller's step
+    hook) and then gives every process rank 0's batch norm statistics; ``"val"``
+    evaluates ``run.net``. Collectives: :func:`combine_passes`, then after training
+    :func:`dist_lib.sync_buffers`. Rank 0 writes the split's confusion matrix and
+    report into ``folder``.
+
+    Args:
+        run: the run.
+        split: ``"train"`` or ``"val"``.
+        epoch: the epoch (from 1).
+        folder: the epoch's output folder, ``epochs/epoch_XXX``.
+        on_batch: the training pass's batch timing hook.
+
+    Returns:
+        The split's loss, labels, probabilities and metrics over all processes.
+    """
+    config = run.config
+    training = split == "train"
+    loader = run.train_loader if training else run.val_loader
+    done = _run_epoch(
+        run.model if training else run.net,
+        loader,
+        criterion=run.criterion,
+        device=run.device,
+        use_amp=run.use_amp,
+        optimizer=run.optimizer if training else None,
+        scaler=run.scaler if training else None,
+        config=config,
+        desc=f"epoch {epoch}/{config.epochs} {split}",
+        progress=run.progress,
+        on_batch=on_batch if training else None,
+        on_step=_step_hook(run, epoch) if training else None,
+        world=run.world,
+    )
+    loss, labels, probs = combine_passes(
+        done,
+        _loader_indices(loader),
+        world=run.world,
+        validation=not training,
+        pos_weight=run.pos_weight,
+    )
+    if training:
+        # Validation and the saved weights use rank 0's batch norm statistics.
+        dist_lib.sync_buffers(run.net, run.world)
+    metrics = metrics_lib.binary_metrics(labels, probs, config.threshold)
+    if run.world.is_main:
+        _write_split_outputs(
+            folder, split, labels, probs, metrics, threshold=config.threshold, epoch=epoch
+        )
+    return _SplitResult(loss=loss, labels=labels, probs=probs, metrics=metrics)
+
+
+def _step_hook(run: _Run, epoch: int) -> Callable[[int], None] | None:
+    """The training pass's ``on_step``: ``run.after_step(epoch, step, run.net)``, or None."""
+    after_step = run.after_step
+    if after_step is None:
+        return None
+    net = run.net
+
+    def on_step(step: int) -> None:
+        after_step(epoch, step, net)
+
+    return on_step
+
+
+def _epoch_row(
+    epoch: int,
+    lr: float,
+    trained: _SplitResult,
+    validated: _SplitResult | None,
+    *,
+    started: float,
+) -> dict[str, float]:
+    """The epoch's metrics.csv row, in :data:`METRICS_COLUMNS` order.
+
+    Args:
+        epoch: the epoch.
+        lr: its learning rate.
+        trained: its training pass.
+        validated: its validation pass; None when not validated (val columns nan).
+        started: ``time.perf_counter()`` at the epoch's start, for ``seconds``
+            (taken after the bootstrap interval of the validation ROC-AUC).
+
+    Returns:
+        The row.
+    """
+    row: dict[str, float] = {"epoch": epoch, "lr": lr, "train_loss": trained.loss}
+    row.update({f"train_{m}": float(trained.metrics[m]) for m in EPOCH_METRICS})
+    va: dict[str, float] = {}
+    ci = (math.nan, math.nan)
+    if validated is not None:
+        va = validated.metrics
+        row["val_loss"] = validated.loss
+        ci = metrics_lib.bootstrap_ci(
+            validated.labels,
+            validated.probs,
+            metrics_lib.roc_auc,
+            n_boot=VAL_CI_BOOT,
+            seed=epoch,
+        )
+    else:
+        row["val_loss"] = math.nan
+    row.update({f"val_{m}": float(va.get(m, math.nan)) for m in EPOCH_METRICS})
+    row["val_roc_auc_ci_low"], row["val_roc_auc_ci_high"] = ci
+    row["seconds"] = time.perf_counter() - started
+    return row
+
+
+def _record_epoch(
+    run: _Run,
+    standing: _Standing,
+    row: dict[str, float],
+    *,
+    epoch: int,
+    folder: Path,
+    validated: bool,
+) -> bool:
+    """Keep a finished epoch: checkpoints, resume state, history, plot, TensorBoard.
+
+    Every process updates ``standing`` alike; rank 0 alone writes files, in this
+    order: the checkpoint(s), the resume state (or its in-memory snapshot), the
+    history, the learning curves.
+
+    Args:
+        run: the run.
+        standing: where it stands; its best epoch and history are updated.
+        row: the epoch's metrics.csv row.
+        epoch: the epoch.
+        folder: the epoch's output folder, ``epochs/epoch_XXX``.
+        validated: the epoch was validated (only then can it be the best).
+
+    Returns:
+        Whether the epoch is the best so far.
+    """
+    is_best = _save_checkpoints(run, standing, row, epoch=epoch, folder=folder, validated=validated)
+    standing.history.append(row)
+    if run.world.is_main:
+        _save_progress(run, standing, epoch=epoch)
+    if run.writer is not None:
+        _log_scalars(run.writer, row, epoch=epoch)
+    return is_best
+
+
+def _save_checkpoints(
+    run: _Run,
+    standing: _Standing,
+    row: dict[str, float],
+    *,
+    epoch: int,
+    folder: Path,
+    validated: bool,
+) -> bool:
+    """Save the epoch's checkpoint(s) and make it the best epoch when it is.
+
+    An epoch validated with a higher ROC-AUC than the best so far (or the first
+    validated one) is the best. Rank 0 writes ``epochs/epoch_XXX/weights.pth``
+    with ``save_every_epoch`` (``best.pth`` then a link to or a copy of it), else
+    ``best.pth`` for the best epoch only.
+
+    Returns:
+        Whether the epoch is the best so far.
+    """
+    from ..weights import save_checkpoint
+
+    config, main = run.config, run.world.is_main
+    card = ModelCard(
+        preprocess=config.preprocess,
+        threshold=config.threshold,
+        validation_metrics={
+            "epoch": epoch,
+            "val_loss": row["val_loss"],
+            **{m: row[f"val_{m}"] for m in EPOCH_METRICS},
+        },
+        training_data=run.data_summary,
+        train_config=config.to_dict(),
+        threshold_rule="default",
+    )
+    score = row["val_roc_auc"]
+    score = score if math.isfinite(score) else -math.inf
+    is_best = validated and (standing.best_epoch is None or score > standing.best_score)
+    if main and config.save_every_epoch:
+        weights_path = folder / "weights.pth"
+        save_checkpoint(weights_path, run.net, card)
+        if is_best:
+            link_or_copy(weights_path, run.out_dir / BEST_NAME)
+    elif main and is_best:
+        save_checkpoint(run.out_dir / BEST_NAME, run.net, card)
+    if is_best:
+        standing.best_score, standing.best_epoch = score, epoch
+    return is_best
+
+
+def _save_progress(run: _Run, standing: _Standing, *, epoch: int) -> None:
+    """Rank 0: the resume state (or its snapshot), metrics.csv/.jsonl, learning_curves.png."""
+    config = run.config
+    # The resume state first, the history after: a Ctrl-C between the two
+    # leaves a state that knows the epoch, never a history ahead of the state.
+    payload = _state_payload(
+        epoch=epoch,
+        model=run.net,
+        optimizer=run.optimizer,
+        scaler=run.scaler,
+        use_amp=run.use_amp,
+        best_score=standing.best_score,
+        best_epoch=standing.best_epoch,
+        history=standing.history,
+        config=config,
+    )
+    if config.resume_state == "every_epoch":
+        save_train_state(run.state_path, payload)
+    else:
+        standing.snapshot = payload
+    write_history(run.out_dir, standing.history)
+    plots.plot_learning_curves(run.out_dir / "metrics.csv", run.out_dir / "learning_curves.png")
+
+
+def _log_scalars(writer: Any, row: dict[str, float], *, epoch: int) -> None:
+    """The row's finite values as TensorBoard scalars (``train_loss`` -> ``train/loss``)."""
+    for key, value in row.items():
+        if key != "epoch" and math.isfinite(value):
+            writer.add_scalar(key.replace("_", "/", 1), value, epoch)
+    writer.flush()
+
+
+def _keep_stopped_run(run: _Run, standing: _Standing) -> None:
+    """After Ctrl-C: write the in-memory snapshot, if any, and say what can be resumed."""
+    state_path = run.state_path
+    if standing.snapshot is not None:
+        save_train_state(state_path, standing.snapshot)
+    done = int(standing.history[-1]["epoch"]) if standing.history else standing.start_epoch - 1
+    if standing.snapshot is not None:
+        done = int(standing.snapshot["epoch"])
+    if done >= 1 and state_path.exists():
+        run.say(
+            f"stopped by Ctrl-C during epoch {done + 1}; the run up to epoch {done} is "
+            f"kept in {state_path}: add --resume to the same command to continue"
+        )
+    else:
+        run.say("stopped by Ctrl-C before the first epoch finished; there is nothing to resume")
+
+
+def _finish_run(
+    run: _Run, standing: _Standing, *, dropped: Sequence[str], interrupted: bool
+) -> TrainResult:
+    """Remove a stale on-interrupt resume state, say the folder's size, sum the run up."""
+    main = run.world.is_main
+    state_path = run.state_path
+    if (
+        main
+        and not interrupted
+        and run.config.resume_state == "on_interrupt"
+        and state_path.exists()
+    ):
         # A state left by an earlier Ctrl-C describes an epoch this run has passed.
         state_path.unlink()
 
-    best_path = out_dir / BEST_NAME
+    best_path = run.out_dir / BEST_NAME
     if main:
-        say(f"{out_dir} holds {format_bytes(folder_bytes(out_dir))}")
+        run.say(f"{run.out_dir} holds {format_bytes(folder_bytes(run.out_dir))}")
+    history = standing.history
     return TrainResult(
-        out_dir=out_dir,
+        out_dir=run.out_dir,
         best_path=best_path if best_path.exists() else None,
-        best_epoch=best_epoch,
-        best_val_roc_auc=best_score if math.isfinite(best_score) else math.nan,
+        best_epoch=standing.best_epoch,
+        best_val_roc_auc=standing.best_score if math.isfinite(standing.best_score) else math.nan,
         last_epoch=int(history[-1]["epoch"]) if history else 0,
         history=tuple(history),
         dropped_keys=tuple(dropped),
