@@ -264,6 +264,11 @@ def test_destination_down_then_up_results_arrive_after_retry_and_restart(
     assert {i["file"].split(".")[-1] for i in items} == {"dcm"}
     assert metric(port, 'ctscreen_dicom_outbox{state="pending"}') == len(items)
     assert metric(port, "ctscreen_dicom_outbox_oldest_pending_seconds") > 0
+    page = requests.get(f"http://127.0.0.1:{port}/", timeout=10).text
+    assert '<section id="dicom">' in page
+    panel = requests.get(f"http://127.0.0.1:{port}/ui/dicom", timeout=10).text
+    assert f"{len(items)} results waiting to be sent" in panel
+    assert '<button type="button" class="retry">' in panel
 
     # The outbox is on disk: a restart keeps it. With an hour's backoff after the next
     # failed try, only the retry route brings the results over once the PACS is back.
@@ -293,6 +298,8 @@ def test_destination_down_then_up_results_arrive_after_retry_and_restart(
     )
     assert outbox["pending"] == 0 and outbox["oldest_pending_seconds"] is None
     assert metric(port, 'ctscreen_dicom_outbox{state="sent"}') == len(items)
+    panel = requests.get(f"http://127.0.0.1:{port}/ui/dicom", timeout=10).text
+    assert "nothing waiting to be sent" in panel and f"{len(items)} sent" in panel
 
 
 @pytest.mark.skipif(

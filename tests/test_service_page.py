@@ -218,3 +218,53 @@ def test_upload_through_the_page_shows_the_result_row(
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     if os.environ.get(SCREENSHOT_ENV):
         shutil.copy(tmp_path / "service-page.png", Path(os.environ[SCREENSHOT_ENV]))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_the_dicom_panel_shows_results_waiting_and_send_now_tries_at_once(
+    server: tuple[str, Any], tmp_path: Path, make_series
+) -> None:
+    pytest.importorskip("pynetdicom")
+    pytest.importorskip("highdicom")
+    from ctscreen.service.dicom_node import DicomNode, NodeSettings
+    from ctscreen.service.sender import Destination
+    from dicom_helpers import store
+
+    base, app = server
+    nobody = Destination("PACS", "127.0.0.1", free_port())  # nothing listens there
+    settings = NodeSettings(
+        port=free_port(), send_to=nobody, stable_seconds=1, retry_base=3600, retry_max=3600
+    )
+    node = DicomNode(app.state.settings.data_dir, settings, wake=app.state.worker.wake)
+    node.start()
+    app.state.node = node
+    browser = Browser(tmp_path / "profile")
+    try:
+        paths, _ = make_series(seed=4)
+        assert store(settings.port, paths) == [0] * len(paths)
+
+        def tried_once() -> list[dict] | None:
+            items = node.status()["items"]
+            return items if items and all(i["attempts"] == 1 for i in items) else None
+
+        items = wait_for(tried_once, timeout=300, interval=0.5)  # next try in an hour
+        browser.open(f"{base}/?lang=en")
+        browser.js(
+            f"document.querySelector('input[name=token]').value = {TOKEN!r};"
+            "document.querySelector('form.login').submit();"
+        )
+        panel = wait_for(
+            lambda: browser.js("(document.getElementById('dicom') || {}).innerText"), timeout=60
+        )
+        assert f"{len(items)} results waiting to be sent" in panel
+        assert f"results go to {nobody}" in panel and "last error:" in panel
+        browser.screenshot(tmp_path / "service-dicom-panel.png")
+        browser.js("document.querySelector('#dicom button.retry').click()")
+        # Sent again at once (and refused again), not in an hour.
+        wait_for(lambda: all(i["attempts"] >= 2 for i in node.status()["items"]), timeout=30)
+    finally:
+        browser.close()
+        app.state.node = None
+        node.stop()
+    if os.environ.get(SCREENSHOT_ENV):
+        shutil.copy(tmp_path / "service-dicom-panel.png", Path(os.environ[SCREENSHOT_ENV]))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import html
+
 import pytest
 
-from ctscreen.service.page import counted
+from ctscreen.service.page import counted, dicom_panel
 
 
 @pytest.mark.parametrize(
@@ -32,3 +34,49 @@ def test_english_counts_are_singular_only_for_one() -> None:
     assert counted("studies", 2, "en") == "2 studies"
     assert counted("of_files", 1, "en") == "of 1 file"
     assert counted("of_files", 0, "en") == "of 0 files"
+
+
+def _node_status(pending: int, *, error: str = "", send_to: str | None = "PACS@10.0.0.5:104"):
+    items = [
+        {"state": "pending", "last_error": error if k == 0 else "", "file": f"r{k}.dcm"}
+        for k in range(pending)
+    ] + [{"state": "sent", "last_error": "", "file": "s.dcm"}]
+    return {
+        "ae_title": "CTSCREEN",
+        "port": 11112,
+        "send_to": send_to,
+        "incoming": [{"study_uid": "1.2.3"}] * 2,
+        "outbox": {
+            "pending": pending,
+            "sent": 14,
+            "gone": 0,
+            "oldest_pending_seconds": 750.0 if pending else None,
+        },
+        "items": items,
+    }
+
+
+def test_dicom_panel_shows_what_waits_why_and_a_send_button() -> None:
+    error = "association rejected <by> the PACS"
+    en = dicom_panel(_node_status(3, error=error), "en")
+    assert "AE CTSCREEN on port 11112; results go to PACS@10.0.0.5:104." in en
+    assert "2 studies arriving" in en and "14 sent" in en
+    assert "3 results waiting to be sent</span> (the oldest for 12 min; last error: " in en
+    assert html.escape(error) in en and error not in en  # escaped
+    assert '<button type="button" class="retry">Send now</button>' in en
+    ru = dicom_panel(_node_status(1, error=error), "ru")
+    assert "1 результат ждёт отправки" in ru and "самый давний — 12 мин" in ru
+    assert "принимаются 2 исследования" in ru and "Отправить сейчас" in ru
+
+
+def test_dicom_panel_without_pending_results_or_destination_has_no_button() -> None:
+    idle = dicom_panel(_node_status(0), "en")
+    assert "nothing waiting to be sent" in idle and "button" not in idle
+    fresh = _node_status(1)
+    fresh["outbox"]["oldest_pending_seconds"] = 20.0
+    assert "(the oldest for under a minute)" in dicom_panel(fresh, "en")
+    fresh["outbox"]["oldest_pending_seconds"] = 2 * 3600 + 5 * 60
+    assert "(самый давний — 2 ч 5 мин)" in dicom_panel(fresh, "ru")
+    kept = dicom_panel(_node_status(2, send_to=None), "en")
+    assert "no destination is set, so results are kept here" in kept
+    assert "2 results waiting to be sent" in kept and "button" not in kept

@@ -592,7 +592,11 @@ def create_app(settings: ServiceSettings, *, worker: Worker | None = None) -> Fa
         if not _authorised(request, settings.token):
             response = HTMLResponse(page.login_page(lang=lang), status_code=401)
         else:
-            response = HTMLResponse(page.main_page(fragment(lang), lang=lang, run_info=run_info()))
+            response = HTMLResponse(
+                page.main_page(
+                    fragment(lang), lang=lang, run_info=run_info(), dicom=dicom_fragment(lang)
+                )
+            )
         if request.query_params.get("lang") in page.LANGUAGES:
             response.set_cookie("lang", lang, samesite="strict", max_age=365 * 86400)
         return response
@@ -600,6 +604,17 @@ def create_app(settings: ServiceSettings, *, worker: Worker | None = None) -> Fa
     @app.get("/ui/jobs", include_in_schema=False)
     def jobs_fragment(request: Request) -> HTMLResponse:
         return HTMLResponse(fragment(language(request)))
+
+    def dicom_fragment(lang: str) -> str | None:
+        node = app.state.node
+        return None if node is None else page.dicom_panel(node.status(limit=20), lang)
+
+    @app.get("/ui/dicom", include_in_schema=False)
+    def dicom_panel(request: Request) -> HTMLResponse:
+        panel = dicom_fragment(language(request))
+        if panel is None:
+            raise HTTPException(404, "the DICOM node is off.")
+        return HTMLResponse(panel)
 
     @app.post("/ui/login", include_in_schema=False)
     async def login(request: Request) -> Response:

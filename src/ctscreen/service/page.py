@@ -1,10 +1,10 @@
 """The service's web page: server-rendered HTML in English and Russian.
 
-The page is one HTML document; :func:`jobs_fragment` renders its jobs table,
-which ``static/app.js`` fetches again every two seconds (the same idea as
-htmx's ``hx-get``/``hx-trigger="every 2s"``, in 80 lines of plain JavaScript,
-so there is no build step and no third-party script). Every value from a job or
-a client is escaped.
+The page is one HTML document; :func:`jobs_fragment` renders its jobs table and
+:func:`dicom_panel` the DICOM node's outbox, which ``static/app.js`` fetches again
+every two seconds (the same idea as htmx's ``hx-get``/``hx-trigger="every 2s"``,
+in plain JavaScript, so there is no build step and no third-party script). Every
+value from a job, the node or a client is escaped.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import html
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ..html_report import format_probability
 from ..report import ResultRow
@@ -66,6 +67,22 @@ TEXT: dict[str, dict[str, str]] = {
     "api": {"en": "API documentation", "ru": "Документация API"},
     "threshold": {"en": "threshold", "ru": "порог"},
     "more_rows": {"en": "{n} more rows in the downloads", "ru": "ещё строк в файлах: {n}"},
+    "dicom": {"en": "DICOM node", "ru": "DICOM-узел"},
+    "dicom_to": {
+        "en": "AE {ae} on port {port}; results go to {destination}.",
+        "ru": "AE {ae} на порту {port}; результаты отправляются в {destination}.",
+    },
+    "dicom_kept": {
+        "en": "AE {ae} on port {port}; no destination is set, so results are kept here.",
+        "ru": "AE {ae} на порту {port}; адресат не задан, результаты хранятся здесь.",
+    },
+    "oldest": {"en": "the oldest for {age}", "ru": "самый давний — {age}"},
+    "last_error": {"en": "last error: {error}", "ru": "последняя ошибка: {error}"},
+    "send_now": {"en": "Send now", "ru": "Отправить сейчас"},
+    "nothing_waiting": {"en": "nothing waiting to be sent", "ru": "к отправке ничего нет"},
+    "under_a_minute": {"en": "under a minute", "ru": "меньше минуты"},
+    "minutes": {"en": "{n} min", "ru": "{n} мин"},
+    "hours": {"en": "{h} h {m} min", "ru": "{h} ч {m} мин"},
 }
 
 
@@ -97,6 +114,23 @@ _COUNTED: dict[str, dict[str, tuple[str, ...]]] = {
     "studies": {
         "en": ("{n} study", "{n} studies"),
         "ru": ("{n} исследование", "{n} исследования", "{n} исследований"),
+    },
+    "waiting": {
+        "en": ("{n} result waiting to be sent", "{n} results waiting to be sent"),
+        "ru": (
+            "{n} результат ждёт отправки",
+            "{n} результата ждут отправки",
+            "{n} результатов ждут отправки",
+        ),
+    },
+    "sent": {"en": ("{n} sent",) * 2, "ru": ("отправлено: {n}",) * 3},
+    "arriving": {
+        "en": ("{n} study arriving", "{n} studies arriving"),
+        "ru": (
+            "принимается {n} исследование",
+            "принимаются {n} исследования",
+            "принимается {n} исследований",
+        ),
     },
 }
 
@@ -211,6 +245,54 @@ def jobs_fragment(
     return "".join(out)
 
 
+def _age(seconds: float, lang: str) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return t("under_a_minute", lang)
+    if minutes < 60:
+        return t("minutes", lang, n=minutes)
+    return t("hours", lang, h=minutes // 60, m=minutes % 60)
+
+
+def dicom_panel(status: Mapping[str, Any], lang: str) -> str:
+    """The DICOM node's part of the page (what ``static/app.js`` fetches from ``/ui/dicom``
+    every two seconds): where results go, studies arriving, the outbox, and a button
+    that sends what waits now.
+
+    Args:
+        status: :meth:`ctscreen.service.dicom_node.DicomNode.status`.
+        lang: the page's language.
+    """
+    where = {"ae": status["ae_title"], "port": status["port"]}
+    if status["send_to"]:
+        line = t("dicom_to", lang, destination=status["send_to"], **where)
+    else:
+        line = t("dicom_kept", lang, **where)
+    outbox = status["outbox"]
+    parts = []
+    if status["incoming"]:
+        parts.append(_e(counted("arriving", len(status["incoming"]), lang)))
+    if outbox["pending"]:
+        waiting = _e(counted("waiting", outbox["pending"], lang))
+        notes = [t("oldest", lang, age=_age(outbox["oldest_pending_seconds"] or 0, lang))]
+        errors = [i["last_error"] for i in status["items"] if i["state"] == "pending"]
+        if any(errors):
+            notes.append(t("last_error", lang, error=next(e for e in errors if e)))
+        parts.append(f'<span class="status failed">{waiting}</span> ({_e("; ".join(notes))})')
+    else:
+        parts.append(_e(t("nothing_waiting", lang)))
+    parts.append(_e(counted("sent", outbox["sent"], lang)))
+    button = (
+        f' <button type="button" class="retry">{_e(t("send_now", lang))}</button>'
+        if outbox["pending"] and status["send_to"]
+        else ""
+    )
+    return (
+        f'<h2>{_e(t("dicom", lang))}</h2><p class="muted">{_e(line)}</p>'
+        f'<p class="outbox">{" · ".join(parts)}{button}</p>'
+    )
+
+
 def _head(lang: str) -> str:
     return (
         f'<!doctype html><html lang="{lang}"><head><meta charset="utf-8">'
@@ -227,8 +309,11 @@ def _language_links(lang: str) -> str:
     )
 
 
-def main_page(body_rows: str, *, lang: str, run_info: Mapping[str, object]) -> str:
-    """The whole page: upload form, jobs table (``body_rows`` from :func:`jobs_fragment`)."""
+def main_page(
+    body_rows: str, *, lang: str, run_info: Mapping[str, object], dicom: str | None = None
+) -> str:
+    """The whole page: upload form, the DICOM node (``dicom`` from :func:`dicom_panel`,
+    None when it is off), jobs table (``body_rows`` from :func:`jobs_fragment`)."""
     model = _e(
         f"ctscreen {run_info.get('ctscreen_version', '')} · {run_info.get('device', '')} · "
         f"{t('threshold', lang)} {run_info.get('threshold', '')}"
@@ -246,7 +331,8 @@ def main_page(body_rows: str, *, lang: str, run_info: Mapping[str, object]) -> s
         f'</label> <button type="submit">{_e(t("upload", lang))}</button>'
         f'<p id="upload-status" class="muted" data-uploading="{_e(t("uploading", lang))}"></p>'
         "</form>"
-        f"<h2>{_e(t('jobs', lang))}</h2>"
+        + ("" if dicom is None else f'<section id="dicom">{dicom}</section>')
+        + f"<h2>{_e(t('jobs', lang))}</h2>"
         f'<p>{_e(t("all_results", lang))}: <a href="/api/v1/results.xlsx" download>xlsx</a> '
         '<a href="/api/v1/results.csv" download>csv</a> '
         '<a href="/api/v1/results.json" download>json</a></p>'

@@ -1,5 +1,6 @@
-// ctscreen service page: upload by drag-and-drop or file picker, and a jobs table that
-// the server renders and this script refreshes every two seconds (no framework).
+// ctscreen service page: upload by drag-and-drop or file picker, and a jobs table (and,
+// with the DICOM node, its outbox) that the server renders and this script refreshes
+// every two seconds (no framework).
 "use strict";
 (function () {
   const lang = document.body.dataset.lang || "en";
@@ -7,6 +8,7 @@
   const picker = document.getElementById("files");
   const status = document.getElementById("upload-status");
   const jobs = document.getElementById("jobs");
+  const dicom = document.getElementById("dicom"); // only when the DICOM node is on
   let chosen = [];
 
   function show(text) {
@@ -29,6 +31,30 @@
     } catch (err) {
       // the server is restarting: try again on the next tick
     }
+  }
+
+  async function refreshDicom() {
+    if (!dicom) {
+      return;
+    }
+    try {
+      const answer = await fetch("/ui/dicom?lang=" + encodeURIComponent(lang), {
+        credentials: "same-origin",
+      });
+      if (answer.ok) {
+        dicom.innerHTML = await answer.text();
+      }
+    } catch (err) {
+      // as refresh()
+    }
+  }
+
+  async function sendNow(event) {
+    if (!event.target.closest("button.retry")) {
+      return;
+    }
+    await fetch("/api/v1/dicom/outbox/retry", { method: "POST", credentials: "same-origin" });
+    refreshDicom();
   }
 
   async function upload(event) {
@@ -88,5 +114,11 @@
   );
   form.addEventListener("drop", (event) => choose(event.dataTransfer.files));
   jobs.addEventListener("click", remove);
-  setInterval(refresh, 2000);
+  if (dicom) {
+    dicom.addEventListener("click", sendNow);
+  }
+  setInterval(() => {
+    refresh();
+    refreshDicom();
+  }, 2000);
 })();
