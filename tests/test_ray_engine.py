@@ -152,7 +152,8 @@ def test_sigint_writes_the_finished_rows_and_resume_on_ray_completes_the_table(
     assert 2 <= len(partial) < len(inputs)
     assert journal.exists()
     # The reading tasks stopped mid-archive left no unpacked study behind.
-    assert [p.name for p in scratch.iterdir() if p.name.startswith("ctscreen")] == []
+    left = [p for p in scratch.iterdir() if p.name.startswith("ctscreen")]
+    assert left == [], sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*"))
 
     before = dict(zip(partial["path_to_study"], partial["time_of_processing"], strict=True))
     done = read_journal(journal)

@@ -163,16 +163,19 @@ def open_scorer(args: argparse.Namespace, options: dict[str, Any]) -> Iterator[A
 
     scorer = RayScorer(args.weights, **options)  # the weights are checked before Ray starts
     quiet = logging.getLogger("ctscreen").getEffectiveLevel() > logging.INFO
-    with ray_session(args.address, cpus=args.ray_cpus, quiet=quiet) as resources:
-        scorer.place(resources, scorers=args.ray_scorers)
-        log.info(
-            "Ray: %d scoring worker(s), %g GPU each, batch %d, cluster %s",
-            scorer.scorers,
-            scorer.gpus_per_scorer,
-            scorer.batch_size,
-            {k: v for k, v in resources.items() if k in ("CPU", "GPU")},
-        )
-        yield scorer
+    try:
+        with ray_session(args.address, cpus=args.ray_cpus, quiet=quiet) as resources:
+            scorer.place(resources, scorers=args.ray_scorers)
+            log.info(
+                "Ray: %d scoring worker(s), %g GPU each, batch %d, cluster %s",
+                scorer.scorers,
+                scorer.gpus_per_scorer,
+                scorer.batch_size,
+                {k: v for k, v in resources.items() if k in ("CPU", "GPU")},
+            )
+            yield scorer
+    finally:
+        scorer.remove_scratch()
 
 
 def run(args: argparse.Namespace) -> int:

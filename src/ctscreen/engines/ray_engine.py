@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 #: whole run; after these it is a Failure row and the run goes on.
 TASK_RETRIES = 2
 
+#: A file in the run's temporary folder on the driver's machine while the run goes on.
+RUN_MARKER = "RUNNING"
 #: Object store of a Ray started here: room for a few dozen prepared studies in
 #: flight (14 MB each at 96x192x192); Ray Data's backpressure keeps within it.
 LOCAL_OBJECT_STORE_BYTES = 1 << 30
@@ -126,7 +128,38 @@ def ray_session(
         try:
             yield ray.cluster_resources()
         finally:
+            # A local Ray's workers outlive its shutdown by seconds, one of them perhaps
+            # still unpacking a study: they are found while they are still ours.
+            local = _ray_processes() if address is None else []
             ray.shutdown()
+            _stop_processes(local)
+
+
+def _ray_processes() -> list[Any]:
+    """This process's descendants that belong to Ray (raylet, GCS, agents, workers);
+    empty without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any("ray" in part for part in child.cmdline()):
+                found.append(child)
+    return found
+
+
+def _stop_processes(processes: list[Any], timeout: float = 10.0) -> None:
+    """Kill those of ``processes`` still running and wait for them."""
+    if not processes:
+        return
+    import psutil
+
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(processes, timeout=timeout)
 
 
 def _as_given(item: PreparedStudy, given: str, read_as: str) -> PreparedStudy:
@@ -138,7 +171,7 @@ def _as_given(item: PreparedStudy, given: str, read_as: str) -> PreparedStudy:
 
 
 def read_input(
-    row: Mapping[str, Any], *, settings: ReadSettings, scratch: str
+    row: Mapping[str, Any], *, settings: ReadSettings, scratch: str, driver_node: str = ""
 ) -> list[dict[str, Any]]:
     """The reading stage as a Ray Data ``flat_map``: one input -> its prepared studies.
 
@@ -150,13 +183,21 @@ def read_input(
             own inside it and removes that; the driver removes the whole folder at
             the end, so a task killed mid-way (Ctrl-C, a lost worker) leaves nothing
             on the driver's machine.
+        driver_node: the Ray node id of the driver. A task there that finds the
+            run's marker (:data:`RUN_MARKER` in ``scratch``) gone belongs to a run
+            that has ended (Ctrl-C): it reads nothing, and one that was unpacking
+            when the driver removed the folder (and so made it again) removes it.
 
     Returns:
         One row per study (per eligible series in ``series`` mode): ``input_index``
         and the pickled :class:`~ctscreen.pipeline.PreparedStudy`.
     """
-    Path(scratch).mkdir(parents=True, exist_ok=True)  # another node's first task
-    work_root = Path(tempfile.mkdtemp(prefix="ctscreen-", dir=scratch))
+    folder = Path(scratch)
+    on_driver = ray.get_runtime_context().get_node_id() == driver_node
+    if on_driver and not (folder / RUN_MARKER).exists():
+        return []  # the run stopped and removed its folder: nothing to do
+    folder.mkdir(parents=True, exist_ok=True)  # another node's first task
+    work_root = Path(tempfile.mkdtemp(prefix="ctscreen-", dir=folder))
     out = []
     try:
         # Each study is pickled as it comes, so an input of many studies holds one
@@ -166,6 +207,8 @@ def read_input(
             out.append({"input_index": row["input_index"], "prepared": blob})
     finally:
         shutil.rmtree(work_root, ignore_errors=True)
+        if on_driver and not (folder / RUN_MARKER).exists():
+            shutil.rmtree(folder, ignore_errors=True)
     return out
 
 
@@ -248,6 +291,7 @@ class RayScorer:
         self.gpus_per_scorer = 0.0
         self.batch_size = int(options.get("batch_size") or 1)
         self._scorer_info: dict[str, Any] = {}
+        self._scratch: list[Path] = []
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -331,6 +375,8 @@ class RayScorer:
         ]
         gpu = {"num_gpus": self.gpus_per_scorer} if self.gpus_per_scorer else {}
         scratch = Path(tempfile.mkdtemp(prefix="ctscreen-ray-"))
+        (scratch / RUN_MARKER).touch()
+        self._scratch.append(scratch)
         try:
             yield from self._score_rows(rows, given, scratch=scratch, progress=progress, gpu=gpu)
         finally:
@@ -345,7 +391,11 @@ class RayScorer:
         progress: bool,
         gpu: Mapping[str, float],
     ) -> Generator[StudyResult, None, None]:
-        reading = {"settings": self.settings, "scratch": str(scratch)}
+        reading = {
+            "settings": self.settings,
+            "scratch": str(scratch),
+            "driver_node": ray.get_runtime_context().get_node_id(),
+        }
         with _data_context(progress=progress):
             dataset = (
                 ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -377,6 +427,13 @@ class RayScorer:
                 raise_if_stop_requested()
                 log.error("%s: its Ray task failed and gave no result", given[lost])
                 yield self.lost_input(given[lost])
+
+    def remove_scratch(self) -> None:
+        """Remove the runs' temporary folders once more, after the Ray session ended: a
+        reading task still unpacking when a run stopped can make its folder again after
+        :meth:`score` removed it (a local Ray's workers are stopped by then)."""
+        for scratch in self._scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def run_info(self) -> dict[str, Any]:
         """Facts for the table's ``run`` sheet: a scoring worker's own (backend,
