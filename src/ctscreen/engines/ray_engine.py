@@ -63,6 +63,7 @@ TASK_RETRIES = 2
 
 #: A file in the run's temporary folder on the driver's machine while the run goes on.
 RUN_MARKER = "RUNNING"
+
 #: Object store of a Ray started here: room for a few dozen prepared studies in
 #: flight (14 MB each at 96x192x192); Ray Data's backpressure keeps within it.
 LOCAL_OBJECT_STORE_BYTES = 1 << 30
