@@ -611,10 +611,8 @@ def create_app(settings: ServiceSettings, *, worker: Worker | None = None) -> Fa
 
     @app.get("/ui/dicom", include_in_schema=False)
     def dicom_panel(request: Request) -> HTMLResponse:
-        panel = dicom_fragment(language(request))
-        if panel is None:
-            raise HTTPException(404, "the DICOM node is off.")
-        return HTMLResponse(panel)
+        status = dicom_node().status(limit=20)  # 404 when the node is off
+        return HTMLResponse(page.dicom_panel(status, language(request)))
 
     @app.post("/ui/login", include_in_schema=False)
     async def login(request: Request) -> Response:

@@ -275,9 +275,10 @@ def dicom_panel(status: Mapping[str, Any], lang: str) -> str:
     if outbox["pending"]:
         waiting = _e(counted("waiting", outbox["pending"], lang))
         notes = [t("oldest", lang, age=_age(outbox["oldest_pending_seconds"] or 0, lang))]
-        errors = [i["last_error"] for i in status["items"] if i["state"] == "pending"]
-        if any(errors):
-            notes.append(t("last_error", lang, error=next(e for e in errors if e)))
+        pending = (i for i in status["items"] if i["state"] == "pending")
+        error = next((i["last_error"] for i in pending if i["last_error"]), "")
+        if error:
+            notes.append(t("last_error", lang, error=error))
         parts.append(f'<span class="status failed">{waiting}</span> ({_e("; ".join(notes))})')
     else:
         parts.append(_e(t("nothing_waiting", lang)))

@@ -20,33 +20,29 @@
     show(chosen.map((f) => f.name).join(", "));
   }
 
-  async function refresh() {
+  // Put the server-rendered fragment at `path` into `element` (none: nothing to do).
+  async function reload(path, element) {
+    if (!element) {
+      return;
+    }
     try {
-      const answer = await fetch("/ui/jobs?lang=" + encodeURIComponent(lang), {
+      const answer = await fetch(path + "?lang=" + encodeURIComponent(lang), {
         credentials: "same-origin",
       });
       if (answer.ok) {
-        jobs.innerHTML = await answer.text();
+        element.innerHTML = await answer.text();
       }
     } catch (err) {
       // the server is restarting: try again on the next tick
     }
   }
 
-  async function refreshDicom() {
-    if (!dicom) {
-      return;
-    }
-    try {
-      const answer = await fetch("/ui/dicom?lang=" + encodeURIComponent(lang), {
-        credentials: "same-origin",
-      });
-      if (answer.ok) {
-        dicom.innerHTML = await answer.text();
-      }
-    } catch (err) {
-      // as refresh()
-    }
+  function refresh() {
+    return reload("/ui/jobs", jobs);
+  }
+
+  function refreshDicom() {
+    return reload("/ui/dicom", dicom);
   }
 
   async function sendNow(event) {
