@@ -23,7 +23,7 @@ pytest.importorskip("highdicom")
 requests = pytest.importorskip("requests")
 
 from ctscreen import __version__  # noqa: E402
-from ctscreen.service.dicom_out import read_sr  # noqa: E402
+from ctscreen.outputs.dicom import read_sr  # noqa: E402
 from ctscreen.synth.dicom_writer import uid_from, write_secondary_capture, write_series  # noqa: E402
 from ctscreen.synth.phantom import make_phantom  # noqa: E402
 from dicom_helpers import (  # noqa: E402

@@ -16,12 +16,11 @@ pytest.importorskip("pynetdicom")
 from ctscreen import Screener  # noqa: E402
 from ctscreen.errors import ConfigError  # noqa: E402
 from ctscreen.service.dicom_node import _ranges, missing_instances  # noqa: E402
-from ctscreen.service.dicom_out import (  # noqa: E402
+from ctscreen.outputs.dicom import (  # noqa: E402
     RESEARCH_NOTE,
     Algorithm,
     build_key_images,
     build_sr,
-    read_series_headers,
     read_sr,
 )
 from ctscreen.service.sender import backoff, parse_destination  # noqa: E402
@@ -49,11 +48,10 @@ def test_sr_and_key_images_say_what_the_result_says(
     folder = paths[0].parent
     result = next(screener.score([folder], keep_image=True))
     assert result.ok and result.box is not None
-    headers = read_series_headers(folder, result.series_uid)
     algorithm = Algorithm.from_run_info(screener.run_info())
-    sr = build_sr(result, headers, algorithm)
+    sr = build_sr(result, algorithm)
     pre = screener.config
-    images = build_key_images(result, headers, window=(pre.window_level, pre.window_width))
+    images = build_key_images(result, window=(pre.window_level, pre.window_width))
 
     findings = read_sr(sr)
     assert findings.probability == pytest.approx(result.probability, abs=1e-12)
@@ -66,7 +64,7 @@ def test_sr_and_key_images_say_what_the_result_says(
     texts = [i.TextValue for i in sr.ContentSequence if i.ValueType == "TEXT"]
     assert RESEARCH_NOTE in texts
     assert algorithm.weights_sha256 and len(algorithm.weights_sha256) == 64
-    source = headers[0]
+    source = pydicom.dcmread(paths[0], stop_before_pixels=True)
     for ds in [sr, *images]:
         assert ds.StudyInstanceUID == source.StudyInstanceUID
         assert ds.PatientID == source.PatientID

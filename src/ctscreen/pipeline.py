@@ -30,7 +30,8 @@ import numpy as np
 from .chest import require_chest
 from .config import PreprocessConfig, SelectionConfig
 from .data.registry import PATH_TYPES
-from .dicom.discover import Study, discover
+from .dicom.discover import Series, Study, discover
+from .dicom.header import StudyHeader
 from .dicom.select import Candidate, select_series
 from .dicom.volume import build_volume
 from .errors import CtscreenError, InputError, SeriesSelectionError, VolumeError
@@ -92,6 +93,8 @@ class PreparedStudy:
         error: why the study failed ("" when ``array`` is set).
         seconds: time spent reading and preprocessing it.
         timings: ``read_s`` and ``preprocess_s``.
+        header: the study's Patient/Study values and the scored series' instances
+            (for the DICOM results); None when no DICOM header was read.
     """
 
     input_path: str
@@ -106,6 +109,20 @@ class PreparedStudy:
     error: str = ""
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    header: StudyHeader | None = None
+
+
+def series_header(series: Series) -> StudyHeader | None:
+    """The first instance's cleaned Patient/Study values, with the series' instances."""
+    first = series.first.study_header
+    if first is None:
+        return None
+    instances = tuple(
+        (i.sop_class_uid, i.sop_instance_uid, max(i.number_of_frames, 1)) for i in series.instances
+    )
+    return first.with_instances(
+        series.series_uid, instances, rows=series.first.rows, columns=series.first.columns
+    )
 
 
 def without_voxels(volume: Volume) -> Volume:
@@ -170,11 +187,16 @@ def prepare_study(
     start = time.perf_counter() - share_seconds
     base = dict(input_path=input_path, location=study.location, study_uid=study.study_uid)
     notes = warnings + study.warnings
+    study_header = series_header(study.series[0]) if study.series else None
     try:
         chosen = select_series(study.series, selection)
     except SeriesSelectionError as exc:
         yield PreparedStudy(
-            **base, error=exc.message, warnings=notes, seconds=time.perf_counter() - start
+            **base,
+            error=exc.message,
+            warnings=notes,
+            seconds=time.perf_counter() - start,
+            header=study_header,
         )
         return
     candidates: Sequence[Candidate] = chosen.chosen if all_series else chosen.chosen[:1]
@@ -185,7 +207,13 @@ def prepare_study(
         reason = chosen.reason if rank == 0 else f"eligible series {rank + 1} of {len(candidates)}"
         if rejected:
             reason += f"; {rejected}"
-        fields = dict(base, series_uid=candidate.series_uid, reason=reason, warnings=notes)
+        fields = dict(
+            base,
+            series_uid=candidate.series_uid,
+            reason=reason,
+            warnings=notes,
+            header=series_header(candidate.series),
+        )
         try:
             volume = build_volume(candidate.series)
             chest_notes = require_chest(

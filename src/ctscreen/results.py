@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .dicom.header import StudyHeader
 from .volume import SliceRef, Volume
 
 SUCCESS = "Success"
@@ -71,6 +72,9 @@ class StudyResult:
         seconds: time spent on this study (its reading share, decoding,
             preprocessing and its share of the forward pass).
         timings: the stages of ``seconds`` (``read_s``, ``preprocess_s``, ``model_s``).
+        header: the study's cleaned Patient/Study values and the scored series'
+            instances, as read (what the DICOM results repeat); None when no DICOM
+            header was read (NIfTI input, an unreadable input).
     """
 
     input_path: str
@@ -95,6 +99,7 @@ class StudyResult:
     borderline: bool = False
     seconds: float = 0.0
     timings: Mapping[str, float] = field(default_factory=dict)
+    header: StudyHeader | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.error and self.probability is not None:

@@ -323,6 +323,7 @@ class Screener:
             warnings=item.warnings,
             threshold=self.threshold,
             seconds=item.seconds,
+            header=item.header,
         )
 
     def _success(
@@ -382,4 +383,5 @@ class Screener:
             borderline=borderline,
             seconds=item.seconds + model_seconds,
             timings={**item.timings, "model_s": model_seconds},
+            header=item.header,
         )

@@ -88,17 +88,19 @@ def add_parser(subparsers: Any) -> None:
     dicom.add_argument("--dicom-host", help="address the DICOM port listens on (default: --host)")
     dicom.add_argument(
         "--send-to",
+        action="append",
+        default=[],
         metavar="AET@HOST:PORT",
-        help="send the SR and key images of each received study to this AE; without it they "
-        "wait in the outbox",
+        help="send the answer (SR and key images, or a 'not screened' SR) of every received "
+        "study to this AE instead of back to the calling AE (repeat for several)",
     )
     dicom.add_argument(
         "--allow-ae",
         action="append",
         default=[],
-        metavar="AET",
+        metavar="AET[@HOST:PORT]",
         help="accept associations only from this calling AE title (repeat for several; "
-        "default: any)",
+        "default: any); with @HOST:PORT, answers to the studies it sends go back there",
     )
     dicom.add_argument(
         "--stable-seconds",
@@ -122,7 +124,9 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def node_from_args(args: argparse.Namespace, data_dir: Path, wake: Any) -> Any:
+def node_from_args(
+    args: argparse.Namespace, data_dir: Path, wake: Any, run_info: Any = dict
+) -> Any:
     """The DICOM node the arguments ask for, or None without ``--dicom-port``.
 
     Raises:
@@ -142,17 +146,19 @@ def node_from_args(args: argparse.Namespace, data_dir: Path, wake: Any) -> Any:
             f"the DICOM node needs the 'dicom' extra ({exc.name} is missing): "
             "pip install 'ctscreen[dicom]'."
         ) from exc
+    peers = tuple(parse_destination(a, option="--allow-ae") for a in args.allow_ae if "@" in a)
     settings = NodeSettings(
         port=args.dicom_port,
         ae_title=args.ae_title,
         host=args.dicom_host or args.host,
-        send_to=parse_destination(args.send_to) if args.send_to else None,
+        send_to=tuple(parse_destination(d) for d in args.send_to),
         stable_seconds=args.stable_seconds,
         retry_base=args.send_retry_seconds,
         retry_max=max(args.send_retry_max, args.send_retry_seconds),
-        allowed_aes=tuple(args.allow_ae),
+        allowed_aes=tuple(a.split("@", 1)[0].strip() for a in args.allow_ae),
+        peers=peers,
     )
-    return DicomNode(data_dir, settings, wake=wake)
+    return DicomNode(data_dir, settings, wake=wake, run_info=run_info)
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -214,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
         # A weight file that cannot load stops here, with its sentence and exit code 2,
         # instead of a server that answers but never scores.
         worker.wait_ready(settings.load_timeout)
-        node = node_from_args(args, settings.data_dir, worker.wake)  # hook: the DICOM node
+        node = node_from_args(  # hook: the DICOM node
+            args, settings.data_dir, worker.wake, run_info=lambda: worker.run_info
+        )
         if node is not None:
             node.start()
             app.state.node = node  # its outbox in /api/v1/dicom and /metrics

@@ -29,6 +29,7 @@ from pydicom.errors import InvalidDicomError
 from ..errors import InputError, NoDicomError
 from . import validate
 from .archive import ArchiveLimits, extract_zip
+from .header import StudyHeader, read_study_header
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ class InstanceHeader:
     body_part: str = ""
     protocol: str = ""
     study_description: str = ""
+    #: the instance's Patient/Study values, cleaned for the DICOM results (see header.py)
+    study_header: StudyHeader | None = field(default=None, repr=False, compare=False)
 
     @property
     def number_of_frames(self) -> int:
@@ -452,6 +455,7 @@ def header_from_dataset(
         body_part=_text(ds, "BodyPartExamined"),
         protocol=_text(ds, "ProtocolName"),
         study_description=_text(ds, "StudyDescription"),
+        study_header=read_study_header(ds),
     )
 
 

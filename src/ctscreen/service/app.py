@@ -697,7 +697,29 @@ def _dicom_node_metrics(node: Any) -> list[str]:
         "# HELP ctscreen_dicom_incoming_studies Studies being received (not yet stable).",
         "# TYPE ctscreen_dicom_incoming_studies gauge",
         f"ctscreen_dicom_incoming_studies {len(status['incoming'])}",
+        "# HELP ctscreen_dicom_studies Received studies (made jobs), by what became of them.",
+        "# TYPE ctscreen_dicom_studies gauge",
+        *(
+            f'ctscreen_dicom_studies{{state="{k}"}} {v}'
+            for k, v in status["studies"].items()
+            if k != "receiving"
+        ),
+        "# HELP ctscreen_dicom_unanswered_studies Received studies whose answer (SR, key "
+        "images or a 'not screened' SR) is not yet delivered in full: alert when it stays up.",
+        "# TYPE ctscreen_dicom_unanswered_studies gauge",
+        f"ctscreen_dicom_unanswered_studies {status['studies']['unanswered']}",
+        "# HELP ctscreen_dicom_refused_instances Instances refused at C-STORE, by reason.",
+        "# TYPE ctscreen_dicom_refused_instances gauge",
+        *(
+            f'ctscreen_dicom_refused_instances{{reason="{_label(k)}"}} {v}'
+            for k, v in status["refused"]["by_reason"].items()
+        ),
     ]
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value (backslash, quote and newline escaped)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _resident_bytes() -> int:

@@ -14,14 +14,21 @@
   worker like any upload. A study an association was aborted in the middle of
   (or the service stopped while receiving) is scored with a warning in its row
   and its SR naming the instance numbers that are missing.
-* **Outbox** (:mod:`ctscreen.service.sender`): the SR and key images the scoring
-  child wrote (:mod:`ctscreen.service.dicom_out`) go to ``--send-to``, retried
-  with backoff until delivered.
+* **Outbox** (:mod:`ctscreen.service.sender`): every study is answered. The SR
+  and key images the scoring child wrote (:mod:`ctscreen.outputs.dicom`), or a
+  "not screened" SR saying why when the study could not be scored (also when the
+  child died or timed out, built here from the header kept at receipt), go back
+  to the calling AE (its address from ``--allow-ae AET@HOST:PORT``) or to each
+  ``--send-to``, retried with backoff until delivered. What is not the full answer
+  is a ``failed`` outbox item with its reason, in the API, the page and ``/metrics``.
+* **Refusals**: an instance refused at C-STORE (unreadable UIDs, not CT) is listed
+  with the calling AE and the UIDs it had.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -42,11 +49,20 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from ..errors import ConfigError
+from ..dicom.header import StudyHeader, read_study_header
+from ..errors import ConfigError, CtscreenError
 from ..fileio import write_bytes_atomic
-from .dicom_out import NODE_JOB_FILE, OUT_DIR, NodeJob
-from .node_store import Incoming, NodeStore
-from .sender import Destination, Outbox
+from ..outputs.dicom import (
+    NODE_JOB_FILE,
+    OUT_DIR,
+    Algorithm,
+    NodeJob,
+    build_not_screened_sr,
+    read_problems,
+    save_dataset,
+)
+from .node_store import NOT_SCREENED, SCREENED, Incoming, NodeStore, Refusal
+from .sender import Destination, JobAnswer, Outbox, Route
 from .store import InputFile, JobStore, new_job_id, stored_name
 
 log = logging.getLogger(__name__)
@@ -87,22 +103,38 @@ class NodeSettings:
         port: the DICOM port to listen on.
         ae_title: the node's AE title (also the calling AE title when sending).
         host: the address to listen on.
-        send_to: where results go (None: they are kept in the outbox until a
-            destination is configured).
+        send_to: where every answer goes instead of back to the calling AE (several
+            allowed).
         stable_seconds: a study is complete after this many seconds without a new instance.
         retry_base, retry_max: outbox backoff (seconds): first wait, longest wait.
         allowed_aes: calling AE titles accepted (empty: any); others are rejected at
             association time. The called AE title must always be ``ae_title``.
+        peers: the addresses of calling AEs (``--allow-ae AET@HOST:PORT``): an
+            answer goes back to the AE that sent the study when ``send_to`` is empty.
     """
 
     port: int
     ae_title: str = "CTSCREEN"
     host: str = "127.0.0.1"
-    send_to: Destination | None = None
+    send_to: tuple[Destination, ...] = ()
     stable_seconds: float = 10.0
     retry_base: float = 10.0
     retry_max: float = 300.0
     allowed_aes: tuple[str, ...] = ()
+    peers: tuple[Destination, ...] = ()
+
+    def route(self, calling_ae: str) -> Route:
+        """Where the answer to a study sent by ``calling_ae`` goes."""
+        if self.send_to:
+            return Route([str(d) for d in self.send_to])
+        for peer in self.peers:
+            if peer.ae_title == calling_ae:
+                return Route([str(peer)])
+        return Route(
+            [],
+            f"no address for the calling AE {calling_ae or '(unknown)'}: start the node with "
+            f"--allow-ae {calling_ae or 'AET'}@HOST:PORT (or --send-to AET@HOST:PORT)",
+        )
 
     def __post_init__(self) -> None:
         title = self.ae_title
@@ -175,25 +207,27 @@ class DicomNode:
         settings: NodeSettings,
         *,
         wake: Callable[[], None] = lambda: None,
+        run_info: Callable[[], dict[str, Any]] = dict,
         poll: float = 0.5,
     ) -> None:
         self.settings = settings
         self.data_dir = Path(data_dir)
         self.incoming_dir = self.data_dir / INCOMING_DIR
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
-        # Own connections to the service's databases (SQLite WAL: safe beside the app's).
+        # The service's one database; the node's tables sit beside the jobs (SQLite WAL).
         self.jobs = JobStore(self.data_dir)
-        self.node_store = NodeStore(self.data_dir)
+        self.node_store = NodeStore(self.jobs)
         self.wake = wake
+        self.run_info = run_info
         self.poll = poll
         self.outbox = Outbox(
             self.node_store,
             self.jobs,
-            destination=settings.send_to,
+            answer=self.answer,
+            route=settings.route,
             calling_ae=settings.ae_title,
             retry_base=settings.retry_base,
             retry_max=settings.retry_max,
-            result_files=self.result_files,
         )
         self._server: Any = None
         self._stop = threading.Event()
@@ -248,14 +282,23 @@ class DicomNode:
             ) from exc
         self._watcher = threading.Thread(target=self._watch, name="ctscreen-stable", daemon=True)
         self._watcher.start()
+        self.outbox.assign_destinations()
         self.outbox.start()
+        where = ", ".join(str(d) for d in self.settings.send_to) or (
+            "the calling AE"
+            + (
+                f" ({', '.join(str(p) for p in self.settings.peers)})"
+                if self.settings.peers
+                else ""
+            )
+        )
         log.warning(
             "DICOM node %s on %s:%d (stable after %g s; results to %s)",
             self.settings.ae_title,
             self.settings.host,
             self.settings.port,
             self.settings.stable_seconds,
-            self.settings.send_to or "nowhere yet (kept in the outbox)",
+            where,
         )
 
     def stop(self) -> None:
@@ -266,7 +309,6 @@ class DicomNode:
         if self._watcher is not None:
             self._watcher.join(timeout=30)
         self.outbox.stop()
-        self.node_store.close()
         self.jobs.close()
 
     def status(self, limit: int = 100) -> dict[str, Any]:
@@ -277,8 +319,15 @@ class DicomNode:
         return {
             "ae_title": settings.ae_title,
             "port": settings.port,
-            "send_to": None if settings.send_to is None else str(settings.send_to),
+            "send_to": [str(d) for d in settings.send_to],
+            "peers": [str(d) for d in settings.peers],
             "stable_seconds": settings.stable_seconds,
+            "studies": self.node_store.study_counts(),
+            "recent_studies": self.node_store.studies(limit),
+            "refused": {
+                "by_reason": self.node_store.refusal_counts(),
+                "items": [asdict(r) for r in self.node_store.refusals(limit)],
+            },
             # The folder and the file's full path are the server's business, not the API's.
             "incoming": [
                 {k: v for k, v in asdict(s).items() if k != "folder"}
@@ -303,27 +352,71 @@ class DicomNode:
 
     # ------------------------------------------------------------------ receiver
 
+    def _refuse(self, event: Any, status: int, reason: str, **uids: str) -> int:
+        """Record a refused instance (listed in the API and counted in /metrics)."""
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        log.warning("refused an instance from %s: %s (%s)", calling_ae, reason, uids or "no UIDs")
+        try:
+            self.node_store.refuse(
+                Refusal(
+                    time=time.time(),
+                    calling_ae=calling_ae,
+                    study_uid=uids.get("study_uid", ""),
+                    sop_instance_uid=uids.get("sop_instance_uid", ""),
+                    sop_class_uid=uids.get("sop_class_uid", ""),
+                    reason=reason,
+                )
+            )
+        except Exception:  # noqa: BLE001 - a refusal must be answered even if not recorded
+            log.exception("cannot record the refusal")
+        return status
+
     def _on_store(self, event: Any) -> int:
         sop_class = str(event.request.AffectedSOPClassUID)
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
         if sop_class not in ACCEPTED_SOP_CLASSES:
-            log.info(
-                "refused an instance of SOP class %s from %s (CT only)",
-                sop_class,
-                event.assoc.requestor.ae_title,
+            return self._refuse(
+                event,
+                STATUS_SOP_CLASS_NOT_SUPPORTED,
+                "not CT image storage (ctscreen scores CT only)",
+                sop_class_uid=sop_class,
+                sop_instance_uid=sop_uid,
             )
-            return STATUS_SOP_CLASS_NOT_SUPPORTED
         try:
             ds = event.dataset
-            study_uid = str(ds.StudyInstanceUID)
-            sop_uid = str(ds.SOPInstanceUID)
-        except (AttributeError, ValueError, TypeError, KeyError) as exc:
-            log.warning("an instance without readable UIDs was refused: %s", exc)
-            return STATUS_CANNOT_UNDERSTAND
-        if str(ds.get("SOPClassUID", sop_class)) != sop_class or not study_uid or not sop_uid:
-            return STATUS_DATASET_MISMATCH
+            study_uid = str(ds.get("StudyInstanceUID", "") or "").strip()
+            sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on bad bytes
+            return self._refuse(
+                event,
+                STATUS_CANNOT_UNDERSTAND,
+                f"the dataset cannot be decoded ({type(exc).__name__})",
+                sop_class_uid=sop_class,
+                sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+            )
+        if not study_uid or not sop_uid:
+            return self._refuse(
+                event,
+                STATUS_CANNOT_UNDERSTAND,
+                "no StudyInstanceUID or SOPInstanceUID in the dataset",
+                study_uid=study_uid,
+                sop_instance_uid=sop_uid,
+                sop_class_uid=sop_class,
+            )
+        if str(ds.get("SOPClassUID", sop_class)) != sop_class:
+            return self._refuse(
+                event,
+                STATUS_DATASET_MISMATCH,
+                "the dataset's SOPClassUID differs from the C-STORE request's",
+                study_uid=study_uid,
+                sop_instance_uid=sop_uid,
+                sop_class_uid=sop_class,
+            )
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         try:
-            folder_name = self.node_store.receive(study_uid, calling_ae, secrets.token_hex(12))
+            folder_name = self.node_store.receive(
+                study_uid, calling_ae, secrets.token_hex(12), header=_header_json(ds, sop_class)
+            )
             with self._lock:
                 first_here = study_uid not in self._assoc_studies.setdefault(id(event.assoc), set())
                 self._assoc_studies[id(event.assoc)].add(study_uid)
@@ -401,7 +494,10 @@ class DicomNode:
                 + (missing or "no instance numbers to check")
                 + ".",
             )
-        NodeJob(study.study_uid, study.calling_ae, warnings).write(self.jobs.job_dir(job_id))
+        header = _header_from_json(study.header)
+        NodeJob(study.study_uid, study.calling_ae, warnings, header).write(
+            self.jobs.job_dir(job_id)
+        )
         name = f"DICOM study {study.study_uid} from {study.calling_ae}"
         self.jobs.add_job(job_id, [InputFile(0, name, stored_name(0), size)], mode="study")
         self.node_store.to_job(study, job_id)
@@ -423,6 +519,83 @@ class DicomNode:
         if not folder.is_dir():
             return []
         return sorted(folder.glob("[0-9]*.dcm"))
+
+    def answer(self, job_id: str) -> JobAnswer:
+        """The answer of an ended node job: what the scoring child wrote, or, when it wrote
+        nothing (it died, timed out, or the job was deleted), a "not screened" SR built
+        here from the header kept when the study arrived."""
+        job_dir = self.jobs.job_dir(job_id)
+        rows = self.jobs.rows(job_id)
+        failures = [r.error for r in rows if r.processing_status != "Success" and r.error]
+        job = self.jobs.get(job_id)
+        reason = (
+            failures[0] if failures else (job.message if job is not None and job.message else "")
+        )
+        outcome = SCREENED if any(r.processing_status == "Success" for r in rows) else NOT_SCREENED
+        if outcome == NOT_SCREENED and not reason:
+            reason = "the scoring ended without a result for this study; see the server log"
+        problems = [p.reason for p in read_problems(job_dir)]
+        paths = self.result_files(job_id)
+        if not paths:
+            why = reason or "the scoring child wrote no answer"
+            path = self._not_screened(job_id, why)
+            paths = [path] if path is not None else []
+            if path is None:
+                problems.append(f"no answer could be built for this study: {why}")
+            elif not problems:
+                problems.append(f"not screened: {why}")
+        return JobAnswer(
+            paths=paths,
+            outcome=outcome,
+            reason="" if outcome == SCREENED else reason,
+            problems=problems,
+        )
+
+    def _not_screened(self, job_id: str, reason: str) -> Path | None:
+        """Write a "not screened" SR for a node job from the header kept at receipt."""
+        job_dir = self.jobs.job_dir(job_id)
+        node_job = NodeJob.read(job_dir)
+        if node_job is None or node_job.header is None:
+            log.error("job %s: no header kept for its study; it cannot be answered", job_id)
+            return None
+        try:
+            sr = build_not_screened_sr(
+                node_job.header,
+                reason,
+                Algorithm.from_run_info(self.run_info()),
+                warnings=node_job.warnings,
+            )
+            path = job_dir / OUT_DIR / "0001.dcm"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_dataset(sr, path)
+        except (CtscreenError, ValueError, TypeError, AttributeError, OSError) as exc:
+            log.error("job %s: the 'not screened' report cannot be built: %s", job_id, exc)
+            return None
+        return path
+
+
+def _header_from_json(text: str) -> StudyHeader | None:
+    """The header kept at receipt (None when none was, or it cannot be read)."""
+    if not text:
+        return None
+    try:
+        return StudyHeader.from_json(json.loads(text))
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        log.error("the header kept for a study cannot be read (%s); it is scored without", exc)
+        return None
+
+
+def _header_json(ds: Any, sop_class: str) -> str:
+    """The cleaned header of a received instance, as JSON for the node's table."""
+    try:
+        header = read_study_header(ds)
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    except Exception:  # noqa: BLE001 - the header only helps answer; never refuse for it
+        log.exception("cannot keep the header of a received instance")
+        return ""
+    instance = ((sop_class, str(ds.get("SOPInstanceUID", "")), int(ds.get("NumberOfFrames") or 1)),)
+    series = str(ds.get("SeriesInstanceUID", ""))
+    return json.dumps(header.with_instances(series, instance, rows=rows, columns=columns).to_json())
 
 
 __all__ = [

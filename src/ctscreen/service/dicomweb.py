@@ -2,7 +2,7 @@
 
 QIDO-RS finds the study's series, WADO-RS retrieves its CT series into a
 temporary folder, the :class:`~ctscreen.Screener` scores it, and STOW-RS stores the
-same SR and key images the DICOM node sends (:mod:`ctscreen.service.dicom_out`)
+same SR and key images the DICOM node sends (:mod:`ctscreen.outputs.dicom`)
 into the study. For sites that prefer HTTP to DIMSE.
 """
 
@@ -20,8 +20,8 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
 from ..errors import CtscreenError, InputError
+from ..outputs.dicom import Algorithm, study_answer
 from ..results import StudyResult
-from .dicom_out import Algorithm, build_key_images, build_sr, read_series_headers
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +128,16 @@ def score_archived_study(
         retrieve_study(client, study_uid, folder)
         result = next(iter(screener.score([folder], keep_image=True)))
         stored: tuple[str, ...] = ()
-        if result.ok and store:
+        if store and result.header is not None:
+            # a study that was not scored gets its "not screened" report, as from the node
             pre = screener.config
-            headers = read_series_headers(folder, result.series_uid)
-            datasets = [build_sr(result, headers, Algorithm.from_run_info(screener.run_info()))]
-            datasets += build_key_images(
-                result, headers, window=(pre.window_level, pre.window_width)
+            datasets, problem = study_answer(
+                result,
+                Algorithm.from_run_info(screener.run_info()),
+                window=(pre.window_level, pre.window_width),
             )
+            if problem:
+                log.warning("study %s: %s", study_uid, problem)
             store_results(client, datasets, study_uid)
             stored = tuple(str(ds.SOPInstanceUID) for ds in datasets)
         return WebOutcome(result=result.without_maps(), stored=stored)

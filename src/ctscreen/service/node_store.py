@@ -1,38 +1,54 @@
 """What the DICOM node keeps across restarts: studies being received, its jobs, the outbox.
 
-One SQLite file beside the job store (``DATA/dicom-node.db``, WAL)::
+The node's tables live in the service's one database (``DATA/ctscreen.db``, beside
+the ``jobs`` table of :class:`~ctscreen.service.store.JobStore`, over the same
+connection)::
 
-    incoming   a study whose instances are arriving (its folder under DATA/dicom-in/)
-    node_jobs  a received study made into a job of the job store, and where its results are
-    outbox     one result file (SR or key image) to send, with its attempts and next try
+    incoming   a study whose instances are arriving (its folder under DATA/dicom-in/),
+               with the cleaned header of its first instance
+    node_jobs  a received study made into a job, whether it was screened and why not
+    outbox     one result file (SR or key image) for one destination, with its attempts
+               and next try; or a ``failed`` item saying why a study's answer is missing
+               or incomplete
+    refused    instances refused at C-STORE (unreadable, not CT), with the calling AE
 
 A result stays in the outbox, on disk, until the destination confirmed it by a
 successful C-STORE status; a restart, a destination that is down or refuses, all
-leave it there to be tried again.
+leave it there to be tried again. A database of the previous release
+(``DATA/dicom-node.db``) is copied in once and renamed ``dicom-node.db.migrated``.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .database import Database
 
 log = logging.getLogger(__name__)
 
-DB_NAME = "dicom-node.db"
+#: The node's own database file of the previous release (migrated into the job store's).
+OLD_DB_NAME = "dicom-node.db"
 
 #: node_jobs.state: scored by the worker (results not yet in the outbox).
 SCORING = "scoring"
 #: node_jobs.state: its results are in the outbox (or there were none).
 QUEUED_OUT = "outbox"
 
+#: node_jobs.outcome (once its results are in the outbox)
+SCREENED = "screened"
+NOT_SCREENED = "not_screened"
+
 #: outbox.state
 PENDING = "pending"
 SENT = "sent"
 GONE = "gone"  # the file disappeared (its job was deleted): nothing left to send
+FAILED = "failed"  # an answer that could not be built (see last_error); never sent
+STATES = (PENDING, SENT, GONE, FAILED)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS incoming (
@@ -43,14 +59,26 @@ CREATE TABLE IF NOT EXISTS incoming (
     last REAL NOT NULL,
     instances INTEGER NOT NULL DEFAULT 0,
     receiving INTEGER NOT NULL DEFAULT 0,
-    aborted TEXT NOT NULL DEFAULT ''
+    aborted TEXT NOT NULL DEFAULT '',
+    header TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS node_jobs (
     job_id TEXT PRIMARY KEY,
     study_uid TEXT NOT NULL,
     calling_ae TEXT NOT NULL,
     state TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    outcome TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS refused (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    calling_ae TEXT NOT NULL,
+    study_uid TEXT NOT NULL DEFAULT '',
+    sop_instance_uid TEXT NOT NULL DEFAULT '',
+    sop_class_uid TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -91,6 +119,7 @@ class Incoming:
     instances: int
     receiving: int
     aborted: str
+    header: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -107,22 +136,93 @@ class OutboxItem:
     destination: str
 
 
-class NodeStore(Database):
-    """The node's tables (thread-safe: one connection behind a lock)."""
+@dataclass(frozen=True)
+class Refusal:
+    """An instance refused at C-STORE."""
 
-    def __init__(self, data_dir: Path) -> None:
-        """Open (or create) ``DATA/dicom-node.db``.
+    time: float
+    calling_ae: str
+    study_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    reason: str
 
-        Raises:
-            ConfigError: it cannot be opened.
-        """
-        super().__init__(Path(data_dir) / DB_NAME, _SCHEMA, what="the DICOM node's store")
+
+#: Columns added since the first release, for databases made by it.
+_ADDED_COLUMNS = (
+    ("incoming", "header", "TEXT NOT NULL DEFAULT ''"),
+    ("node_jobs", "outcome", "TEXT NOT NULL DEFAULT ''"),
+    ("node_jobs", "reason", "TEXT NOT NULL DEFAULT ''"),
+)
+_INCOMING = "study_uid, folder, calling_ae, first, last, instances, receiving, aborted, header"
+
+
+class NodeStore:
+    """The node's tables in the job store's database (thread-safe: the job store's one
+    connection and lock).
+
+    Args:
+        db: the service's database (a :class:`~ctscreen.service.store.JobStore`).
+
+    Raises:
+        ConfigError: the tables cannot be made.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._db = db._db
+        self._lock = db._lock
+        self._transaction = db._transaction
+        self._query = db._query
+        with self._lock:
+            self._db.executescript(_SCHEMA)
+            for table, column, kind in _ADDED_COLUMNS:
+                present = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        self._migrate(db.path.parent / OLD_DB_NAME)
+
+    def _migrate(self, old: Path) -> None:
+        """Copy the tables of a previous release's ``dicom-node.db`` in, once."""
+        if not old.is_file():
+            return
+        with self._lock:
+            self._db.execute("ATTACH DATABASE ? AS old", (str(old),))
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for table in ("incoming", "node_jobs", "outbox"):
+                        columns = [
+                            r[1] for r in self._db.execute(f"PRAGMA old.table_info({table})")
+                        ]
+                        if not columns:
+                            continue
+                        names = ", ".join(columns)
+                        self._db.execute(
+                            f"INSERT OR IGNORE INTO main.{table} ({names}) "
+                            f"SELECT {names} FROM old.{table}"
+                        )
+                    self._db.execute("COMMIT")
+                except sqlite3.Error:
+                    self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                self._db.execute("DETACH DATABASE old")
+        for suffix in ("", "-wal", "-shm"):
+            part = old.with_name(old.name + suffix)
+            if part.exists():
+                part.rename(part.with_name(part.name + ".migrated"))
+        log.warning("the DICOM node's database %s was merged into %s", old, self.db.path)
+
+    def close(self) -> None:
+        """Nothing to close: the connection is the job store's."""
 
     # ------------------------------------------------------------------ incoming
 
-    def receive(self, study_uid: str, calling_ae: str, new_folder: str) -> str:
+    def receive(self, study_uid: str, calling_ae: str, new_folder: str, header: str = "") -> str:
         """Record one arriving instance of ``study_uid``; returns the study's folder
-        (``new_folder`` when the study is new)."""
+        (``new_folder`` when the study is new, which keeps ``header``, the JSON of
+        its first instance's cleaned header)."""
         now = time.time()
         with self._transaction() as db:
             row = db.execute(
@@ -130,9 +230,9 @@ class NodeStore(Database):
             ).fetchone()
             if row is None:
                 db.execute(
-                    "INSERT INTO incoming (study_uid, folder, calling_ae, first, last, instances) "
-                    "VALUES (?, ?, ?, ?, ?, 1)",
-                    (study_uid, new_folder, calling_ae, now, now),
+                    "INSERT INTO incoming (study_uid, folder, calling_ae, first, last, instances, "
+                    "header) VALUES (?, ?, ?, ?, ?, 1, ?)",
+                    (study_uid, new_folder, calling_ae, now, now, header),
                 )
                 return new_folder
             db.execute(
@@ -176,8 +276,7 @@ class NodeStore(Database):
         """Studies with no new instance for ``quiet_seconds``."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT study_uid, folder, calling_ae, first, last, instances, receiving, aborted "
-                "FROM incoming WHERE last <= ? ORDER BY last",
+                f"SELECT {_INCOMING} FROM incoming WHERE last <= ? ORDER BY last",
                 (time.time() - quiet_seconds,),
             ).fetchall()
         return [Incoming(*r) for r in rows]
@@ -185,10 +284,7 @@ class NodeStore(Database):
     def incoming(self) -> list[Incoming]:
         """Every study being received."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT study_uid, folder, calling_ae, first, last, instances, receiving, aborted "
-                "FROM incoming ORDER BY first"
-            ).fetchall()
+            rows = self._db.execute(f"SELECT {_INCOMING} FROM incoming ORDER BY first").fetchall()
         return [Incoming(*r) for r in rows]
 
     def to_job(self, study: Incoming, job_id: str) -> None:
@@ -213,23 +309,151 @@ class NodeStore(Database):
                 ).fetchall()
             ]
 
-    def queue_results(self, job_id: str, paths: list[Path]) -> None:
-        """Put a finished job's result files in the outbox (all at once, with its state)."""
+    def node_job(self, job_id: str) -> tuple[str, str] | None:
+        """``(study_uid, calling_ae)`` of a node job, None for another job."""
+        rows = self._query(
+            "SELECT study_uid, calling_ae FROM node_jobs WHERE job_id = ?", (job_id,)
+        )
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
+    def queue_results(
+        self,
+        job_id: str,
+        paths: list[Path],
+        *,
+        destinations: list[str],
+        outcome: str,
+        reason: str = "",
+        problems: Sequence[str] = (),
+        no_destination: str = "",
+    ) -> None:
+        """Put a finished job's answer in the outbox, all at once, with its outcome.
+
+        Args:
+            paths: the answer's files; each is queued once per destination.
+            destinations: where they go (``AET@HOST:PORT``); none: each file waits as
+                a pending item with ``no_destination`` as its last error.
+            outcome: :data:`SCREENED` or :data:`NOT_SCREENED`.
+            reason: why the study was not screened ("" when it was).
+            problems: sentences saying why the answer is missing or incomplete, each a
+                ``failed`` item.
+        """
         now = time.time()
+        rows = [
+            (job_id, str(p), PENDING, now, now, where, "" if where else no_destination)
+            for p in paths
+            for where in (destinations or [""])
+        ]
+        rows += [(job_id, "", FAILED, now, now, "", problem) for problem in problems]
         with self._transaction() as db:
             db.executemany(
-                "INSERT INTO outbox (job_id, path, state, next_try, created) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [(job_id, str(p), PENDING, now, now) for p in paths],
+                "INSERT INTO outbox (job_id, path, state, next_try, created, destination, "
+                "last_error) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
             )
-            db.execute("UPDATE node_jobs SET state = ? WHERE job_id = ?", (QUEUED_OUT, job_id))
+            db.execute(
+                "UPDATE node_jobs SET state = ?, outcome = ?, reason = ? WHERE job_id = ?",
+                (QUEUED_OUT, outcome, reason, job_id),
+            )
+
+    def set_destination(self, item_ids: list[int], destination: str) -> None:
+        """Give items that had no destination one (the service was started with one)."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE outbox SET destination = ?, last_error = '' WHERE id = ?",
+                [(destination, i) for i in item_ids],
+            )
+
+    def refuse(self, refusal: Refusal) -> None:
+        """Record an instance refused at C-STORE."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO refused (time, calling_ae, study_uid, sop_instance_uid, "
+                "sop_class_uid, reason) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    refusal.time,
+                    refusal.calling_ae,
+                    refusal.study_uid,
+                    refusal.sop_instance_uid,
+                    refusal.sop_class_uid,
+                    refusal.reason,
+                ),
+            )
+
+    def refusals(self, limit: int = 100) -> list[Refusal]:
+        """The newest ``limit`` refused instances, newest first."""
+        rows = self._query(
+            "SELECT time, calling_ae, study_uid, sop_instance_uid, sop_class_uid, reason "
+            "FROM refused ORDER BY id DESC LIMIT ?",
+            (limit,),
+        )
+        return [Refusal(*r) for r in rows]
+
+    def refusal_counts(self) -> dict[str, int]:
+        """Refused instances by reason."""
+        return dict(self._query("SELECT reason, COUNT(*) FROM refused GROUP BY reason"))
+
+    def study_counts(self) -> dict[str, int]:
+        """Studies by what happened to them: ``received`` (made jobs), ``scoring``,
+        ``screened``, ``not_screened``, ``answered`` (every file of its answer
+        delivered, no failed item), ``unanswered`` (the rest) and ``receiving``."""
+        ((received,),) = self._query("SELECT COUNT(*) FROM node_jobs")
+        ((scoring,),) = self._query("SELECT COUNT(*) FROM node_jobs WHERE state = ?", (SCORING,))
+        outcomes = dict(self._query("SELECT outcome, COUNT(*) FROM node_jobs GROUP BY outcome"))
+        ((answered,),) = self._query(
+            "SELECT COUNT(*) FROM node_jobs j WHERE j.state = ? "
+            "AND EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id AND o.state = ?) "
+            "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id "
+            "AND o.state IN (?, ?))",
+            (QUEUED_OUT, SENT, PENDING, FAILED),
+        )
+        ((receiving,),) = self._query("SELECT COUNT(*) FROM incoming")
+        return {
+            "receiving": int(receiving),
+            "received": int(received),
+            "scoring": int(scoring),
+            "screened": int(outcomes.get(SCREENED, 0)),
+            "not_screened": int(outcomes.get(NOT_SCREENED, 0)),
+            "answered": int(answered),
+            "unanswered": int(received) - int(answered),
+        }
+
+    def studies(self, limit: int = 100) -> list[dict[str, object]]:
+        """The newest ``limit`` node jobs (studies), newest first, with their outcome and
+        how many of their files are sent, pending and failed."""
+        rows = self._query(
+            "SELECT j.job_id, j.study_uid, j.calling_ae, j.state, j.created, j.outcome, "
+            "j.reason, SUM(o.state = ?), SUM(o.state = ?), SUM(o.state = ?) "
+            "FROM node_jobs j LEFT JOIN outbox o ON o.job_id = j.job_id "
+            "GROUP BY j.job_id ORDER BY j.created DESC LIMIT ?",
+            (SENT, PENDING, FAILED, limit),
+        )
+        keys = (
+            "job_id",
+            "study_uid",
+            "calling_ae",
+            "state",
+            "created",
+            "outcome",
+            "reason",
+            "sent",
+            "pending",
+            "failed",
+        )
+        return [
+            {
+                k: (v or 0) if k in ("sent", "pending", "failed") else v
+                for k, v in zip(keys, r, strict=True)
+            }
+            for r in rows
+        ]
 
     def due(self, now: float | None = None) -> list[OutboxItem]:
         """Pending outbox items whose next try has come, oldest first."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, job_id, path, state, attempts, next_try, last_error, destination "
-                "FROM outbox WHERE state = ? AND next_try <= ? ORDER BY id",
+                "FROM outbox WHERE state = ? AND next_try <= ? AND destination != '' ORDER BY id",
                 (PENDING, time.time() if now is None else now),
             ).fetchall()
         return [OutboxItem(*r) for r in rows]
@@ -245,7 +469,7 @@ class NodeStore(Database):
 
     def outbox_counts(self) -> dict[str, int]:
         """Outbox items by state (every state present, 0 when none)."""
-        counts = dict.fromkeys((PENDING, SENT, GONE), 0)
+        counts = dict.fromkeys(STATES, 0)
         counts.update(self._query("SELECT state, COUNT(*) FROM outbox GROUP BY state"))
         return counts
 
@@ -253,6 +477,11 @@ class NodeStore(Database):
         """Unix time the oldest unsent result entered the outbox (None: nothing pending)."""
         ((created,),) = self._query("SELECT MIN(created) FROM outbox WHERE state = ?", (PENDING,))
         return None if created is None else float(created)
+
+    def without_destination(self) -> list[int]:
+        """Pending items that wait for a destination."""
+        rows = self._query("SELECT id FROM outbox WHERE state = ? AND destination = ''", (PENDING,))
+        return [int(r[0]) for r in rows]
 
     def retry_now(self) -> int:
         """Make every pending item due at once (an operator fixed the destination and

@@ -73,8 +73,12 @@ TEXT: dict[str, dict[str, str]] = {
         "ru": "AE {ae} на порту {port}; результаты отправляются в {destination}.",
     },
     "dicom_kept": {
-        "en": "AE {ae} on port {port}; no destination is set, so results are kept here.",
-        "ru": "AE {ae} на порту {port}; адресат не задан, результаты хранятся здесь.",
+        "en": "AE {ae} on port {port}; results go back to the AE that sent the study.",
+        "ru": "AE {ae} на порту {port}; результаты возвращаются AE, приславшему исследование.",
+    },
+    "dicom_failed": {
+        "en": "Not answered in full: {study}: {reason}",
+        "ru": "Ответ неполный: {study}: {reason}",
     },
     "oldest": {"en": "the oldest for {age}", "ru": "самый давний — {age}"},
     "last_error": {"en": "last error: {error}", "ru": "последняя ошибка: {error}"},
@@ -124,6 +128,22 @@ _COUNTED: dict[str, dict[str, tuple[str, ...]]] = {
         ),
     },
     "sent": {"en": ("{n} sent",) * 2, "ru": ("отправлено: {n}",) * 3},
+    "unanswered": {
+        "en": ("{n} study not answered yet", "{n} studies not answered yet"),
+        "ru": (
+            "{n} исследование ещё без ответа",
+            "{n} исследования ещё без ответа",
+            "{n} исследований ещё без ответа",
+        ),
+    },
+    "not_screened": {
+        "en": ("{n} not screened", "{n} not screened"),
+        "ru": ("не оценено: {n}",) * 3,
+    },
+    "refused": {
+        "en": ("{n} instance refused", "{n} instances refused"),
+        "ru": ("отклонено объектов: {n}",) * 3,
+    },
     "arriving": {
         "en": ("{n} study arriving", "{n} studies arriving"),
         "ru": (
@@ -265,13 +285,24 @@ def dicom_panel(status: Mapping[str, Any], lang: str) -> str:
     """
     where = {"ae": status["ae_title"], "port": status["port"]}
     if status["send_to"]:
-        line = t("dicom_to", lang, destination=status["send_to"], **where)
+        line = t("dicom_to", lang, destination=", ".join(status["send_to"]), **where)
     else:
         line = t("dicom_kept", lang, **where)
     outbox = status["outbox"]
+    studies = status.get("studies", {})
     parts = []
     if status["incoming"]:
         parts.append(_e(counted("arriving", len(status["incoming"]), lang)))
+    if studies.get("unanswered"):
+        parts.append(
+            f'<span class="status failed">{_e(counted("unanswered", studies["unanswered"], lang))}'
+            "</span>"
+        )
+    if studies.get("not_screened"):
+        parts.append(_e(counted("not_screened", studies["not_screened"], lang)))
+    refused = sum(status.get("refused", {}).get("by_reason", {}).values())
+    if refused:
+        parts.append(_e(counted("refused", refused, lang)))
     if outbox["pending"]:
         waiting = _e(counted("waiting", outbox["pending"], lang))
         notes = [t("oldest", lang, age=_age(outbox["oldest_pending_seconds"] or 0, lang))]
@@ -285,12 +316,18 @@ def dicom_panel(status: Mapping[str, Any], lang: str) -> str:
     parts.append(_e(counted("sent", outbox["sent"], lang)))
     button = (
         f' <button type="button" class="retry">{_e(t("send_now", lang))}</button>'
-        if outbox["pending"] and status["send_to"]
+        if outbox["pending"]
         else ""
     )
+    failed = [
+        f"<li>{_e(t('dicom_failed', lang, study=s['study_uid'], reason=s['reason']))}</li>"
+        for s in status.get("recent_studies", [])
+        if s.get("failed") and s.get("reason")
+    ]
     return (
         f'<h2>{_e(t("dicom", lang))}</h2><p class="muted">{_e(line)}</p>'
         f'<p class="outbox">{" · ".join(parts)}{button}</p>'
+        + (f'<ul class="failures">{"".join(failed[:10])}</ul>' if failed else "")
     )
 
 

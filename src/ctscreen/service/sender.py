@@ -1,8 +1,10 @@
-"""Sending results to the PACS: C-STORE to one destination AE, from a persistent outbox.
+"""Sending results to the PACS: C-STORE to each destination AE, from a persistent outbox.
 
-:class:`Outbox` is a thread. It moves the result files of finished node jobs
-into the outbox (:class:`~ctscreen.service.node_store.NodeStore`) and sends what
-is due, one association per job. A destination that is down, refuses the
+:class:`Outbox` is a thread. It moves the answer of every finished node job (its
+SR and key images, or a "not screened" SR) into the outbox
+(:class:`~ctscreen.service.node_store.NodeStore`), once per destination, with a
+failed item for each problem, and sends what is due, one association per job and
+destination. A destination that is down, refuses the
 association or answers a C-STORE with a failure status leaves the files pending,
 to be tried again after ``retry_base * 2**(attempts-1)`` seconds, at most
 ``retry_max`` apart, for as long as it takes: nothing is dropped.
@@ -15,7 +17,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -56,17 +58,17 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
-def parse_destination(text: str) -> Destination:
+def parse_destination(text: str, *, option: str = "--send-to") -> Destination:
     """``AET@HOST:PORT`` as a :class:`Destination`.
 
     Raises:
-        ConfigError: ``text`` does not have that shape.
+        ConfigError: ``text`` does not have that shape (``option`` names it).
     """
     match = _DESTINATION.match(text.strip())
     port = int(match["port"]) if match else 0
     if match is None or not 0 < port < 65536 or not match["aet"].strip():
         raise ConfigError(
-            f"--send-to {text!r} is not AET@HOST:PORT (e.g. PACS@10.0.0.5:104; the AE title "
+            f"{option} {text!r} is not AET@HOST:PORT (e.g. PACS@10.0.0.5:104; the AE title "
             "has at most 16 characters)."
         )
     return Destination(match["aet"].strip(), match["host"], port)
@@ -113,29 +115,66 @@ def send_files(
     return statuses
 
 
+@dataclass(frozen=True)
+class JobAnswer:
+    """What a finished node job answers, for the outbox.
+
+    Attributes:
+        paths: the answer's files (SR, key images, or a "not screened" SR).
+        outcome: ``screened`` or ``not_screened``.
+        reason: why it was not screened ("" when it was).
+        problems: sentences for the outbox's failed items (why the answer is missing
+            or is not the full one).
+    """
+
+    paths: list[Path]
+    outcome: str
+    reason: str = ""
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a study's answer goes: ``destinations`` (``AET@HOST:PORT``), or, when
+    none is known, ``missing``, the sentence saying what to configure."""
+
+    destinations: list[str]
+    missing: str = ""
+
+
 class Outbox:
-    """The thread that delivers node jobs' results (see the module docstring)."""
+    """The thread that delivers node jobs' answers (see the module docstring).
+
+    Args:
+        node_store: the outbox's tables.
+        job_store: the jobs (a node job's answer is queued once the job has ended).
+        answer: the answer of an ended node job (builds what the scoring child could not).
+        route: where the answer to a study sent by a calling AE goes.
+        calling_ae: our AE title when sending.
+        retry_base, retry_max: backoff (seconds).
+        poll: seconds between rounds.
+    """
 
     def __init__(
         self,
         node_store: NodeStore,
         job_store: JobStore,
         *,
-        destination: Destination | None,
+        answer: Callable[[str], JobAnswer],
+        route: Callable[[str], Route],
         calling_ae: str,
         retry_base: float = 10.0,
         retry_max: float = 300.0,
         poll: float = 0.5,
-        result_files: Callable[[str], list[Path]],
     ) -> None:
         self.node_store = node_store
         self.job_store = job_store
-        self.destination = destination
+        self.answer = answer
+        self.route = route
         self.calling_ae = calling_ae
         self.retry_base = retry_base
         self.retry_max = retry_max
         self.poll = poll
-        self.result_files = result_files
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -152,30 +191,59 @@ class Outbox:
         while not self._stop.is_set():
             try:
                 self.collect()
-                if self.destination is not None:
-                    self.send_due()
+                self.send_due()
             except Exception:  # noqa: BLE001 - the outbox must outlive any one fault
                 log.exception("outbox round failed; trying again")
             self._stop.wait(self.poll)
 
     def collect(self) -> None:
-        """Move the results of node jobs that ended into the outbox."""
+        """Move the answers of node jobs that ended into the outbox."""
         for job_id in self.node_store.jobs_scoring():
             job = self.job_store.get(job_id)
             if job is not None and job.status not in FINAL_STATUSES:
                 continue
-            paths = [] if job is None else self.result_files(job_id)
-            self.node_store.queue_results(job_id, paths)
-            if job is not None:
-                log.info("job %s (%s): %d result file(s) queued", job_id, job.status, len(paths))
+            known = self.node_store.node_job(job_id)
+            calling_ae = known[1] if known else ""
+            answer = self.answer(job_id)
+            route = self.route(calling_ae)
+            self.node_store.queue_results(
+                job_id,
+                answer.paths,
+                destinations=route.destinations,
+                outcome=answer.outcome,
+                reason=answer.reason,
+                problems=answer.problems,
+                no_destination=route.missing,
+            )
+            log.info(
+                "job %s (%s, %s): %d result file(s) queued for %s%s",
+                job_id,
+                "gone" if job is None else job.status,
+                answer.outcome,
+                len(answer.paths),
+                ", ".join(route.destinations) or "no destination yet",
+                f"; {len(answer.problems)} problem(s)" if answer.problems else "",
+            )
+
+    def assign_destinations(self) -> None:
+        """Give the pending items that wait for a destination the one now known."""
+        waiting = self.node_store.without_destination()
+        by_job: dict[str, list[int]] = {}
+        for item in self.node_store.outbox(limit=1_000_000):
+            if item.id in waiting:
+                by_job.setdefault(item.job_id, []).append(item.id)
+        for job_id, ids in by_job.items():
+            known = self.node_store.node_job(job_id)
+            route = self.route(known[1] if known else "")
+            if route.destinations:
+                self.node_store.set_destination(ids, route.destinations[0])
 
     def send_due(self) -> None:
-        """Send every due item, one association per job."""
-        assert self.destination is not None
-        by_job: dict[str, list[OutboxItem]] = {}
+        """Send every due item, one association per job and destination."""
+        by_target: dict[tuple[str, str], list[OutboxItem]] = {}
         for item in self.node_store.due():
-            by_job.setdefault(item.job_id, []).append(item)
-        for job_id, items in by_job.items():
+            by_target.setdefault((item.job_id, item.destination), []).append(item)
+        for (job_id, where), items in by_target.items():
             if self._stop.is_set():
                 return
             present = []
@@ -186,11 +254,9 @@ class Outbox:
                     log.warning("outbox: %s is gone (job deleted?); not sent", item.path)
                     self.node_store.mark_gone(item.id)
             if present:
-                self._send_job(job_id, present)
+                self._send_job(job_id, parse_destination(where), present)
 
-    def _send_job(self, job_id: str, items: list[OutboxItem]) -> None:
-        destination = self.destination
-        assert destination is not None
+    def _send_job(self, job_id: str, destination: Destination, items: list[OutboxItem]) -> None:
         where = str(destination)
         try:
             statuses = send_files(
@@ -203,9 +269,10 @@ class Outbox:
                 self.node_store.mark_failed(item.id, message, time.time() + wait, where)
             wait = backoff(items[0].attempts + 1, base=self.retry_base, maximum=self.retry_max)
             log.warning(
-                "job %s: %d result(s) not sent (%s); next try in %.0f s",
+                "job %s: %d result(s) not sent to %s (%s); next try in %.0f s",
                 job_id,
                 len(items),
+                where,
                 message,
                 wait,
             )

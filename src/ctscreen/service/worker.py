@@ -181,7 +181,7 @@ def _score_job(
         shown = display_result(result, paths[current], names[current])
         conn.send(("rows", job_id, current, result_rows(shown, mode=mode)))
         if dicom is not None:
-            dicom.add(result, Path(paths[current]))
+            dicom.add(result)
         if report is not None:
             try:
                 report.add(shown if pictures else shown.without_maps())
@@ -202,7 +202,7 @@ def _dicom_outputs(report_dir: str | None, screener: Any, run_info: dict[str, An
     job_dir = Path(report_dir).parent
     if not (job_dir / "dicom-node.json").is_file():
         return None  # not a node job: highdicom is not even imported
-    from .dicom_out import JobOutputs
+    from ..outputs.dicom import JobOutputs
 
     pre = screener.config
     return JobOutputs.for_job(

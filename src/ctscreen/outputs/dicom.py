@@ -33,12 +33,11 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 
 from .._version import __version__
+from ..dicom.header import StudyHeader, fit_character_set
 from ..errors import CtscreenError, InputError
 from ..explain import box_in_voxels, slice_scores
 from ..results import StudyResult
@@ -60,6 +59,9 @@ NORMAL = codes.SCT.Normal
 CT_CHEST = hd.sr.CodedConcept("24627-2", "LN", "CT Chest")
 ALGORITHM_NAME = codes.DCM.AlgorithmName
 ALGORITHM_VERSION = codes.DCM.AlgorithmVersion
+NOT_SCREENED = codes.SCT.Indeterminate
+NOT_SCREENED_NOTE = "NOT SCREENED by ctscreen"
+NOT_SCREENED_DESCRIPTION = "ctscreen: NOT SCREENED - research use, not for diagnosis"
 RESULT_TRACKING = "ctscreen study result"
 BOX_TRACKING = "ctscreen localisation box"
 
@@ -112,52 +114,54 @@ class SrFindings:
     """What an SR built here says, read back with highdicom (:func:`read_sr`).
 
     Attributes:
-        probability: the probability of pathology.
-        pathology: 1 for *Abnormal*, 0 for *Normal*.
+        probability: the probability of pathology (None: not screened).
+        pathology: 1 for *Abnormal*, 0 for *Normal* (None: not screened).
         box: ``(x_min, x_max, y_min, y_max, z_min, z_max)`` LPS mm, or None.
         algorithm: ``(name, version)`` of the algorithm identification.
         referenced_sop_uids: SOPInstanceUIDs the box's volume surface refers to.
+        screened: False for a "not screened" report (impression *Indeterminate*).
+        comments: the report's TEXT comments (the reason a study was not screened
+            comes first in such a report).
     """
 
-    probability: float
-    pathology: int
+    probability: float | None
+    pathology: int | None
     box: tuple[float, ...] | None
     algorithm: tuple[str, str]
     referenced_sop_uids: tuple[str, ...]
+    screened: bool = True
+    comments: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- source headers
 
 
-def read_series_headers(source: Path, series_uid: str) -> list[Dataset]:
-    """Headers (no pixels) of the scored series' instances found under ``source``.
-
-    Args:
-        source: a DICOM file or a folder searched recursively.
-        series_uid: SeriesInstanceUID of the scored series.
-
-    Raises:
-        DicomOutputError: no instance of that series lies under ``source``.
-    """
-    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
-    headers = []
-    for path in files:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError) as exc:
-            log.debug("skipping %s: %s", path, exc)
-            continue
-        if str(ds.get("SeriesInstanceUID", "")) == series_uid:
-            headers.append(ds)
-    if not headers:
-        raise DicomOutputError(
-            f"no image of series {series_uid} under {source}; the results cannot reference it."
-        )
-    return headers
+def evidence_datasets(header: StudyHeader) -> list[Dataset]:
+    """One header-only dataset per scored instance (what the SR's evidence lists), each
+    holding only the cleaned Patient/Study values of ``header``."""
+    if not header.instances:
+        return [header.dataset()]
+    return [header.dataset(cls, uid, frames) for cls, uid, frames in header.instances]
 
 
 def _by_sop_uid(headers: Iterable[Dataset]) -> dict[str, Dataset]:
     return {str(ds.SOPInstanceUID): ds for ds in headers}
+
+
+def header_of(result: StudyResult, fallback: StudyHeader | None = None) -> StudyHeader:
+    """The header the results of ``result`` repeat: the one the reader parsed, else
+    ``fallback`` (what the DICOM node read when the study arrived).
+
+    Raises:
+        DicomOutputError: neither is known (no DICOM header of the study was read).
+    """
+    header = result.header or fallback
+    if header is None or not header.study_uid:
+        raise DicomOutputError(
+            f"{result.location}: no DICOM header of the study was read, so no result can "
+            "be joined to it."
+        )
+    return header
 
 
 # --------------------------------------------------------------------------- the SR
@@ -207,34 +211,8 @@ def _source_images_for(
     return images
 
 
-def build_sr(
-    result: StudyResult,
-    headers: Sequence[Dataset],
-    algorithm: Algorithm,
-    *,
-    series_uid: str | None = None,
-    instance_number: int = 1,
-) -> Dataset:
-    """The Comprehensive 3D SR of one scored study (see the module docstring).
-
-    Args:
-        result: a successful result of the Screener.
-        headers: the scored series' headers (:func:`read_series_headers`).
-        algorithm: what made the result.
-        series_uid: SeriesInstanceUID of the SR (new when None).
-        instance_number: InstanceNumber of the SR.
-
-    Raises:
-        DicomOutputError: the result is a failure, or has no slice references.
-    """
-    if not result.ok or result.probability is None or result.pathology is None:
-        raise DicomOutputError(f"{result.location} was not scored ({result.error}); no SR.")
-    by_uid = _by_sop_uid(headers)
-    reference = by_uid.get(result.slices[0].sop_instance_uid) if result.slices else None
-    if reference is None:
-        reference = headers[0]
-    algorithm_id = algorithm.identification()
-    observer = hd.sr.ObserverContext(
+def _observer(algorithm: Algorithm) -> hd.sr.ObserverContext:
+    return hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=hd.UID(),
@@ -244,6 +222,35 @@ def build_sr(
             serial_number=algorithm.weights_sha256[:64] or None,
         ),
     )
+
+
+def build_sr(
+    result: StudyResult,
+    algorithm: Algorithm,
+    *,
+    header: StudyHeader | None = None,
+    series_uid: str | None = None,
+    instance_number: int = 1,
+) -> Dataset:
+    """The Comprehensive 3D SR of one scored study (see the module docstring).
+
+    Args:
+        result: a successful result of the Screener.
+        algorithm: what made the result.
+        header: the study's header when the result carries none (:func:`header_of`).
+        series_uid: SeriesInstanceUID of the SR (new when None).
+        instance_number: InstanceNumber of the SR.
+
+    Raises:
+        DicomOutputError: the result is a failure, or no header of the study is known.
+    """
+    if not result.ok or result.probability is None or result.pathology is None:
+        raise DicomOutputError(f"{result.location} was not scored ({result.error}); no SR.")
+    study = header_of(result, header)
+    headers = evidence_datasets(study)
+    by_uid = _by_sop_uid(headers)
+    algorithm_id = algorithm.identification()
+    observer = _observer(algorithm)
     decision = ABNORMAL if result.pathology else NORMAL
     groups: list[Any] = [
         hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -262,7 +269,7 @@ def build_sr(
         )
     ]
     if result.box is not None and result.geometry is not None:
-        frame_uid = str(reference.get("FrameOfReferenceUID", ""))
+        frame_uid = study.get("FrameOfReferenceUID")
         sources = _source_images_for(result, _slices_in_box(result), by_uid)
         if frame_uid and sources:
             groups.append(
@@ -289,7 +296,7 @@ def build_sr(
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=list(headers),
+        evidence=headers,
         content=report[0],
         series_instance_uid=series_uid or hd.UID(),
         series_number=SR_SERIES_NUMBER,
@@ -301,7 +308,61 @@ def build_sr(
         is_verified=False,
         series_description=SR_SERIES_DESCRIPTION,
     )
-    _add_comments(sr, (RESEARCH_NOTE, *result.warnings))
+    _add_comments(sr, (RESEARCH_NOTE, *result.warnings, *study.warnings))
+    fit_character_set(sr)
+    return sr
+
+
+def build_not_screened_sr(
+    header: StudyHeader,
+    reason: str,
+    algorithm: Algorithm,
+    *,
+    warnings: Sequence[str] = (),
+    series_uid: str | None = None,
+) -> Dataset:
+    """The SR of a study ctscreen received but could not screen: no probability, the
+    impression *Indeterminate* (SCT 82334004) and the reason in words, marked PARTIAL.
+
+    A PACS user opening the study sees that it was not screened and why, instead of
+    nothing (which reads as "screened, nothing found" to no one, and as "lost" to all).
+
+    Args:
+        header: the study's header (cleaned values, the instances it refers to).
+        reason: one sentence saying why the study was not screened.
+        algorithm: what tried.
+        warnings: further sentences for the report's comments.
+        series_uid: SeriesInstanceUID of the SR (new when None).
+    """
+    algorithm_id = algorithm.identification()
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=RESULT_TRACKING),
+        algorithm_id=algorithm_id,
+        finding_sites=[hd.sr.FindingSite(codes.SCT.Chest)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(FINDING, NOT_SCREENED)],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=_observer(algorithm)),
+        procedure_reported=CT_CHEST,
+        imaging_measurements=[group],
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence_datasets(header),
+        content=report[0],
+        series_instance_uid=series_uid or hd.UID(),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=False,
+        is_final=False,
+        is_verified=False,
+        series_description=NOT_SCREENED_DESCRIPTION,
+    )
+    _add_comments(
+        sr, (f"{NOT_SCREENED_NOTE}: {reason}", RESEARCH_NOTE, *warnings, *header.warnings)
+    )
+    fit_character_set(sr)
     return sr
 
 
@@ -331,9 +392,9 @@ def _png_to_rgb(data: bytes) -> np.ndarray:
 
 def build_key_images(
     result: StudyResult,
-    headers: Sequence[Dataset],
     *,
     window: tuple[float, float],
+    header: StudyHeader | None = None,
     series_uid: str | None = None,
 ) -> list[Dataset]:
     """Secondary Capture images of the key slices with the activation map (RGB, burned-in
@@ -342,12 +403,13 @@ def build_key_images(
     Args:
         result: a successful result with its activation map and network input
             (``Screener.score(..., keep_image=True)``).
-        headers: the scored series' headers (:func:`read_series_headers`).
         window: ``(level, width)`` in HU of the network input.
+        header: the study's header when the result carries none (:func:`header_of`).
         series_uid: SeriesInstanceUID of the SC series (new when None).
 
     Raises:
-        DicomOutputError: the result has no activation map or network input.
+        DicomOutputError: the result has no activation map or network input, or no
+            header of the study is known.
     """
     from ..html_report import pick_key_slices, render_strip
 
@@ -356,6 +418,8 @@ def build_key_images(
             f"{result.location} has no activation map or network input; no key images."
         )
     assert result.bias is not None
+    study = header_of(result, header)
+    headers = evidence_datasets(study)
     by_uid = _by_sop_uid(headers)
     scores = slice_scores(result.cam, result.bias, result.geometry.shape[0])
     input_scores = slice_scores(result.cam, result.bias, result.image.shape[0])
@@ -385,7 +449,7 @@ def build_key_images(
         )
         sc.BurnedInAnnotation = "YES"
         # The chest is not a paired structure: with BodyPartExamined, Laterality stays absent.
-        sc.BodyPartExamined = str(source.get("BodyPartExamined", "") or "CHEST")
+        sc.BodyPartExamined = study.get("BodyPartExamined") or "CHEST"
         sc.ImageComments = (
             f"{RESEARCH_NOTE}. Activation map of ctscreen over slice {key.slice_index} "
             f"(score {key.score:.3f}); study probability {result.probability:.4f}."
@@ -397,6 +461,7 @@ def build_key_images(
         if ref.frame is not None:
             item.ReferencedFrameNumber = int(ref.frame)
         sc.SourceImageSequence = [item]
+        fit_character_set(sc)
         images.append(sc)
     return images
 
@@ -428,6 +493,7 @@ def read_sr(ds: Dataset) -> SrFindings:
     except (ValueError, AttributeError, TypeError) as exc:
         raise InputError(f"not a ctscreen measurement report: {exc}") from exc
     probability = pathology = None
+    screened = True
     name = version = ""
     for group in content.get_image_measurement_groups():
         if group.tracking_identifier != RESULT_TRACKING:
@@ -437,7 +503,13 @@ def read_sr(ds: Dataset) -> SrFindings:
             name = _text_value(measurement[0], ALGORITHM_NAME)
             version = _text_value(measurement[0], ALGORITHM_VERSION)
         for evaluation in group.get_qualitative_evaluations(name=FINDING):
-            pathology = int(evaluation.value == ABNORMAL)
+            if evaluation.value == NOT_SCREENED:
+                screened = False
+            else:
+                pathology = int(evaluation.value == ABNORMAL)
+        if not name:
+            name = _text_value(group[0], ALGORITHM_NAME)
+            version = _text_value(group[0], ALGORITHM_VERSION)
     box = None
     referenced: tuple[str, ...] = ()
     for group in content.get_volumetric_roi_measurement_groups():
@@ -451,15 +523,72 @@ def read_sr(ds: Dataset) -> SrFindings:
         referenced = tuple(
             str(item.referenced_sop_instance_uid) for item in surface.source_images_for_segmentation
         )
-    if probability is None or pathology is None:
+    if screened and (probability is None or pathology is None):
         raise InputError("the SR holds no ctscreen probability or finding.")
+    comments = tuple(
+        str(item.TextValue)
+        for item in ds.get("ContentSequence", [])
+        if item.get("ValueType") == "TEXT"
+        and item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.Comment.value
+    )
     return SrFindings(
         probability=probability,
         pathology=pathology,
         box=box,
         algorithm=(name, version),
         referenced_sop_uids=referenced,
+        screened=screened,
+        comments=comments,
     )
+
+
+# ------------------------------------------------------------------ one study's answer
+
+
+def study_answer(
+    result: StudyResult,
+    algorithm: Algorithm,
+    *,
+    window: tuple[float, float],
+    fallback: StudyHeader | None = None,
+) -> tuple[list[Dataset], str]:
+    """Every DICOM object that answers one study, and the reason it is not the full answer.
+
+    A scored study gets its SR and (with its activation map) key images; a study that
+    was not scored, or whose SR or key images cannot be built, gets a "not screened"
+    SR saying why (:func:`build_not_screened_sr`). The second value is "" for a full
+    answer, else the sentence saying what went wrong.
+
+    Raises:
+        DicomOutputError: no header of the study is known at all (nothing can join it).
+    """
+    header = header_of(result, fallback)
+    if result.ok:
+        try:
+            datasets = [build_sr(result, algorithm, header=header)]
+            if result.cam is not None and result.image is not None:
+                datasets += build_key_images(result, window=window, header=header)
+            return datasets, ""
+        except (CtscreenError, ValueError, TypeError, AttributeError, KeyError) as exc:
+            # highdicom raises ValueError/TypeError/AttributeError on values it cannot use
+            message = (
+                exc.message if isinstance(exc, CtscreenError) else f"{type(exc).__name__}: {exc}"
+            )
+            problem = f"the scored results could not be built ({message})"
+            log.error("%s: %s; sending a 'not screened' report", result.location, problem)
+            reason = (
+                f"ctscreen scored this study (probability {result.probability:.4f}) but could "
+                f"not write its report: {message}"
+            )
+    else:
+        problem = f"not screened: {result.error}"
+        reason = result.error
+    try:
+        return [build_not_screened_sr(header, reason, algorithm, warnings=result.warnings)], problem
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise DicomOutputError(
+            f"{result.location}: not even a 'not screened' report can be built ({exc})."
+        ) from exc
 
 
 # ------------------------------------------------------------------ per job (scoring child)
@@ -468,6 +597,8 @@ def read_sr(ds: Dataset) -> SrFindings:
 NODE_JOB_FILE = "dicom-node.json"
 #: Folder in a job's folder where its DICOM results are written for the outbox.
 OUT_DIR = "dicom-out"
+#: Beside the results: one JSON line per study whose answer is not the full one.
+PROBLEMS_FILE = "problems.jsonl"
 
 
 @dataclass(frozen=True)
@@ -478,11 +609,14 @@ class NodeJob:
         study_uid: StudyInstanceUID of the received study.
         calling_ae: the AE title that sent it.
         warnings: sentences every row of the job carries (an aborted association).
+        header: the cleaned header of the first instance received (what a "not
+            screened" report repeats when the reader could not parse the study).
     """
 
     study_uid: str
     calling_ae: str
     warnings: tuple[str, ...] = ()
+    header: StudyHeader | None = None
 
     def write(self, job_dir: Path) -> None:
         """Store this record in ``job_dir`` (atomically)."""
@@ -495,6 +629,7 @@ class NodeJob:
                     "study_uid": self.study_uid,
                     "calling_ae": self.calling_ae,
                     "warnings": list(self.warnings),
+                    "header": None if self.header is None else self.header.to_json(),
                 }
             ),
         )
@@ -509,19 +644,56 @@ class NodeJob:
         except (OSError, ValueError) as exc:
             log.warning("unreadable %s in %s: %s", NODE_JOB_FILE, job_dir, exc)
             return None
+        header = data.get("header")
         return cls(
             study_uid=str(data.get("study_uid", "")),
             calling_ae=str(data.get("calling_ae", "")),
             warnings=tuple(str(w) for w in data.get("warnings", ())),
+            header=StudyHeader.from_json(header) if isinstance(header, dict) else None,
         )
 
 
-class JobOutputs:
-    """Builds and writes the DICOM results of a node job, study by study, in the
-    scoring child (where the activation map and the network input are at hand).
+@dataclass(frozen=True)
+class AnswerProblem:
+    """Why one study's answer is not the full one (the outbox shows it as a failed item).
 
-    A study whose results cannot be built keeps its row; the reason is logged and
-    written beside the results (``<OUT_DIR>/errors.txt``), never raised into the job.
+    Attributes:
+        study_uid: the study.
+        reason: one sentence.
+        answered: a "not screened" report was still written for it.
+    """
+
+    study_uid: str
+    reason: str
+    answered: bool
+
+
+def read_problems(job_dir: Path) -> list[AnswerProblem]:
+    """The problems :class:`JobOutputs` recorded for a job (none when the file is absent)."""
+    path = job_dir / OUT_DIR / PROBLEMS_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    problems = []
+    for line in lines:
+        try:
+            data = json.loads(line)
+            problems.append(
+                AnswerProblem(str(data["study_uid"]), str(data["reason"]), bool(data["answered"]))
+            )
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a crash
+    return problems
+
+
+class JobOutputs:
+    """Builds and writes the DICOM answer of a node job, study by study, in the scoring
+    child (where the activation map and the network input are at hand).
+
+    Every study gets an answer (:func:`study_answer`); one that is not the full answer
+    is recorded in ``<OUT_DIR>/problems.jsonl`` for the outbox to show. Nothing here
+    raises into the job: the rows matter most.
     """
 
     def __init__(
@@ -537,8 +709,8 @@ class JobOutputs:
         self.algorithm = Algorithm.from_run_info(run_info)
         self.window = window
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        for old in self.out_dir.glob("[0-9]*.dcm"):  # an earlier, interrupted attempt
-            old.unlink()
+        for old in [*self.out_dir.glob("[0-9]*.dcm"), self.out_dir / PROBLEMS_FILE]:
+            old.unlink(missing_ok=True)  # an earlier, interrupted attempt
         self._count = 0
 
     @classmethod
@@ -561,31 +733,41 @@ class JobOutputs:
             return result
         return replace(result, warnings=(*result.warnings, *self.node_job.warnings))
 
-    def add(self, result: StudyResult, source: Path) -> list[Path]:
-        """Build and write the SR and key images of one result; returns the files written."""
-        if not result.ok:
-            return []
+    def add(self, result: StudyResult) -> list[Path]:
+        """Build and write the answer to one result; returns the files written."""
+        study_uid = result.study_uid or self.node_job.study_uid
         written: list[Path] = []
         try:
-            headers = read_series_headers(source, result.series_uid)
-            datasets = [build_sr(result, headers, self.algorithm)]
-            if result.cam is not None and result.image is not None:
-                datasets += build_key_images(result, headers, window=self.window)
+            datasets, problem = study_answer(
+                result, self.algorithm, window=self.window, fallback=self.node_job.header
+            )
             for ds in datasets:
                 self._count += 1
                 path = self.out_dir / f"{self._count:04d}.dcm"
-                _save(ds, path)
+                save_dataset(ds, path)
                 written.append(path)
         except (CtscreenError, ValueError, TypeError, AttributeError, OSError) as exc:
-            # highdicom raises ValueError/TypeError/AttributeError on headers it cannot use
             message = exc.message if isinstance(exc, CtscreenError) else f"{exc}"
+            problem = f"no DICOM answer could be written ({message})"
             log.error("no DICOM results for %s: %s", result.location, message)
-            with (self.out_dir / "errors.txt").open("a", encoding="utf-8") as fh:
-                fh.write(f"{result.study_uid}: {message}\n")
+        if problem:
+            self.record(AnswerProblem(study_uid, problem, answered=bool(written)))
         return written
 
+    def record(self, problem: AnswerProblem) -> None:
+        """Append ``problem`` to the job's problem list (a full disk only logs it)."""
+        line = json.dumps(
+            {"study_uid": problem.study_uid, "reason": problem.reason, "answered": problem.answered}
+        )
+        try:
+            with (self.out_dir / PROBLEMS_FILE).open("a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+        except OSError as exc:
+            log.error("cannot record the problem of %s (%s): %s", problem.study_uid, exc, line)
 
-def _save(ds: Dataset, path: Path) -> None:
+
+def save_dataset(ds: Dataset, path: Path) -> None:
+    """Write ``ds`` as a DICOM file at ``path`` (atomically)."""
     from ..fileio import write_atomic
 
     write_atomic(path, lambda tmp: ds.save_as(tmp, enforce_file_format=True))
