@@ -142,6 +142,7 @@ def start_node(
     stable_seconds: float = 1.0,
     retry_seconds: float = 1.0,
     log_file: Path,
+    allow_ae: Sequence[str] = (ORTHANC_AET, "TESTSCU"),
 ) -> subprocess.Popen:
     """``ctscreen serve`` with the DICOM node, as a site would run it (threshold 0: every
     study is called pathological, so that the tiny random model draws a box)."""
@@ -153,7 +154,8 @@ def start_node(
     command += ["--dicom-port", str(dicom_port), "--ae-title", NODE_AET]
     command += ["--stable-seconds", str(stable_seconds), "--send-retry-seconds", str(retry_seconds)]
     command += ["--send-retry-max", str(retry_seconds * 4)]
-    command += ["--allow-ae", ORTHANC_AET, "--allow-ae", "TESTSCU"]
+    for peer in allow_ae:
+        command += ["--allow-ae", peer]
     if send_to:
         command += ["--send-to", send_to]
     log = log_file.open("ab")

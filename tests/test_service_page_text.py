@@ -44,7 +44,8 @@ def _node_status(pending: int, *, error: str = "", send_to: str | None = "PACS@1
     return {
         "ae_title": "CTSCREEN",
         "port": 11112,
-        "send_to": send_to,
+        "send_to": [send_to] if send_to else [],
+        "peers": [],
         "incoming": [{"study_uid": "1.2.3"}] * 2,
         "outbox": {
             "pending": pending,
@@ -78,5 +79,22 @@ def test_dicom_panel_without_pending_results_or_destination_has_no_button() -> N
     fresh["outbox"]["oldest_pending_seconds"] = 2 * 3600 + 5 * 60
     assert "(самый давний — 2 ч 5 мин)" in dicom_panel(fresh, "ru")
     kept = dicom_panel(_node_status(2, send_to=None), "en")
-    assert "no destination is set, so results are kept here" in kept
+    assert "results go back to the AE that sent the study" in kept
     assert "2 results waiting to be sent" in kept and "button" not in kept
+
+
+def test_dicom_panel_names_unanswered_and_not_screened_studies_with_their_reason() -> None:
+    status = _node_status(0)
+    status["studies"] = {"unanswered": 2, "not_screened": 1}
+    status["recent_studies"] = [
+        {"study_uid": "1.2.9", "failed": 1, "reason": "not a chest CT: <head>"},
+        {"study_uid": "1.2.8", "failed": 0, "reason": ""},
+    ]
+    status["refused"] = {"by_reason": {"not CT image storage": 3}, "items": []}
+    en = dicom_panel(status, "en")
+    assert '<span class="status failed">2 studies not answered yet</span>' in en
+    assert "1 not screened" in en and "3 instances refused" in en
+    assert "Not answered in full: 1.2.9: not a chest CT: &lt;head&gt;" in en
+    assert "1.2.8" not in en
+    ru = dicom_panel(status, "ru")
+    assert "2 исследования ещё без ответа" in ru and "Ответ неполный: 1.2.9" in ru

@@ -396,16 +396,16 @@ class NodeStore:
     def study_counts(self) -> dict[str, int]:
         """Studies by what happened to them: ``received`` (made jobs), ``scoring``,
         ``screened``, ``not_screened``, ``answered`` (every file of its answer
-        delivered, no failed item), ``unanswered`` (the rest) and ``receiving``."""
+        delivered: its SR, key images or "not screened" SR; a failed item says what
+        it lacks), ``unanswered`` (the rest) and ``receiving``."""
         ((received,),) = self._query("SELECT COUNT(*) FROM node_jobs")
         ((scoring,),) = self._query("SELECT COUNT(*) FROM node_jobs WHERE state = ?", (SCORING,))
         outcomes = dict(self._query("SELECT outcome, COUNT(*) FROM node_jobs GROUP BY outcome"))
         ((answered,),) = self._query(
             "SELECT COUNT(*) FROM node_jobs j WHERE j.state = ? "
             "AND EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id AND o.state = ?) "
-            "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id "
-            "AND o.state IN (?, ?))",
-            (QUEUED_OUT, SENT, PENDING, FAILED),
+            "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.job_id AND o.state = ?)",
+            (QUEUED_OUT, SENT, PENDING),
         )
         ((receiving,),) = self._query("SELECT COUNT(*) FROM incoming")
         return {

@@ -314,9 +314,12 @@ def dicom_panel(status: Mapping[str, Any], lang: str) -> str:
     else:
         parts.append(_e(t("nothing_waiting", lang)))
     parts.append(_e(counted("sent", outbox["sent"], lang)))
+    addressed = status["send_to"] or status.get("peers") or any(
+        i.get("destination") for i in status["items"] if i["state"] == "pending"
+    )
     button = (
         f' <button type="button" class="retry">{_e(t("send_now", lang))}</button>'
-        if outbox["pending"]
+        if outbox["pending"] and addressed
         else ""
     )
     failed = [
@@ -344,6 +347,16 @@ def _language_links(lang: str) -> str:
     return " ".join(
         f'<a href="/?lang={code}"{" class=current" if code == lang else ""}>{code.upper()}</a>'
         for code in LANGUAGES
+    )
+
+
+def request_language(request: Any) -> str:
+    """The page language a request asks for: ``?lang=``, then the cookie, then its
+    Accept-Language header."""
+    return pick_language(
+        request.query_params.get("lang"),
+        request.cookies.get("lang"),
+        request.headers.get("accept-language"),
     )
 
 
