@@ -313,7 +313,34 @@ def sent(
 
         status = wait_for(all_answered, timeout=900, interval=2)
         metrics = requests.get(f"{base}/metrics", timeout=10).text
-        yield {"studies": studies, "scp": scp, "status": status, "metrics": metrics, "root": root}
+        # A late series: another series of an answered study comes after its answer.
+        first = studies["as exported"]
+        late = root / "late"
+        late.mkdir()
+        late_paths = []
+        for n, path in enumerate(first["paths"]):
+            ds = pydicom.dcmread(path)
+            ds.SeriesInstanceUID = _uid("1.2.826.0.1.3680043.10.1138", "late-series")
+            ds.SOPInstanceUID = _uid("1.2.826.0.1.3680043.10.1138", "late", n)
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.SeriesNumber = 77
+            late_paths.append(late / f"{n:03d}.dcm")
+            ds.save_as(late_paths[-1], enforce_file_format=False)
+        assert _send(dicom_port, late_paths) == [0] * len(late_paths)
+
+        def two_reports() -> list[Dataset] | None:
+            srs = [ds for ds in scp.of(first["uid"]) if ds.SOPClassUID == Comprehensive3DSRStorage]
+            return srs if len(srs) == 2 else None
+
+        late_srs = wait_for(two_reports, timeout=300, interval=1)
+        yield {
+            "studies": studies,
+            "scp": scp,
+            "status": status,
+            "metrics": metrics,
+            "root": root,
+            "late": {"srs": late_srs, "paths": [*first["paths"], *late_paths]},
+        }
     finally:
         stop_process(server)
         scp.stop()
@@ -332,7 +359,12 @@ def test_every_variant_is_answered_with_predicts_probability_or_not_screened(
     assert nothing_back == []
     for name, study in studies.items():
         answer = scp.of(study["uid"])
-        srs = [ds for ds in answer if ds.SOPClassUID == Comprehensive3DSRStorage]
+        srs = [
+            ds
+            for ds in answer
+            if ds.SOPClassUID == Comprehensive3DSRStorage
+            and "PredecessorDocumentsSequence" not in ds  # the late series' new answer
+        ]
         assert len(srs) == 1, name
         findings = read_sr(srs[0])
         (expected,) = list(screener.score([study["paths"][0].parent]))
@@ -382,6 +414,29 @@ def test_values_are_kept_cleaned_or_dropped_as_the_standard_says(sent: dict) -> 
     for name, length in UID_SHAPES.items():
         assert len(studies[name]["uid"]) == length
         assert sr_of(name).StudyInstanceUID == studies[name]["uid"]
+
+
+def test_a_late_series_gets_a_new_sr_that_supersedes_the_first(
+    sent: dict, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    first, second = sent["late"]["srs"]
+    assert "PredecessorDocumentsSequence" not in first
+    (study,) = second.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == first.StudyInstanceUID
+    (series,) = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == first.SeriesInstanceUID
+    (instance,) = series.ReferencedSOPSequence
+    assert instance.ReferencedSOPInstanceUID == first.SOPInstanceUID
+    # The new answer scores the study as it now is: both series, as predict would.
+    both = tmp_path / "both"
+    both.mkdir()
+    for n, path in enumerate(sent["late"]["paths"]):
+        shutil.copy(path, both / f"{n:03d}.dcm")
+    screener = Screener(
+        tiny_checkpoint, device="cpu", backend="torch", precision="fp32", threshold=0
+    )
+    (expected,) = list(screener.score([both]))
+    assert read_sr(second).probability == pytest.approx(expected.probability, abs=1e-6)
 
 
 @pytest.mark.skipif(DCIODVFY is None, reason="dicom3tools' dciodvfy is not installed")

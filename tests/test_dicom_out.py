@@ -15,7 +15,6 @@ pytest.importorskip("pynetdicom")
 
 from ctscreen import Screener  # noqa: E402
 from ctscreen.errors import ConfigError  # noqa: E402
-from ctscreen.service.dicom_node import _ranges, missing_instances  # noqa: E402
 from ctscreen.outputs.dicom import (  # noqa: E402
     RESEARCH_NOTE,
     Algorithm,
@@ -23,6 +22,7 @@ from ctscreen.outputs.dicom import (  # noqa: E402
     build_sr,
     read_sr,
 )
+from ctscreen.service.node_answers import _ranges, missing_instances  # noqa: E402
 from ctscreen.service.sender import backoff, parse_destination  # noqa: E402
 
 DCIODVFY = shutil.which("dciodvfy")

@@ -27,7 +27,7 @@ import logging
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -440,3 +440,29 @@ def write_table(
         raise cannot_write(f"the result table {path}", exc) from exc
     log.info("wrote %d rows to %s", len(frame), path)
     return path
+
+
+def row_to_json(row: ResultRow) -> str:
+    """A result row as JSON text (every field, extras included), for storage."""
+    return json.dumps(asdict(row), ensure_ascii=False, allow_nan=False, default=_plain)
+
+
+def row_from_json(text: str) -> ResultRow:
+    """The :class:`ResultRow` that :func:`row_to_json` stored."""
+    data = json.loads(text)
+    names = {f.name for f in fields(ResultRow)}
+    data = {k: v for k, v in data.items() if k in names}
+    if data.get("pathology_localization") is not None:
+        data["pathology_localization"] = tuple(data["pathology_localization"])
+    data["warnings"] = tuple(data.get("warnings") or ())
+    return ResultRow(**data)
+
+
+def _plain(value: object) -> object:
+    """numpy scalars and other number-likes as plain Python values."""
+    for kind in (int, float):
+        try:
+            return kind(value)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            continue
+    return str(value)

@@ -33,7 +33,9 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 
 from .._version import __version__
@@ -231,6 +233,7 @@ def build_sr(
     header: StudyHeader | None = None,
     series_uid: str | None = None,
     instance_number: int = 1,
+    previous: Sequence[Dataset] = (),
 ) -> Dataset:
     """The Comprehensive 3D SR of one scored study (see the module docstring).
 
@@ -240,6 +243,7 @@ def build_sr(
         header: the study's header when the result carries none (:func:`header_of`).
         series_uid: SeriesInstanceUID of the SR (new when None).
         instance_number: InstanceNumber of the SR.
+        previous: earlier SRs of the study that this one supersedes (their headers).
 
     Raises:
         DicomOutputError: the result is a failure, or no header of the study is known.
@@ -307,6 +311,7 @@ def build_sr(
         is_final=False,
         is_verified=False,
         series_description=SR_SERIES_DESCRIPTION,
+        previous_versions=list(previous) or None,
     )
     _add_comments(sr, (RESEARCH_NOTE, *result.warnings, *study.warnings))
     fit_character_set(sr)
@@ -320,6 +325,7 @@ def build_not_screened_sr(
     *,
     warnings: Sequence[str] = (),
     series_uid: str | None = None,
+    previous: Sequence[Dataset] = (),
 ) -> Dataset:
     """The SR of a study ctscreen received but could not screen: no probability, the
     impression *Indeterminate* (SCT 82334004) and the reason in words, marked PARTIAL.
@@ -333,6 +339,7 @@ def build_not_screened_sr(
         algorithm: what tried.
         warnings: further sentences for the report's comments.
         series_uid: SeriesInstanceUID of the SR (new when None).
+        previous: earlier SRs of the study that this one supersedes (their headers).
     """
     algorithm_id = algorithm.identification()
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -358,6 +365,7 @@ def build_not_screened_sr(
         is_final=False,
         is_verified=False,
         series_description=NOT_SCREENED_DESCRIPTION,
+        previous_versions=list(previous) or None,
     )
     _add_comments(
         sr, (f"{NOT_SCREENED_NOTE}: {reason}", RESEARCH_NOTE, *warnings, *header.warnings)
@@ -551,12 +559,14 @@ def study_answer(
     *,
     window: tuple[float, float],
     fallback: StudyHeader | None = None,
+    previous: Sequence[Dataset] = (),
 ) -> tuple[list[Dataset], str]:
     """Every DICOM object that answers one study, and the reason it is not the full answer.
 
     A scored study gets its SR and (with its activation map) key images; a study that
     was not scored, or whose SR or key images cannot be built, gets a "not screened"
-    SR saying why (:func:`build_not_screened_sr`). The second value is "" for a full
+    SR saying why (:func:`build_not_screened_sr`). Either SR names ``previous``, the
+    earlier SRs of the study, as the answers it supersedes. The second value is "" for a full
     answer, else the sentence saying what went wrong.
 
     Raises:
@@ -565,7 +575,7 @@ def study_answer(
     header = header_of(result, fallback)
     if result.ok:
         try:
-            datasets = [build_sr(result, algorithm, header=header)]
+            datasets = [build_sr(result, algorithm, header=header, previous=previous)]
             if result.cam is not None and result.image is not None:
                 datasets += build_key_images(result, window=window, header=header)
             return datasets, ""
@@ -584,7 +594,10 @@ def study_answer(
         problem = f"not screened: {result.error}"
         reason = result.error
     try:
-        return [build_not_screened_sr(header, reason, algorithm, warnings=result.warnings)], problem
+        sr = build_not_screened_sr(
+            header, reason, algorithm, warnings=result.warnings, previous=previous
+        )
+        return [sr], problem
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise DicomOutputError(
             f"{result.location}: not even a 'not screened' report can be built ({exc})."
@@ -611,12 +624,15 @@ class NodeJob:
         warnings: sentences every row of the job carries (an aborted association).
         header: the cleaned header of the first instance received (what a "not
             screened" report repeats when the reader could not parse the study).
+        previous: the SR files of earlier answers to the same study (a series came
+            after it was answered): the new SR names them as its predecessors.
     """
 
     study_uid: str
     calling_ae: str
     warnings: tuple[str, ...] = ()
     header: StudyHeader | None = None
+    previous: tuple[str, ...] = ()
 
     def write(self, job_dir: Path) -> None:
         """Store this record in ``job_dir`` (atomically)."""
@@ -630,6 +646,7 @@ class NodeJob:
                     "calling_ae": self.calling_ae,
                     "warnings": list(self.warnings),
                     "header": None if self.header is None else self.header.to_json(),
+                    "previous": list(self.previous),
                 }
             ),
         )
@@ -650,6 +667,7 @@ class NodeJob:
             calling_ae=str(data.get("calling_ae", "")),
             warnings=tuple(str(w) for w in data.get("warnings", ())),
             header=StudyHeader.from_json(header) if isinstance(header, dict) else None,
+            previous=tuple(str(p) for p in data.get("previous") or ()),
         )
 
 
@@ -708,6 +726,7 @@ class JobOutputs:
         self.node_job = node_job
         self.algorithm = Algorithm.from_run_info(run_info)
         self.window = window
+        self.previous = read_reports(node_job.previous)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for old in [*self.out_dir.glob("[0-9]*.dcm"), self.out_dir / PROBLEMS_FILE]:
             old.unlink(missing_ok=True)  # an earlier, interrupted attempt
@@ -739,7 +758,11 @@ class JobOutputs:
         written: list[Path] = []
         try:
             datasets, problem = study_answer(
-                result, self.algorithm, window=self.window, fallback=self.node_job.header
+                result,
+                self.algorithm,
+                window=self.window,
+                fallback=self.node_job.header,
+                previous=self.previous,
             )
             for ds in datasets:
                 self._count += 1
@@ -764,6 +787,17 @@ class JobOutputs:
                 fh.write(line + "\n")
         except OSError as exc:
             log.error("cannot record the problem of %s (%s): %s", problem.study_uid, exc, line)
+
+
+def read_reports(paths: Sequence[str]) -> list[Dataset]:
+    """The headers of earlier SR files (those that cannot be read are left out)."""
+    reports = []
+    for path in paths:
+        try:
+            reports.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            log.warning("earlier report %s cannot be read (%s); not referenced", path, exc)
+    return reports
 
 
 def save_dataset(ds: Dataset, path: Path) -> None:

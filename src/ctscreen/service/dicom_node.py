@@ -28,7 +28,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -36,12 +35,10 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import pydicom
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
@@ -49,20 +46,19 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from ..dicom.header import StudyHeader, read_study_header
-from ..errors import ConfigError, CtscreenError
+from ..errors import ConfigError
 from ..fileio import write_bytes_atomic
-from ..outputs.dicom import (
-    NODE_JOB_FILE,
-    OUT_DIR,
-    Algorithm,
-    NodeJob,
-    build_not_screened_sr,
-    read_problems,
-    save_dataset,
+from ..outputs.dicom import NodeJob
+from .node_answers import (
+    earlier_reports,
+    header_from_json,
+    header_json,
+    job_answer,
+    missing_instances,
 )
-from .node_store import NOT_SCREENED, SCREENED, Incoming, NodeStore, Refusal
-from .sender import Destination, JobAnswer, Outbox, Route
+from .node_settings import NodeSettings
+from .node_store import Incoming, NodeStore, Refusal
+from .sender import Outbox
 from .store import InputFile, JobStore, new_job_id, stored_name
 
 log = logging.getLogger(__name__)
@@ -95,101 +91,8 @@ _CT_TRANSFER_SYNTAXES: list[str] = [
 ]
 
 
-@dataclass(frozen=True)
-class NodeSettings:
-    """How the DICOM node runs.
-
-    Attributes:
-        port: the DICOM port to listen on.
-        ae_title: the node's AE title (also the calling AE title when sending).
-        host: the address to listen on.
-        send_to: where every answer goes instead of back to the calling AE (several
-            allowed).
-        stable_seconds: a study is complete after this many seconds without a new instance.
-        retry_base, retry_max: outbox backoff (seconds): first wait, longest wait.
-        allowed_aes: calling AE titles accepted (empty: any); others are rejected at
-            association time. The called AE title must always be ``ae_title``.
-        peers: the addresses of calling AEs (``--allow-ae AET@HOST:PORT``): an
-            answer goes back to the AE that sent the study when ``send_to`` is empty.
-    """
-
-    port: int
-    ae_title: str = "CTSCREEN"
-    host: str = "127.0.0.1"
-    send_to: tuple[Destination, ...] = ()
-    stable_seconds: float = 10.0
-    retry_base: float = 10.0
-    retry_max: float = 300.0
-    allowed_aes: tuple[str, ...] = ()
-    peers: tuple[Destination, ...] = ()
-
-    def route(self, calling_ae: str) -> Route:
-        """Where the answer to a study sent by ``calling_ae`` goes."""
-        if self.send_to:
-            return Route([str(d) for d in self.send_to])
-        for peer in self.peers:
-            if peer.ae_title == calling_ae:
-                return Route([str(peer)])
-        return Route(
-            [],
-            f"no address for the calling AE {calling_ae or '(unknown)'}: start the node with "
-            f"--allow-ae {calling_ae or 'AET'}@HOST:PORT (or --send-to AET@HOST:PORT)",
-        )
-
-    def __post_init__(self) -> None:
-        title = self.ae_title
-        ok = bool(title.strip()) and len(title) <= 16
-        if not ok or "\\" in title or any(ord(c) < 32 or ord(c) > 126 for c in title):
-            raise ConfigError(
-                f"--ae-title {self.ae_title!r} is not an AE title (1-16 characters, no "
-                "backslash or control characters)."
-            )
-
-
 def _instance_name(sop_instance_uid: str) -> str:
     return hashlib.sha1(sop_instance_uid.encode("ascii", "replace")).hexdigest() + ".dcm"
-
-
-def missing_instances(folder: Path) -> str:
-    """A sentence naming the InstanceNumbers missing inside each series of ``folder``
-    (gaps between the lowest and highest received), "" when there are none."""
-    numbers: dict[str, set[int]] = {}
-    for path in folder.iterdir():
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError):
-            continue
-        number = ds.get("InstanceNumber")
-        if number is None or str(number) == "":
-            continue
-        numbers.setdefault(str(ds.get("SeriesInstanceUID", "?")), set()).add(int(number))
-    parts = []
-    for series, present in sorted(numbers.items()):
-        low, high = min(present), max(present)
-        missing = sorted(set(range(low, high + 1)) - present)
-        received = f"{len(present)} received ({low}-{high})"
-        if missing:
-            parts.append(
-                f"series {series}: instance numbers {_ranges(missing)} missing, {received}, "
-                f"and any after {high}"
-            )
-        else:
-            parts.append(f"series {series}: {received}; any after {high} may be missing")
-    return "; ".join(parts)
-
-
-def _ranges(values: list[int]) -> str:
-    """``[1, 2, 3, 7, 9, 10]`` as ``1-3, 7, 9-10``."""
-    out: list[str] = []
-    start = prev = values[0]
-    for v in values[1:] + [None]:  # type: ignore[list-item]
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        out.append(str(start) if start == prev else f"{start}-{prev}")
-        if v is not None:
-            start = prev = v
-    return ", ".join(out)
 
 
 class DicomNode:
@@ -223,7 +126,7 @@ class DicomNode:
         self.outbox = Outbox(
             self.node_store,
             self.jobs,
-            answer=self.answer,
+            answer=lambda job_id: job_answer(self.jobs, job_id, self.run_info()),
             route=settings.route,
             calling_ae=settings.ae_title,
             retry_base=settings.retry_base,
@@ -415,7 +318,7 @@ class DicomNode:
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         try:
             folder_name = self.node_store.receive(
-                study_uid, calling_ae, secrets.token_hex(12), header=_header_json(ds, sop_class)
+                study_uid, calling_ae, secrets.token_hex(12), header=header_json(ds, sop_class)
             )
             with self._lock:
                 first_here = study_uid not in self._assoc_studies.setdefault(id(event.assoc), set())
@@ -474,18 +377,29 @@ class DicomNode:
         The instances are hard-linked into the job's upload folder before the job
         is added and removed from ``dicom-in`` only after: a crash in between
         leaves the study where it was, to be made a job again.
+
+        A study answered before (a series that came after it was scored) is scored
+        again with every instance received for it, and its new SR names the earlier
+        ones as predecessors, so that the PACS shows which answer supersedes which.
         """
         source = self.incoming_dir / study.folder
         job_id = new_job_id()
         target = self.jobs.upload_dir(job_id) / stored_name(0)
         target.mkdir(parents=True, exist_ok=True)
+        earlier = self.node_store.jobs_of_study(study.study_uid)
+        # the instances just received first, so that a re-sent one replaces its old copy
+        folders = [source] + [self.jobs.upload_dir(j) / stored_name(0) for j in reversed(earlier)]
         size = 0
-        for path in sorted(source.glob("*.dcm")):
-            try:
-                os.link(path, target / path.name)
-            except OSError:
-                shutil.copy2(path, target / path.name)
-            size += path.stat().st_size
+        for folder in folders:
+            for path in sorted(folder.glob("*.dcm")):
+                try:
+                    os.link(path, target / path.name)
+                except FileExistsError:
+                    continue  # re-sent: the newest copy is already there
+                except OSError:
+                    shutil.copy2(path, target / path.name)
+                size += path.stat().st_size
+        previous = tuple(str(p) for j in earlier for p in earlier_reports(self.jobs, j))
         warnings: tuple[str, ...] = ()
         if study.aborted:
             missing = missing_instances(target)
@@ -494,8 +408,8 @@ class DicomNode:
                 + (missing or "no instance numbers to check")
                 + ".",
             )
-        header = _header_from_json(study.header)
-        NodeJob(study.study_uid, study.calling_ae, warnings, header).write(
+        header = header_from_json(study.header)
+        NodeJob(study.study_uid, study.calling_ae, warnings, header, previous).write(
             self.jobs.job_dir(job_id)
         )
         name = f"DICOM study {study.study_uid} from {study.calling_ae}"
@@ -503,105 +417,16 @@ class DicomNode:
         self.node_store.to_job(study, job_id)
         shutil.rmtree(source, ignore_errors=True)
         log.info(
-            "study %s from %s complete (%d instances): job %s%s",
+            "study %s from %s complete (%d instances): job %s%s%s",
             study.study_uid,
             study.calling_ae,
             study.instances,
             job_id,
             " (possibly incomplete)" if warnings else "",
+            f" (supersedes {len(previous)} earlier report(s))" if previous else "",
         )
         self.wake()
         return job_id
 
-    def result_files(self, job_id: str) -> list[Path]:
-        """The result files the scoring child wrote for a job, in order."""
-        folder = self.jobs.job_dir(job_id) / OUT_DIR
-        if not folder.is_dir():
-            return []
-        return sorted(folder.glob("[0-9]*.dcm"))
 
-    def answer(self, job_id: str) -> JobAnswer:
-        """The answer of an ended node job: what the scoring child wrote, or, when it wrote
-        nothing (it died, timed out, or the job was deleted), a "not screened" SR built
-        here from the header kept when the study arrived."""
-        job_dir = self.jobs.job_dir(job_id)
-        rows = self.jobs.rows(job_id)
-        failures = [r.error for r in rows if r.processing_status != "Success" and r.error]
-        job = self.jobs.get(job_id)
-        reason = (
-            failures[0] if failures else (job.message if job is not None and job.message else "")
-        )
-        outcome = SCREENED if any(r.processing_status == "Success" for r in rows) else NOT_SCREENED
-        if outcome == NOT_SCREENED and not reason:
-            reason = "the scoring ended without a result for this study; see the server log"
-        problems = [p.reason for p in read_problems(job_dir)]
-        paths = self.result_files(job_id)
-        if not paths:
-            why = reason or "the scoring child wrote no answer"
-            path = self._not_screened(job_id, why)
-            paths = [path] if path is not None else []
-            if path is None:
-                problems.append(f"no answer could be built for this study: {why}")
-            elif not problems:
-                problems.append(f"not screened: {why}")
-        return JobAnswer(
-            paths=paths,
-            outcome=outcome,
-            reason="" if outcome == SCREENED else reason,
-            problems=problems,
-        )
-
-    def _not_screened(self, job_id: str, reason: str) -> Path | None:
-        """Write a "not screened" SR for a node job from the header kept at receipt."""
-        job_dir = self.jobs.job_dir(job_id)
-        node_job = NodeJob.read(job_dir)
-        if node_job is None or node_job.header is None:
-            log.error("job %s: no header kept for its study; it cannot be answered", job_id)
-            return None
-        try:
-            sr = build_not_screened_sr(
-                node_job.header,
-                reason,
-                Algorithm.from_run_info(self.run_info()),
-                warnings=node_job.warnings,
-            )
-            path = job_dir / OUT_DIR / "0001.dcm"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_dataset(sr, path)
-        except (CtscreenError, ValueError, TypeError, AttributeError, OSError) as exc:
-            log.error("job %s: the 'not screened' report cannot be built: %s", job_id, exc)
-            return None
-        return path
-
-
-def _header_from_json(text: str) -> StudyHeader | None:
-    """The header kept at receipt (None when none was, or it cannot be read)."""
-    if not text:
-        return None
-    try:
-        return StudyHeader.from_json(json.loads(text))
-    except (ValueError, TypeError, KeyError, IndexError) as exc:
-        log.error("the header kept for a study cannot be read (%s); it is scored without", exc)
-        return None
-
-
-def _header_json(ds: Any, sop_class: str) -> str:
-    """The cleaned header of a received instance, as JSON for the node's table."""
-    try:
-        header = read_study_header(ds)
-        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    except Exception:  # noqa: BLE001 - the header only helps answer; never refuse for it
-        log.exception("cannot keep the header of a received instance")
-        return ""
-    instance = ((sop_class, str(ds.get("SOPInstanceUID", "")), int(ds.get("NumberOfFrames") or 1)),)
-    series = str(ds.get("SeriesInstanceUID", ""))
-    return json.dumps(header.with_instances(series, instance, rows=rows, columns=columns).to_json())
-
-
-__all__ = [
-    "ACCEPTED_SOP_CLASSES",
-    "DicomNode",
-    "NODE_JOB_FILE",
-    "NodeSettings",
-    "missing_instances",
-]
+__all__ = ["ACCEPTED_SOP_CLASSES", "DicomNode", "NodeSettings"]

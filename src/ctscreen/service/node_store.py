@@ -21,18 +21,16 @@ leave it there to be tried again. A database of the previous release
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .database import Database
+from .node_schema import OLD_DB_NAME, create_tables, merge_old_database
 
 log = logging.getLogger(__name__)
 
-#: The node's own database file of the previous release (migrated into the job store's).
-OLD_DB_NAME = "dicom-node.db"
 
 #: node_jobs.state: scored by the worker (results not yet in the outbox).
 SCORING = "scoring"
@@ -49,51 +47,6 @@ SENT = "sent"
 GONE = "gone"  # the file disappeared (its job was deleted): nothing left to send
 FAILED = "failed"  # an answer that could not be built (see last_error); never sent
 STATES = (PENDING, SENT, GONE, FAILED)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS incoming (
-    study_uid TEXT PRIMARY KEY,
-    folder TEXT NOT NULL,
-    calling_ae TEXT NOT NULL,
-    first REAL NOT NULL,
-    last REAL NOT NULL,
-    instances INTEGER NOT NULL DEFAULT 0,
-    receiving INTEGER NOT NULL DEFAULT 0,
-    aborted TEXT NOT NULL DEFAULT '',
-    header TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS node_jobs (
-    job_id TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    calling_ae TEXT NOT NULL,
-    state TEXT NOT NULL,
-    created REAL NOT NULL,
-    outcome TEXT NOT NULL DEFAULT '',
-    reason TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS refused (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time REAL NOT NULL,
-    calling_ae TEXT NOT NULL,
-    study_uid TEXT NOT NULL DEFAULT '',
-    sop_instance_uid TEXT NOT NULL DEFAULT '',
-    sop_class_uid TEXT NOT NULL DEFAULT '',
-    reason TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id TEXT NOT NULL,
-    path TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_try REAL NOT NULL,
-    last_error TEXT NOT NULL DEFAULT '',
-    destination TEXT NOT NULL DEFAULT '',
-    created REAL NOT NULL,
-    sent REAL
-);
-CREATE INDEX IF NOT EXISTS outbox_state ON outbox (state, next_try);
-"""
 
 
 @dataclass(frozen=True)
@@ -148,12 +101,6 @@ class Refusal:
     reason: str
 
 
-#: Columns added since the first release, for databases made by it.
-_ADDED_COLUMNS = (
-    ("incoming", "header", "TEXT NOT NULL DEFAULT ''"),
-    ("node_jobs", "outcome", "TEXT NOT NULL DEFAULT ''"),
-    ("node_jobs", "reason", "TEXT NOT NULL DEFAULT ''"),
-)
 _INCOMING = "study_uid, folder, calling_ae, first, last, instances, receiving, aborted, header"
 
 
@@ -175,44 +122,8 @@ class NodeStore:
         self._transaction = db._transaction
         self._query = db._query
         with self._lock:
-            self._db.executescript(_SCHEMA)
-            for table, column, kind in _ADDED_COLUMNS:
-                present = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
-                if column not in present:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-        self._migrate(db.path.parent / OLD_DB_NAME)
-
-    def _migrate(self, old: Path) -> None:
-        """Copy the tables of a previous release's ``dicom-node.db`` in, once."""
-        if not old.is_file():
-            return
-        with self._lock:
-            self._db.execute("ATTACH DATABASE ? AS old", (str(old),))
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    for table in ("incoming", "node_jobs", "outbox"):
-                        columns = [
-                            r[1] for r in self._db.execute(f"PRAGMA old.table_info({table})")
-                        ]
-                        if not columns:
-                            continue
-                        names = ", ".join(columns)
-                        self._db.execute(
-                            f"INSERT OR IGNORE INTO main.{table} ({names}) "
-                            f"SELECT {names} FROM old.{table}"
-                        )
-                    self._db.execute("COMMIT")
-                except sqlite3.Error:
-                    self._db.execute("ROLLBACK")
-                    raise
-            finally:
-                self._db.execute("DETACH DATABASE old")
-        for suffix in ("", "-wal", "-shm"):
-            part = old.with_name(old.name + suffix)
-            if part.exists():
-                part.rename(part.with_name(part.name + ".migrated"))
-        log.warning("the DICOM node's database %s was merged into %s", old, self.db.path)
+            create_tables(self._db)
+            merge_old_database(self._db, db.path.parent / OLD_DB_NAME)
 
     def close(self) -> None:
         """Nothing to close: the connection is the job store's."""
@@ -315,6 +226,13 @@ class NodeStore:
             "SELECT study_uid, calling_ae FROM node_jobs WHERE job_id = ?", (job_id,)
         )
         return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
+    def jobs_of_study(self, study_uid: str) -> list[str]:
+        """The node jobs made from ``study_uid`` before, oldest first."""
+        rows = self._query(
+            "SELECT job_id FROM node_jobs WHERE study_uid = ? ORDER BY created", (study_uid,)
+        )
+        return [str(r[0]) for r in rows]
 
     def queue_results(
         self,

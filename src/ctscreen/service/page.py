@@ -314,8 +314,10 @@ def dicom_panel(status: Mapping[str, Any], lang: str) -> str:
     else:
         parts.append(_e(t("nothing_waiting", lang)))
     parts.append(_e(counted("sent", outbox["sent"], lang)))
-    addressed = status["send_to"] or status.get("peers") or any(
-        i.get("destination") for i in status["items"] if i["state"] == "pending"
+    addressed = (
+        status["send_to"]
+        or status.get("peers")
+        or any(i.get("destination") for i in status["items"] if i["state"] == "pending")
     )
     button = (
         f' <button type="button" class="retry">{_e(t("send_now", lang))}</button>'

@@ -22,18 +22,17 @@ behind a lock) and from several processes (SQLite's own locking, WAL).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import secrets
 import shutil
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..report import ResultRow
+from ..report import ResultRow, row_from_json, row_to_json
 from ..results import FAILURE
 from .database import Database
 
@@ -155,32 +154,6 @@ class Job:
     @property
     def final(self) -> bool:
         return self.status in FINAL_STATUSES
-
-
-def row_to_json(row: ResultRow) -> str:
-    """A result row as JSON text (every field, extras included), for storage."""
-    return json.dumps(asdict(row), ensure_ascii=False, allow_nan=False, default=_plain)
-
-
-def row_from_json(text: str) -> ResultRow:
-    """The :class:`ResultRow` that :func:`row_to_json` stored."""
-    data = json.loads(text)
-    names = {f.name for f in fields(ResultRow)}
-    data = {k: v for k, v in data.items() if k in names}
-    if data.get("pathology_localization") is not None:
-        data["pathology_localization"] = tuple(data["pathology_localization"])
-    data["warnings"] = tuple(data.get("warnings") or ())
-    return ResultRow(**data)
-
-
-def _plain(value: object) -> object:
-    """numpy scalars and other number-likes as plain Python values."""
-    for kind in (int, float):
-        try:
-            return kind(value)  # type: ignore[call-overload]
-        except (TypeError, ValueError):
-            continue
-    return str(value)
 
 
 class JobStore(Database):

@@ -19,215 +19,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
-import os
 import shutil
 import signal
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from ..errors import CtscreenError, WeightsError
+from ..errors import WeightsError
 from ..report import ResultRow, result_rows
 from ..results import StudyResult
+from .child import WorkerConfig, child_main
+from .messages import Fatal, JobDone, JobFailed, Ready, Rows, ScoreJob
 from .store import DONE, FAILED, TIMEOUT, Job, JobStore
 
 log = logging.getLogger(__name__)
 
 #: Upper bounds (seconds) of the study-time histogram that ``/metrics`` exports.
 STUDY_SECONDS_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """How the child builds its :class:`ctscreen.Screener` (plain values: it is pickled).
-
-    Attributes:
-        weights: the checkpoint.
-        device, backend, precision, threshold, min_slices, localize, batch_size,
-            readers: as for ``ctscreen predict`` (see :class:`ctscreen.Screener`).
-        report_pictures: draw the score curve and key slices into each job's HTML
-            report (as ``predict --report``); off, the report has the cards only.
-        log_level: the child's logging level (its log goes to stderr, like the server's).
-    """
-
-    weights: str
-    device: str = "auto"
-    backend: str = "auto"
-    precision: str = "auto"
-    threshold: float | None = None
-    min_slices: int = 16
-    localize: bool = True
-    batch_size: int | None = None
-    readers: int | None = None
-    report_pictures: bool = True
-    log_level: str = "WARNING"
-
-
-# --------------------------------------------------------------------------- child
-
-
-def _die_with_parent() -> None:
-    """End this process when the server dies, even by SIGKILL (it must not score on alone)."""
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-    def watch() -> None:  # where prctl is missing (not Linux)
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="ctscreen-parent-watch", daemon=True).start()
-
-
-def child_main(conn: Connection, config: WorkerConfig, scratch: str | None = None) -> None:
-    """The child process: load the model, then score jobs sent over ``conn``.
-
-    Every temporary file of the child (unpacked archives) goes under ``scratch``,
-    a folder the parent removes when the child ends, also when it was killed.
-
-    Messages in: ``("job", job_id, [paths], [names], mode, report_dir)``, ``("stop",)``.
-    Messages out: ``("ready", run_info)`` or ``("fatal", sentence)`` once, then per
-    job ``("rows", job_id, input_index, [ResultRow])`` for each study and
-    ``("done", job_id)`` or ``("error", job_id, sentence)``.
-    """
-    _die_with_parent()
-    if scratch is not None:
-        Path(scratch).mkdir(parents=True, exist_ok=True)
-        tempfile.tempdir = scratch
-    logging.basicConfig(
-        level=config.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
-    from .. import (
-        Screener,
-        html_report,  # noqa: F401 - matplotlib loads now, not in a job's time
-    )
-
-    try:
-        screener = Screener(
-            config.weights,
-            device=config.device,
-            backend=config.backend,
-            precision=config.precision,
-            threshold=config.threshold,
-            mode="study",
-            min_slices=config.min_slices,
-            localize=config.localize,
-            batch_size=config.batch_size,
-            readers=config.readers,
-        )
-        run_info = dict(screener.run_info())
-    except CtscreenError as exc:
-        conn.send(("fatal", exc.message))
-        return
-    conn.send(("ready", run_info))
-    while True:
-        try:
-            message = conn.recv()
-        except EOFError:
-            return
-        if message[0] != "job":
-            return
-        _, job_id, paths, names, mode, report_dir = message
-        try:
-            _score_job(conn, screener, job_id, paths, names, mode, report_dir, config, run_info)
-        except CtscreenError as exc:
-            conn.send(("error", job_id, exc.message))
-            continue
-        conn.send(("done", job_id))
-
-
-def _score_job(
-    conn: Connection,
-    screener: Any,
-    job_id: str,
-    paths: Sequence[str],
-    names: Sequence[str],
-    mode: str,
-    report_dir: str | None,
-    config: WorkerConfig,
-    run_info: dict[str, Any],
-) -> None:
-    """Score one job's inputs, sending each study's rows as soon as they exist."""
-    from ..html_report import ReportWriter
-
-    report = None
-    if report_dir is not None:
-        pre = screener.config
-        try:
-            report = ReportWriter(Path(report_dir), window=(pre.window_level, pre.window_width))
-        except CtscreenError as exc:
-            log.warning("job %s gets no HTML report: %s", job_id, exc.message)
-    index_of = {p: i for i, p in enumerate(paths)}
-    current = 0
-    pictures = report is not None and config.report_pictures
-    dicom = _dicom_outputs(report_dir, screener, run_info)  # hook: DICOM node jobs only
-    keep_image = pictures or dicom is not None
-    for result in screener.score([Path(p) for p in paths], keep_image=keep_image):
-        current = index_of.get(str(result.input_path), current)
-        if dicom is not None:
-            result = dicom.annotate(result)
-        shown = display_result(result, paths[current], names[current])
-        conn.send(("rows", job_id, current, result_rows(shown, mode=mode)))
-        if dicom is not None:
-            dicom.add(result)
-        if report is not None:
-            try:
-                report.add(shown if pictures else shown.without_maps())
-            except CtscreenError as exc:
-                log.warning("job %s: report stopped: %s", job_id, exc.message)
-                report = None
-    if report is not None:
-        try:
-            report.finish(run_info={**run_info, "service": "ctscreen serve", "job": job_id})
-        except CtscreenError as exc:
-            log.warning("job %s gets no HTML report: %s", job_id, exc.message)
-
-
-def _dicom_outputs(report_dir: str | None, screener: Any, run_info: dict[str, Any]) -> Any:
-    """The DICOM node's result writer when this job came from the node, else None."""
-    if report_dir is None:
-        return None
-    job_dir = Path(report_dir).parent
-    if not (job_dir / "dicom-node.json").is_file():
-        return None  # not a node job: highdicom is not even imported
-    from ..outputs.dicom import JobOutputs
-
-    pre = screener.config
-    return JobOutputs.for_job(
-        job_dir, run_info=run_info, window=(pre.window_level, pre.window_width)
-    )
-
-
-def display_result(result: StudyResult, stored: str, name: str) -> StudyResult:
-    """The result with the upload's stored path replaced by the client's file name.
-
-    ``location`` of an upload reads ``<DATA>/jobs/<id>/uploads/0003.upload/folder`` and
-    sentences name ``0003.upload``; the client knows the file as ``norma_anon.zip``.
-    """
-    stored_name = Path(stored).name
-
-    def shown(text: str) -> str:
-        return text.replace(stored, name).replace(stored_name, name)
-
-    return replace(
-        result,
-        input_path=shown(str(result.input_path)),
-        location=shown(result.location),
-        error=shown(result.error),
-        warnings=tuple(shown(w) for w in result.warnings),
-    )
 
 
 # --------------------------------------------------------------------------- parent
@@ -269,10 +81,6 @@ class WorkerStats:
         for i, bound in enumerate(STUDY_SECONDS_BUCKETS):
             if seconds <= bound:
                 self.bucket_counts[i] += 1
-
-
-class _JobEnded(Exception):
-    """The child can no longer be used for this job (killed, crashed)."""
 
 
 class Worker:
@@ -393,19 +201,18 @@ class Worker:
                     if self._stop.is_set():
                         return False
                     process.join(timeout=5)
-                    message = (
-                        "fatal",
+                    message = Fatal(
                         f"the scoring process stopped while loading the model "
-                        f"({_exit_description(process.exitcode)}).",
+                        f"({_exit_description(process.exitcode)})."
                     )
-                if message[0] == "ready":
-                    self.run_info = message[1]
+                if isinstance(message, Ready):
+                    self.run_info = message.run_info
                     self._ready.set()
                     log.info("scoring process %d ready", process.pid)
                     return True
                 if self._stop.is_set():
                     return False  # stopped while loading: not a fault of the model
-                self.fatal = str(message[1])
+                self.fatal = message.sentence if isinstance(message, Fatal) else str(message)
                 log.error("the model could not be loaded: %s", self.fatal)
                 self._kill_child()
                 return False
@@ -474,7 +281,7 @@ class Worker:
         names = [f.name for f in job.inputs]
         report_dir = str(self.store.job_dir(job.id) / "report")
         try:
-            conn.send(("job", job.id, paths, names, job.mode, report_dir))
+            conn.send(ScoreJob(job.id, tuple(paths), tuple(names), job.mode, report_dir))
         except (OSError, ValueError):
             if self._stop.is_set():
                 self.store.release(job.id)
@@ -500,6 +307,7 @@ class Worker:
                     "limit), so scoring was stopped",
                 )
                 return
+            crashed = False
             try:
                 ready = conn.poll(min(remaining, 0.5))
                 message = conn.recv() if ready else None
@@ -507,26 +315,22 @@ class Worker:
                 if self._stop.is_set():
                     self.store.release(job.id)
                     return
-                message = ("crash",)
-            if message is None:
-                if process.is_alive():
-                    continue
-                message = ("crash",)
-            kind = message[0]
-            if kind == "rows":
-                _, _, index, rows = message
-                self.store.add_rows(job.id, index, rows)
-                for row in rows:
+                message, crashed = None, True  # the pipe broke: the child died
+            if message is None and not crashed and process.is_alive():
+                continue
+            if isinstance(message, Rows):
+                self.store.add_rows(job.id, message.input_index, message.rows)
+                for row in message.rows:
                     self.stats.observe(row)
-                last_index = index
+                last_index = message.input_index
                 deadline = time.monotonic() + self.study_timeout
-            elif kind == "done":
+            elif isinstance(message, JobDone):
                 self.store.finish(job.id, DONE)
                 return
-            elif kind == "error":
-                self.store.finish(job.id, FAILED, str(message[2]))
+            elif isinstance(message, JobFailed):
+                self.store.finish(job.id, FAILED, message.sentence)
                 return
-            else:  # the child died
+            else:  # the child died (or answered what it never sends)
                 process.join(timeout=5)  # reap it, so that its exit status is known
                 code = process.exitcode
                 self.stats.crashes += 1
