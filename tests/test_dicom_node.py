@@ -195,11 +195,18 @@ def test_non_ct_object_and_unknown_ae_are_refused(
         series_uid=str(uid_from(study_uid, "sc")),
     )
     # A dose-screen capture (Modality CT, but Secondary Capture storage) among CT images:
-    # the association stands, the capture gets 0x0122 and the CT images are stored.
+    # the association stands, the capture is answered (a refusal would fail a PACS's
+    # whole study job) but not kept, and listed as refused; the CT images are stored.
     statuses = store(node["dicom_port"], [sc_path, *paths[:2]])
-    assert statuses == [0x0122, 0x0000, 0x0000]  # 0x0122: Refused, SOP class not supported
+    assert statuses == [0x0000, 0x0000, 0x0000]
     stored = list((node["data"] / "dicom-in").rglob("*.dcm"))
     assert len(stored) == 2
+    refused = requests.get(f"http://127.0.0.1:{node['http_port']}/api/v1/dicom", timeout=10).json()[
+        "refused"
+    ]
+    (item,) = refused["items"]
+    assert item["sop_class_uid"] == SC_CLASS and item["calling_ae"] == "TESTSCU"
+    assert "not CT image storage" in item["reason"]
     # Only the allowed calling AE titles (--allow-ae) may associate, and only with our title.
     assert echo(node["dicom_port"]) == 0
     assert echo(node["dicom_port"], calling="INTRUDER") is None

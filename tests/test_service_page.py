@@ -233,7 +233,7 @@ def test_the_dicom_panel_shows_results_waiting_and_send_now_tries_at_once(
     base, app = server
     nobody = Destination("PACS", "127.0.0.1", free_port())  # nothing listens there
     settings = NodeSettings(
-        port=free_port(), send_to=nobody, stable_seconds=1, retry_base=3600, retry_max=3600
+        port=free_port(), send_to=(nobody,), stable_seconds=1, retry_base=3600, retry_max=3600
     )
     node = DicomNode(app.state.settings.data_dir, settings, wake=app.state.worker.wake)
     node.start()

@@ -2,9 +2,11 @@
 
 * **Receiver** (pynetdicom SCP): Verification (C-ECHO) and storage. Every storage
   SOP class is accepted at association time, so that a PACS sending a whole study
-  (CT images plus a dose report or a localizer) keeps its association; each
-  C-STORE of anything but CT Image or Enhanced CT Image storage is then refused
-  with status ``0x0122`` (*SOP class not supported*). Accepted instances are
+  (CT images plus a dose report or a localizer) keeps its association; an
+  instance of anything but CT Image or Enhanced CT Image storage is answered with
+  success but not kept (a refusal such as ``0x0122`` makes a PACS like Orthanc fail
+  the whole study's send job, so the CT images after it would never come), and is
+  listed among the refused instances with its reason. Accepted instances are
   written to disk as they arrive, under ``DATA/dicom-in/<generated>/<sha1 of the
   SOPInstanceUID>.dcm`` (a re-sent instance replaces itself; nothing the sender
   chose becomes a path).
@@ -66,7 +68,6 @@ log = logging.getLogger(__name__)
 #: The SOP classes the node scores; every other storage class is refused per instance.
 ACCEPTED_SOP_CLASSES: frozenset[str] = frozenset({str(CTImageStorage), str(EnhancedCTImageStorage)})
 STATUS_SUCCESS = 0x0000
-STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
@@ -278,10 +279,11 @@ class DicomNode:
         sop_class = str(event.request.AffectedSOPClassUID)
         sop_uid = str(event.request.AffectedSOPInstanceUID)
         if sop_class not in ACCEPTED_SOP_CLASSES:
+            # Success, not 0x0122: a refusal fails the sender's whole study job.
             return self._refuse(
                 event,
-                STATUS_SOP_CLASS_NOT_SUPPORTED,
-                "not CT image storage (ctscreen scores CT only)",
+                STATUS_SUCCESS,
+                "not CT image storage: received and not kept (ctscreen scores CT only)",
                 sop_class_uid=sop_class,
                 sop_instance_uid=sop_uid,
             )
