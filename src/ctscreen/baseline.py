@@ -9,8 +9,8 @@ model; ``ctscreen evaluate`` does the same on every evaluation set:
   inside the model's own HU window (values outside are clipped into the end
   bins, as the network's input clips them), as fractions of the volume, plus the
   mean and standard deviation of the clipped values;
-* model: scikit-learn's L2 logistic regression on standardised features,
-  scored out of fold by stratified k-fold cross-validation, repeated with
+* model: scikit-learn's L2 logistic regression on standardised features, its
+  strength chosen by an inner cross-validation on each training part, scored out of fold by stratified k-fold cross-validation, repeated with
   shuffled folds and averaged per study, so every study's baseline score comes
   from models that never saw it;
 * its ROC-AUC with the same stratified percentile bootstrap as the model's.
@@ -25,6 +25,7 @@ Torch-free (numpy + scikit-learn).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +38,11 @@ HISTOGRAM_BINS = 32
 #: Folds of the stratified cross-validation (fewer when a class has fewer studies).
 CV_FOLDS = 5
 #: Repeats of the cross-validation with reshuffled folds (scores averaged per study).
-CV_REPEATS = 5
-#: Inverse L2 strength of the logistic regression (scikit-learn's default).
-LOGREG_C = 1.0
+CV_REPEATS = 3
+#: Inverse L2 strengths the inner cross-validation chooses from.
+LOGREG_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-3, 2, 6))
+#: Inner folds that choose the strength on each outer training part.
+INNER_FOLDS = 3
 #: One sentence naming what the baseline is, for reports.
 DESCRIPTION = (
     f"logistic regression on a {HISTOGRAM_BINS}-bin HU histogram (+ mean, std) of each "
@@ -84,6 +87,24 @@ def hu_histogram_features(
     return np.concatenate([counts / values.size, [mean, std]]).astype(np.float64)
 
 
+def _logistic_regression(y_train: np.ndarray) -> Any:
+    """L2 logistic regression whose strength is chosen by an inner cross-validation.
+
+    A fixed strength would make the baseline weaker than it can be (too little
+    regularisation on a small set overfits 34 features); the inner folds choose it
+    from :data:`LOGREG_CS` on the training part only. A training part with fewer than
+    2 studies of a class cannot be split again and uses scikit-learn's default C=1.
+    """
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+
+    smaller = int(min((y_train == 0).sum(), (y_train == 1).sum()))
+    if smaller < 2:
+        return LogisticRegression(C=1.0, max_iter=5000)
+    return LogisticRegressionCV(
+        Cs=list(LOGREG_CS), cv=min(INNER_FOLDS, smaller), scoring="neg_log_loss", max_iter=5000
+    )
+
+
 def cross_validated_scores(
     features: np.ndarray,
     labels: np.ndarray,
@@ -107,7 +128,6 @@ def cross_validated_scores(
     Raises:
         ValueError: a class has fewer than 2 studies.
     """
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import RepeatedStratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -125,8 +145,12 @@ def cross_validated_scores(
     total = np.zeros(y.size, dtype=np.float64)
     seen = np.zeros(y.size, dtype=np.int64)
     for train, test in splitter.split(x, y):
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=LOGREG_C, max_iter=5000))
-        model.fit(x[train], y[train])
+        model = make_pipeline(StandardScaler(), _logistic_regression(y[train]))
+        with warnings.catch_warnings():
+            # scikit-learn 1.8+ announces a change of LogisticRegressionCV's fitted
+            # attributes, none of which is read here.
+            warnings.simplefilter("ignore", FutureWarning)
+            model.fit(x[train], y[train])
         total[test] += model.predict_proba(x[test])[:, 1]
         seen[test] += 1
     return total / np.maximum(seen, 1)

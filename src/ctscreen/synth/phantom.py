@@ -795,7 +795,7 @@ def _budget(
         both = rng.random() >= 0.6
         fluid = rng.uniform(0.0, 20.0)
         for ls in chest.shapes if both else (side_shape,):
-            depth = rng.uniform(20.0, 70.0) / g.half_y
+            depth = rng.uniform(30.0, 75.0) / g.half_y
             reach = rng.uniform(0.5, 1.0)
             frac = np.clip(1.0 - (g.t - ls.dome_base) / reach, 0.0, 1.0)
             level = ls.cv + ls.av - depth * frac
@@ -804,7 +804,7 @@ def _budget(
             masks.append(mask)
             sides.append(_side_name(ls.side))
     elif kind == "pneumothorax":
-        shrink = rng.uniform(0.78, 0.94)
+        shrink = rng.uniform(0.6, 0.9)
         collapsed = (
             _lung_mask(
                 g,
