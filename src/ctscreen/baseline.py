@@ -10,7 +10,8 @@ model; ``ctscreen evaluate`` does the same on every evaluation set:
   bins, as the network's input clips them), as fractions of the volume, plus the
   mean and standard deviation of the clipped values;
 * model: scikit-learn's L2 logistic regression on standardised features, its
-  strength chosen by an inner cross-validation on each training part, scored out of fold by stratified k-fold cross-validation, repeated with
+  strength chosen by an inner cross-validation (log loss) on each training part;
+  scored out of fold by stratified k-fold cross-validation, repeated with
   shuffled folds and averaged per study, so every study's baseline score comes
   from models that never saw it;
 * its ROC-AUC with the same stratified percentile bootstrap as the model's.
