@@ -102,3 +102,16 @@ def test_the_report_section_shows_both_aucs_and_the_warning() -> None:
     fine = baseline_section(_entry(0.95, None))
     assert "class='ok'" in fine and "class='warning'" not in fine
     assert "Not computed" in baseline_section({"method": "m", "skipped": "too few"})
+
+
+def test_demo_closing_line_reads_the_baseline_of_its_evaluation(tmp_path) -> None:
+    import json
+
+    from ctscreen.cli.demo import _baseline_line
+
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"shortcut_baseline": _entry(1.0, None)}), encoding="utf-8")
+    line = _baseline_line(path)
+    assert line.startswith("on the 80 validation studies") and "0.620" in line
+    assert "1.000" in line and "WARNING" not in line
+    assert "not found" in _baseline_line(tmp_path / "missing.json")
