@@ -499,7 +499,7 @@ def test_matched_plan_keeps_the_easy_studies_and_cycles_decoys_over_the_kinds() 
 
 @pytest.mark.slow
 def test_hu_histogram_separates_easy_studies_but_not_matched_ones() -> None:
-    """The reason for the matched set: on 48 studies of each realism, the cross-validated
+    """The reason for the matched set: on 60 studies of each realism, the cross-validated
     HU-histogram baseline reads the label off the easy phantoms, not off matched ones."""
     from ctscreen.baseline import hu_histogram_features, shortcut_baseline
     from ctscreen.synth import plan_studies
@@ -507,7 +507,7 @@ def test_hu_histogram_separates_easy_studies_but_not_matched_ones() -> None:
     aucs = {}
     for realism in ("easy", "matched"):
         features, labels = [], []
-        for spec in plan_studies(48, seed=1, matrix="tiny", realism=realism):
+        for spec in plan_studies(60, seed=1, matrix="tiny", realism=realism):
             ph = make_phantom(
                 seed=spec.seed,
                 shape=(20, 40, 40),
