@@ -432,3 +432,124 @@ def test_cli_writes_a_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert len(rows) == 2 and all((tmp_path / "out" / r["path"]).is_dir() for r in rows)
     with pytest.raises(SystemExit):
         parser.parse_args(["synth", str(tmp_path), "--studies", "0"])
+
+
+# --- intensity-matched phantoms -----------------------------------------------------------
+
+MATCHED = {"shape": (24, 48, 48), "spacing": (11.0, 7.0, 7.0), "realism": "matched"}
+
+
+@pytest.mark.parametrize("kind", PATHOLOGIES)
+def test_matched_normal_spends_the_same_voxels_as_the_lesion_elsewhere(kind: str) -> None:
+    """Same seed: the lesion study and its normal twin hold the same HU histogram, but
+    the lesion's voxels differ only in the lesion study's recorded box."""
+    from ctscreen.baseline import hu_histogram_features
+
+    sick = make_phantom(seed=8, pathology=kind, **MATCHED)
+    twin = make_phantom(seed=8, decoy=kind, **MATCHED)
+    assert sick.label == 1 and sick.lesions and all(les.kind == kind for les in sick.lesions)
+    assert twin.label == 0 and twin.lesions == () and twin.pathology is None
+    f_sick = hu_histogram_features(sick.hu, hu_min=-1350, hu_max=150)
+    f_twin = hu_histogram_features(twin.hu, hu_min=-1350, hu_max=150)
+    changed = np.abs(sick.hu - twin.hu) > 150
+    # the finding moves at least 0.1% of the voxels ...
+    assert changed.mean() > 0.001
+    # ... yet every histogram bin agrees within a small fraction of that
+    assert np.abs(f_sick[:-2] - f_twin[:-2]).max() < 0.2 * changed.mean() + 2e-4
+    # and the lesion sits where its box says (the twin's voxels lie elsewhere)
+    les = max(sick.lesions, key=lambda x: x.volume_ml)
+    d0, d1, h0, h1, w0, w1 = les.bbox_index
+    lesion_box = np.zeros_like(changed)
+    lesion_box[d0 : d1 + 1, h0 : h1 + 1, w0 : w1 + 1] = True
+    assert (changed & lesion_box).sum() > 0
+    assert (changed & ~lesion_box).sum() > 0
+
+
+def test_matched_default_draws_a_decoy_and_easy_is_unchanged() -> None:
+    a = make_phantom(seed=2, **MATCHED)
+    b = make_phantom(seed=2, **MATCHED)
+    np.testing.assert_array_equal(a.hu, b.hu)
+    easy = make_phantom(seed=2, shape=MATCHED["shape"], spacing=MATCHED["spacing"])
+    assert not np.array_equal(a.hu, easy.hu)
+    np.testing.assert_array_equal(
+        easy.hu,
+        make_phantom(seed=2, shape=MATCHED["shape"], spacing=MATCHED["spacing"], realism="easy").hu,
+    )
+    with pytest.raises(ValueError, match="realism"):
+        make_phantom(seed=2, realism="hard")
+    with pytest.raises(ValueError, match="decoy"):
+        make_phantom(seed=2, realism="matched", decoy="fracture")
+
+
+def test_matched_plan_keeps_the_easy_studies_and_cycles_decoys_over_the_kinds() -> None:
+    from ctscreen.synth import plan_studies
+
+    kinds = ("consolidation", "effusion", "pneumothorax")
+    easy = plan_studies(30, seed=5, matrix="tiny", pathologies=kinds)
+    matched = plan_studies(30, seed=5, matrix="tiny", pathologies=kinds, realism="matched")
+    assert [(s.pathology, s.shape, s.seed) for s in easy] == [
+        (s.pathology, s.shape, s.seed) for s in matched
+    ]
+    assert all(s.realism == "easy" and s.decoy is None for s in easy)
+    decoys = [s.decoy for s in matched if s.pathology is None]
+    assert all(s.decoy is None for s in matched if s.pathology is not None)
+    assert sorted(set(decoys)) == sorted(kinds)
+    assert max(decoys.count(k) for k in kinds) - min(decoys.count(k) for k in kinds) <= 1
+
+
+@pytest.mark.slow
+def test_hu_histogram_separates_easy_studies_but_not_matched_ones() -> None:
+    """The reason for the matched set: on 60 studies of each realism, the cross-validated
+    HU-histogram baseline reads the label off the easy phantoms, not off matched ones."""
+    from ctscreen.baseline import hu_histogram_features, shortcut_baseline
+    from ctscreen.synth import plan_studies
+
+    aucs = {}
+    for realism in ("easy", "matched"):
+        features, labels = [], []
+        for spec in plan_studies(60, seed=1, matrix="tiny", realism=realism):
+            ph = make_phantom(
+                seed=spec.seed,
+                shape=(20, 40, 40),
+                spacing=(14.0, 8.5, 8.5),
+                pathology=spec.pathology,
+                realism=spec.realism,
+                decoy=spec.decoy,
+            )
+            features.append(hu_histogram_features(ph.hu, hu_min=-1350, hu_max=150))
+            labels.append(ph.label)
+        result = shortcut_baseline(np.array(features), np.array(labels), n_boot=200, repeats=1)
+        aucs[realism] = result.roc_auc["value"]
+    assert aucs["easy"] > 0.75, aucs
+    assert aucs["matched"] < 0.65, aucs
+
+
+def test_cli_writes_a_matched_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ctscreen.cli import EXIT_OK
+    from ctscreen.cli import synth as synth_cli
+
+    parser = argparse.ArgumentParser()
+    synth_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        [
+            "synth",
+            str(tmp_path / "out"),
+            "--studies",
+            "2",
+            "--matrix",
+            "tiny",
+            "--no-variety",
+            "--realism",
+            "matched",
+            "--pathologies",
+            "effusion",
+        ]
+    )
+    assert args.func(args) == EXIT_OK
+    assert "intensity-matched" in capsys.readouterr().out
+    rows = _read_labels(tmp_path / "out" / "labels.csv")
+    assert sorted(r["pathology_type"] for r in rows) == ["effusion", "none"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["synth", str(tmp_path), "--pathologies", "fracture"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["synth", str(tmp_path), "--realism", "hard"])

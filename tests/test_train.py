@@ -307,6 +307,15 @@ def test_evaluate_with_threshold_choice(runs, data, tmp_path, capsys) -> None:
     assert (predictions["prediction"] == (predictions["probability"] >= thr)).all()
     for name in ("roc.png", "pr.png", "calibration.png", "confusion_matrix.png"):
         assert (out / name).stat().st_size > 5000
+    # the shortcut baseline on the same 4 studies (2 of each class: 2 folds)
+    base = report["shortcut_baseline"]
+    assert base["n"] == 4 and base["folds"] == 2
+    assert base["model_roc_auc"] == pytest.approx(report["metrics"]["roc_auc"]["value"])
+    assert 0.0 <= base["roc_auc"]["value"] <= 1.0
+    assert (base["warning"] is None) == (base["model_roc_auc"] > base["roc_auc"]["ci_high"])
+    assert "shortcut baseline (HU histogram" in table
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "Shortcut baseline" in page and "data:image/png;base64," in page
 
     loaded = load_checkpoint(written)
     assert loaded.card.threshold == pytest.approx(thr)

@@ -11,7 +11,11 @@ Outputs in ``out_dir``:
   ``probability``, ``prediction``, ``status`` ok/failed, ``error``);
 * ``metrics.json``: threshold and how it was chosen, counts, and every metric of
   :data:`ctscreen.train.metrics.CI_METRICS` as ``{value, ci_low, ci_high}``
-  (stratified percentile bootstrap);
+  (stratified percentile bootstrap), and ``shortcut_baseline``: the ROC-AUC
+  with its CI of a cross-validated logistic regression on each scored volume's
+  HU histogram alone (:mod:`ctscreen.baseline`), beside the model's, with a
+  warning when the model does not beat it by more than its interval;
+* ``report.html``: the metrics, the baseline and the plots on one page;
 * ``roc.png``, ``pr.png``, ``calibration.png``, ``confusion_matrix.png``.
 
 A threshold chosen on the same studies it is then measured on gives optimistic
@@ -26,15 +30,17 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from . import baseline as baseline_lib
 from .data.dataset import select_rows
 from .errors import DatasetError
+from .evaluation_html import write_report
 from .fileio import json_safe, write_text_atomic
 from .results import StudyResult
 from .screener import Screener
@@ -57,6 +63,8 @@ class EvaluationResult:
             ``"sensitivity>=X"``.
         n_failed: studies that could not be read (left out of the metrics).
         written_checkpoint: the checkpoint copy holding the threshold, if written.
+        baseline: the shortcut baseline's entry of ``metrics.json`` (see
+            :func:`run_baseline`).
     """
 
     out_dir: Path
@@ -66,6 +74,73 @@ class EvaluationResult:
     threshold_rule: str
     n_failed: int
     written_checkpoint: Path | None = None
+    baseline: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScoredRows:
+    """Model scores and intensity features of registry rows, in row order.
+
+    Attributes:
+        probabilities: probability of pathology, ``nan`` where a study failed.
+        errors: the error sentence of a failed study, ``""`` for the others.
+        features: ``[n_rows, n_features]`` rows of
+            :func:`ctscreen.baseline.hu_histogram_features` of each scored volume
+            in the model's HU window (``nan`` rows where a study failed).
+    """
+
+    probabilities: np.ndarray
+    errors: list[str]
+    features: np.ndarray
+
+
+def score_rows(screener: Screener, rows: pd.DataFrame, *, progress: bool = True) -> ScoredRows:
+    """Score every registry row through ``screener`` and describe its HU histogram.
+
+    Each row's ``path`` must hold exactly one study (a folder, zip or NIfTI file).
+    The histogram is taken from the very volume that was scored (the series
+    ``predict`` would choose), at the study's own resolution, and the volume is
+    dropped as soon as its features are taken.
+    """
+    from tqdm.auto import tqdm
+
+    config = screener.config
+    n_features = baseline_lib.HISTOGRAM_BINS + 2
+    paths = [str(p) for p in rows["path"]]
+    unique = list(dict.fromkeys(paths))
+    found: dict[str, list[tuple[StudyResult, np.ndarray | None]]] = {}
+    for result in tqdm(
+        screener.score(unique, keep_volume=True),
+        total=len(unique),
+        desc="scoring",
+        unit="study",
+        disable=not progress,
+        leave=False,
+    ):
+        features = None
+        if result.ok and result.volume is not None:
+            features = baseline_lib.hu_histogram_features(
+                result.volume.hu, hu_min=config.hu_min, hu_max=config.hu_max
+            )
+        found.setdefault(result.input_path, []).append((result.without_maps(), features))
+    probs = np.full(len(paths), np.nan, dtype=np.float64)
+    feats = np.full((len(paths), n_features), np.nan, dtype=np.float64)
+    errors = [""] * len(paths)
+    for i, (key, path) in enumerate(zip(rows["study_key"], paths, strict=True)):
+        results = found.get(path, [])
+        if len(results) != 1:
+            errors[i] = (
+                f"{path} holds {len(results)} studies; point the registry entry at one study."
+            )
+        elif not results[0][0].ok:
+            errors[i] = results[0][0].error
+        else:
+            probs[i] = float(results[0][0].probability)  # type: ignore[arg-type]
+            if results[0][1] is not None:
+                feats[i] = results[0][1]
+        if errors[i]:
+            log.warning("cannot score study %s: %s", key, errors[i])
+    return ScoredRows(probabilities=probs, errors=errors, features=feats)
 
 
 def score_registry_rows(
@@ -79,35 +154,46 @@ def score_registry_rows(
         ``(probabilities, errors)``: ``nan`` and the error sentence for studies
         that could not be scored, ``""`` for the others, in row order.
     """
-    from tqdm.auto import tqdm
+    scored = score_rows(screener, rows, progress=progress)
+    return scored.probabilities, scored.errors
 
-    paths = [str(p) for p in rows["path"]]
-    unique = list(dict.fromkeys(paths))
-    found: dict[str, list[StudyResult]] = {}
-    for result in tqdm(
-        screener.score(unique),
-        total=len(unique),
-        desc="scoring",
-        unit="study",
-        disable=not progress,
-        leave=False,
-    ):
-        found.setdefault(result.input_path, []).append(result)
-    probs = np.full(len(paths), np.nan, dtype=np.float64)
-    errors = [""] * len(paths)
-    for i, (key, path) in enumerate(zip(rows["study_key"], paths, strict=True)):
-        results = found.get(path, [])
-        if len(results) != 1:
-            errors[i] = (
-                f"{path} holds {len(results)} studies; point the registry entry at one study."
-            )
-        elif not results[0].ok:
-            errors[i] = results[0].error
-        else:
-            probs[i] = float(results[0].probability)  # type: ignore[arg-type]
-        if errors[i]:
-            log.warning("cannot score study %s: %s", key, errors[i])
-    return probs, errors
+
+def run_baseline(
+    features: np.ndarray,
+    labels: np.ndarray,
+    model_auc: float,
+    *,
+    n_boot: int,
+    seed: int,
+    repeats: int = baseline_lib.CV_REPEATS,
+) -> dict[str, Any]:
+    """The shortcut baseline's entry of ``metrics.json`` for one evaluation set.
+
+    Returns:
+        ``{"method", "bins", "folds", "repeats", "n", "roc_auc", "model_roc_auc",
+        "warning"}``, or ``{"method", "skipped"}`` with the reason when the set is
+        too small (fewer than 2 studies of a class) for a cross-validated baseline.
+    """
+    try:
+        result = baseline_lib.shortcut_baseline(
+            features, labels, n_boot=n_boot, seed=seed, repeats=repeats
+        )
+    except ValueError as exc:
+        return {"method": baseline_lib.DESCRIPTION, "skipped": str(exc)}
+    entry = result.to_dict()
+    entry["model_roc_auc"] = float(model_auc)
+    entry["warning"] = baseline_lib.baseline_warning(model_auc, result.roc_auc)
+    return entry
+
+
+def format_baseline(entry: dict[str, Any]) -> str:
+    """The baseline's lines for the printed table (its AUC, CI and any warning)."""
+    if "skipped" in entry:
+        return f"shortcut baseline not computed: {entry['skipped']}"
+    line = baseline_lib.format_baseline_line(float(entry["model_roc_auc"]), entry)
+    if entry.get("warning"):
+        return f"{line}\nWARNING: {entry['warning']}"
+    return line
 
 
 def format_metrics_table(
@@ -182,7 +268,8 @@ def evaluate(
     frame = read_registry_arg(registry)
     rows = select_rows(frame, read_keys_arg(keys), what="evaluation")
     labels = rows["label"].astype(int).to_numpy()
-    probs, errors = score_registry_rows(screener, rows, progress=progress)
+    scored = score_rows(screener, rows, progress=progress)
+    probs, errors = scored.probabilities, scored.errors
     ok = np.array([not e for e in errors])
     if not ok.any():
         raise DatasetError("no study of the evaluation list could be read; see the warnings.")
@@ -203,6 +290,11 @@ def evaluate(
         rule = "youden" if threshold_rule == "youden" else f"sensitivity>={target_sensitivity:g}"
     values = metrics_lib.metrics_with_ci(y, p, threshold, n_boot=n_boot, seed=seed)
     counts = metrics_lib.confusion_counts(y, p, threshold)
+    baseline = run_baseline(
+        scored.features[ok], y, values["roc_auc"]["value"], n_boot=n_boot, seed=seed
+    )
+    if baseline.get("warning"):
+        log.warning("%s", baseline["warning"])
 
     predictions = pd.DataFrame(
         {
@@ -234,6 +326,7 @@ def evaluate(
         "seed": seed,
         "counts": counts,
         "metrics": values,
+        "shortcut_baseline": baseline,
     }
     if threshold_rule is not None:
         summary["note"] = (
@@ -258,6 +351,7 @@ def evaluate(
     plots.plot_confusion_matrix(
         counts, out_dir / "confusion_matrix.png", title=f"threshold {threshold:.3f} ({rule})"
     )
+    write_report(json_safe(summary), out_dir)
 
     written = None
     if write_threshold is not None:
@@ -283,4 +377,5 @@ def evaluate(
         threshold_rule=rule,
         n_failed=int((~ok).sum()),
         written_checkpoint=written,
+        baseline=baseline,
     )

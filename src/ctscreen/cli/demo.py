@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             f"on {m.get('n_studies')} synthetic archives"
         )
     out = result.out
+    print(_baseline_line(out / "evaluation" / "metrics.json"))
     print(f"  disk used     : {format_bytes(result.disk_bytes)} in {out}")
     print(f"  results table : {result.results_table}")
     print(f"  model         : {result.weights}  (ctscreen info {result.weights})")
@@ -72,3 +73,17 @@ def run(args: argparse.Namespace) -> int:
     archives = out / "holdout" / "archives"
     print(f"Next: ctscreen predict {archives}/*.zip --weights {result.weights} -o my_results.xlsx")
     return EXIT_OK
+
+
+def _baseline_line(metrics_json: Path) -> str:
+    """The evaluation's shortcut baseline beside the model, from its metrics.json."""
+    import json
+
+    from ..evaluate import format_baseline
+
+    try:
+        entry = json.loads(metrics_json.read_text(encoding="utf-8"))["shortcut_baseline"]
+    except (OSError, ValueError, KeyError):
+        return f"shortcut baseline: not found in {metrics_json}"
+    n = entry.get("n", "?")
+    return f"on the {n} validation studies, {format_baseline(entry)}"

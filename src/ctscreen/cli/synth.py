@@ -10,6 +10,19 @@ from .exit_codes import EXIT_OK
 from .types import positive_int, probability
 
 
+def pathology_kinds(text: str) -> tuple[str, ...]:
+    """argparse type: comma-separated synthetic finding kinds."""
+    from ..synth.phantom import PATHOLOGIES
+
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in PATHOLOGIES]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"unknown kinds {unknown or [text]}; choose from {', '.join(PATHOLOGIES)}"
+        )
+    return kinds
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``synth`` command."""
     p = subparsers.add_parser(
@@ -46,6 +59,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="share of studies with pathology (default: 0.5)",
     )
     p.add_argument(
+        "--pathologies",
+        type=pathology_kinds,
+        default=None,
+        metavar="KIND[,KIND...]",
+        help="findings the pathological studies cycle through (default: all five)",
+    )
+    p.add_argument(
+        "--realism",
+        choices=["easy", "matched"],
+        default="easy",
+        help=(
+            "easy (default): a lesion adds dense or air voxels to an otherwise similar "
+            "lung, so HU statistics nearly give the label away; matched: normal studies "
+            "carry the same distribution of dense and air voxels in shapes that are not "
+            "lesions (raised diaphragm, atelectasis, vessels, airways), so only shape "
+            "tells the classes apart"
+        ),
+    )
+    p.add_argument(
         "--no-variety",
         action="store_true",
         help="plain head-first uncompressed single-frame series only",
@@ -66,10 +98,13 @@ def run(args: argparse.Namespace) -> int:
         pathology_fraction=args.pathology_fraction,
         zip_archives=args.zip,
         variety=not args.no_variety,
+        realism=args.realism,
+        **({"pathologies": args.pathologies} if args.pathologies else {}),
         progress=not getattr(args, "no_progress", False),
     )
     where = labels.parent / ("archives" if args.zip else "studies")
-    print(f"wrote {args.studies} synthetic studies to {where}")
+    realism = " intensity-matched" if args.realism == "matched" else ""
+    print(f"wrote {args.studies}{realism} synthetic studies to {where}")
     print(f"labels: {labels}")
     print(f"next: ctscreen registry build synthetic {args.out} -o {args.out / 'registry.csv'}")
     return EXIT_OK

@@ -40,6 +40,7 @@ from .dicom_writer import (
     write_secondary_capture,
     write_series,
 )
+from .matched import REALISMS
 from .phantom import PATHOLOGIES, Phantom, make_phantom
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class StudySpec:
     patient_id: str
     study_uid: str
     series_uid: str
+    realism: str = "easy"
+    decoy: str | None = None
 
 
 def _pathologies(
@@ -134,6 +137,7 @@ def plan_studies(
     pathology_fraction: float = 0.5,
     variety: bool = True,
     pathologies: Sequence[str] = PATHOLOGIES,
+    realism: str = "easy",
 ) -> list[StudySpec]:
     """Decide every study's content and encoding, without writing anything.
 
@@ -147,6 +151,10 @@ def plan_studies(
             syntax, naming and extra series; otherwise every study is a plain
             head-first, uncompressed, single-frame series.
         pathologies: the kinds that pathological studies cycle through.
+        realism: ``"easy"`` or ``"matched"`` (see
+            :func:`~ctscreen.synth.phantom.make_phantom`). In ``"matched"`` sets the
+            normal studies' decoy kinds cycle through ``pathologies`` as the
+            pathological studies' kinds do, so both classes draw the same budgets.
 
     Returns:
         One :class:`StudySpec` per study.
@@ -166,8 +174,19 @@ def plan_studies(
         )
     if matrix not in MATRIX_PRESETS:
         raise ConfigError(f"unknown matrix preset {matrix!r}; use one of {sorted(MATRIX_PRESETS)}.")
+    if realism not in REALISMS:
+        raise ConfigError(f"unknown realism {realism!r}; use one of {list(REALISMS)}.")
     rng = np.random.default_rng([int(seed), 1])
     kinds = _pathologies(n_studies, pathology_fraction, rng, tuple(pathologies))
+    decoys: list[str | None] = [None] * n_studies
+    if realism == "matched":
+        # Its own stream, so that a matched set has the same studies, kinds and
+        # geometry as the easy set of the same seed.
+        drng = np.random.default_rng([int(seed), 3])
+        normals = [i for i, kind in enumerate(kinds) if kind is None]
+        cycle = _pathologies(len(normals), 1.0, drng, tuple(pathologies))
+        for i, decoy in zip(normals, cycle, strict=True):
+            decoys[i] = decoy
     specs = []
     for index, pathology in enumerate(kinds):
         srng = np.random.default_rng([int(seed), 2, index])
@@ -224,6 +243,8 @@ def plan_studies(
                 patient_id=f"SYN{seed % 1000:03d}{index:05d}",
                 study_uid=study_uid,
                 series_uid=str(uid_from(study_uid, "series", 2)),
+                realism=realism,
+                decoy=decoys[index],
             )
         )
     return specs
@@ -240,7 +261,12 @@ def write_study(spec: StudySpec, folder: Path) -> dict[str, str]:
         The row, every value already formatted as text (``path`` left empty).
     """
     phantom = make_phantom(
-        seed=spec.seed, shape=spec.shape, spacing=spec.spacing, pathology=spec.pathology
+        seed=spec.seed,
+        shape=spec.shape,
+        spacing=spec.spacing,
+        pathology=spec.pathology,
+        realism=spec.realism,
+        decoy=spec.decoy,
     )
     common = dict(study_uid=spec.study_uid, patient_id=spec.patient_id, seed=spec.seed)
     write_series(
@@ -360,6 +386,7 @@ def generate_dataset(
     zip_archives: bool = False,
     variety: bool = True,
     pathologies: Sequence[str] = PATHOLOGIES,
+    realism: str = "easy",
     progress: bool = False,
 ) -> Path:
     """Write a labelled synthetic chest CT dataset.
@@ -373,6 +400,9 @@ def generate_dataset(
         zip_archives: write ``archives/<study_id>.zip`` instead of ``studies/<study_id>/``.
         variety: vary encodings and geometry between studies (see :func:`plan_studies`).
         pathologies: the kinds that pathological studies cycle through.
+        realism: ``"easy"`` (default) or ``"matched"``: normal studies carry the
+            same distribution of dense and air voxels as pathological ones, in
+            shapes that are not lesions (see :mod:`ctscreen.synth.matched`).
         progress: draw a tqdm bar on stderr.
 
     Returns:
@@ -389,6 +419,7 @@ def generate_dataset(
         pathology_fraction=pathology_fraction,
         variety=variety,
         pathologies=pathologies,
+        realism=realism,
     )
     from tqdm.auto import tqdm
 

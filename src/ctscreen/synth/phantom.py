@@ -13,9 +13,20 @@ segments of the vessel tree, each inside its own small bounding box.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+from scipy import ndimage
+
+from .matched import (
+    REALISMS,
+    Budget,
+    breathing_blur,
+    distance_mm,
+    in_plane_blur,
+    paint_twin,
+    posterior_depth_mm,
+)
 
 #: Pathologies the generator can draw.
 PATHOLOGIES: tuple[str, ...] = (
@@ -421,6 +432,8 @@ def make_phantom(
     shape: tuple[int, int, int] = (64, 128, 128),
     spacing: tuple[float, float, float] = (5.0, 2.7, 2.7),
     pathology: str | None = None,
+    realism: str = "easy",
+    decoy: str | None = None,
 ) -> Phantom:
     """Draw a synthetic chest CT, optionally with one kind of pathology.
 
@@ -430,19 +443,35 @@ def make_phantom(
             bases to just above the apices whatever the shape.
         spacing: voxel size in mm along (D, H, W).
         pathology: ``None`` or one of :data:`PATHOLOGIES`.
+        realism: ``"easy"`` (a lesion adds dense or air voxels to an otherwise
+            similar lung, so intensity statistics nearly give the label away) or
+            ``"matched"`` (normal studies carry the same distribution of dense and
+            air voxels in shapes that are not lesions; see
+            :mod:`ctscreen.synth.matched`).
+        decoy: for a ``"matched"`` normal study, the kind whose voxel budget its
+            normal variants take (default: drawn from the seed); ignored otherwise.
 
     Returns:
         The phantom, with ``hu`` clipped to the int16 CT range [-1024, 3071].
 
     Raises:
-        ValueError: for an unknown pathology or a shape smaller than 8 voxels.
+        ValueError: for an unknown pathology, decoy or realism, or a shape smaller
+            than 8 voxels.
     """
     if pathology is not None and pathology not in PATHOLOGIES:
         raise ValueError(f"unknown pathology {pathology!r}; use one of {PATHOLOGIES}")
+    if decoy is not None and decoy not in PATHOLOGIES:
+        raise ValueError(f"unknown decoy kind {decoy!r}; use one of {PATHOLOGIES}")
+    if realism not in REALISMS:
+        raise ValueError(f"unknown realism {realism!r}; use one of {REALISMS}")
     if min(shape) < 8:
         raise ValueError(f"phantom shape {shape} is too small; use at least 8 voxels per axis")
     shape = (int(shape[0]), int(shape[1]), int(shape[2]))
     spacing = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+    if realism == "matched":
+        return _make_matched(
+            seed=int(seed), shape=shape, spacing=spacing, pathology=pathology, decoy=decoy
+        )
     rng = np.random.default_rng([int(seed), 7919])
     g = _grid(shape, spacing, rng)
     hu, cavity, bone = _body_and_bones(g, rng, shape)
@@ -611,3 +640,303 @@ def _place_in_lung(
         if score == 6:
             break
     return np.asarray(best, dtype=np.float64)
+
+
+# --- intensity-matched phantoms (realism="matched"; see ctscreen.synth.matched) ------------
+
+
+@dataclass(frozen=True)
+class _Chest:
+    """The drawn anatomy of a matched phantom, before its budget finding."""
+
+    hu: np.ndarray
+    lungs: dict[int, np.ndarray]
+    lung_any: np.ndarray
+    airway: np.ndarray
+    vessel: np.ndarray
+    keep_out: np.ndarray
+    shapes: tuple[_LungShape, _LungShape]
+    t_split: dict[int, float]
+    soft: float
+
+
+def _matched_chest(
+    g: _Grid,
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+) -> tuple[_Chest, np.ndarray]:
+    """Body, organs, lungs with normal variants; returns the chest and the bone layer."""
+    hu, cavity, bone = _body_and_bones(g, rng, shape)
+    # One soft-tissue density for the liver and a consolidated lung: a raised
+    # hemidiaphragm (the consolidation's twin) then joins the liver without a seam.
+    soft = float(rng.uniform(30.0, 62.0))
+    hr = np.sqrt(
+        ((g.u - rng.uniform(0.08, 0.16)) / rng.uniform(0.30, 0.38)) ** 2
+        + ((g.v + rng.uniform(0.08, 0.18)) / 0.42) ** 2
+        + ((g.t + rng.uniform(0.30, 0.42)) / 0.38) ** 2
+    )
+    heart = (hr <= 1.0) & cavity
+    hu[(hr > 1.0) & (hr <= 1.08) & cavity] = -90.0
+    hu[heart] = 40.0
+    mediastinum = (np.abs(g.u) < rng.uniform(0.11, 0.15)) & (g.v < 0.45)
+    right, left = _lung_shapes(rng)
+    inner = (g.u * g.u + g.v * g.v) <= 0.82**2
+    spine_guard = (np.abs(g.u) < 0.2) & (g.v > 0.4)
+    keep_out = heart | mediastinum | spine_guard | ~inner
+    abdomen = (g.t < right.dome_base + right.dome_height) & cavity & (g.u < 0.25)
+    hu[abdomen & (hu == 40.0)] = soft
+    lungs = {ls.side: _lung_mask(g, ls) & ~keep_out for ls in (right, left)}
+    lung_any = lungs[-1] | lungs[1]
+
+    # Inspiration level and gravity: the lung is denser posteriorly, more so in some.
+    level = rng.uniform(-895.0, -815.0)
+    slope = rng.uniform(8.0, 40.0)
+    hu = np.where(lung_any, (level + slope * (g.v + 1.0)).astype(np.float32), hu)
+    # Dependent density: a few mm to cm of denser lung along the posterior pleura.
+    depth = posterior_depth_mm(lung_any, spacing[1])
+    amplitude, reach = rng.uniform(0.0, 220.0), rng.uniform(6.0, 25.0)
+    dependent = np.where(lung_any, amplitude * np.exp(-np.minimum(depth, 1e3) / reach), 0.0)
+    hu = (hu + dependent).astype(np.float32)
+    # Oblique fissures: thin planes, seen as faint partial-volume lines.
+    t_split = {}
+    for ls in (right, left):
+        t_split[ls.side] = float(rng.uniform(-0.25, 0.05))
+        lv = (g.v - ls.cv) / ls.av
+        off_mm = np.abs((g.t - t_split[ls.side]) - 0.9 * lv) * g.half_z
+        width = rng.uniform(0.6, 1.4) * spacing[0]
+        fissure = lungs[ls.side] & (off_mm < width * 0.5)
+        hu[fissure] += rng.uniform(120.0, 380.0)
+    trachea = (np.sqrt((g.x - g.cx) ** 2 + (g.y - (g.cy - 0.1 * g.half_y)) ** 2) < 8.0) & (
+        g.t > 0.25
+    )
+    hu[trachea] = -1000.0
+
+    segments = [s for ls in (right, left) for s in _vessel_tree(g, ls, rng)]
+    vessel_alpha = _rasterise(segments, g, spacing, shape, radius_scale=rng.uniform(0.8, 1.35))
+    hu = hu + (vessel_alpha * lung_any) * (40.0 - hu)
+    airway_alpha = _rasterise(
+        [s for s in segments if s.level <= 3], g, spacing, shape, radius_scale=0.45
+    )
+    airway = (airway_alpha >= 0.5) & lung_any
+    hu[airway] = -1000.0
+    vessel = (vessel_alpha >= 0.5) & lung_any & ~airway
+    chest = _Chest(
+        hu=hu.astype(np.float32),
+        lungs=lungs,
+        lung_any=lung_any,
+        airway=airway | trachea,
+        vessel=vessel,
+        keep_out=keep_out,
+        shapes=(right, left),
+        t_split=t_split,
+        soft=soft,
+    )
+    return chest, bone
+
+
+def _side_name(side: int) -> str:
+    return "left" if side > 0 else "right"
+
+
+def _budget(
+    kind: str,
+    chest: _Chest,
+    g: _Grid,
+    rng: np.random.Generator,
+    spacing: tuple[float, float, float],
+) -> Budget:
+    """Draw one finding of ``kind`` on ``chest`` (without painting it)."""
+    hu = chest.hu.copy()
+    shape = hu.shape
+    side_shape = chest.shapes[int(rng.integers(0, 2))]
+    masks: list[np.ndarray] = []
+    sides: list[str] = []
+    if kind in ("nodule", "ground_glass"):
+        nodule = kind == "nodule"
+        count = int(rng.integers(1, 4)) if nodule else int(rng.integers(1, 3))
+        for _ in range(count):
+            diameter = rng.uniform(8.0, 30.0) if nodule else rng.uniform(25.0, 60.0)
+            target = rng.uniform(10.0, 60.0) if nodule else rng.uniform(-650.0, -350.0)
+            placed = _place_in_lung(
+                chest.lung_any, diameter / (2.0 if nodule else 4.0), spacing, rng
+            )
+            center_mm = np.array(
+                [(placed[k] - (shape[k] - 1) / 2.0) * spacing[k] for k in range(3)]
+            )
+            radii = diameter / 2.0 * rng.uniform(0.85, 1.15, size=3)
+            weight = _soft_ellipsoid(g, center_mm, radii) * chest.lung_any
+            hu = hu + weight * (target - hu)
+            masks.append(weight >= 0.5)
+            sides.append("left" if center_mm[2] > g.cx else "right")
+    elif kind == "consolidation":
+        lower = bool(rng.integers(0, 2))
+        lv = (g.v - side_shape.cv) / side_shape.av
+        t_split = chest.t_split[side_shape.side]
+        if lower:  # posterior-inferior of the oblique fissure
+            region = (g.t - t_split) < 0.9 * lv
+        else:  # anterior-superior of it
+            region = (g.t - t_split) > 0.9 * lv
+        lobe = chest.lungs[side_shape.side] & region & ~chest.airway
+        # A segment to a whole lobe: the share of the lobe nearest a seed point in it.
+        flat = np.flatnonzero(lobe)
+        mask = np.zeros(shape, dtype=bool)
+        if flat.size:
+            seed_idx = np.unravel_index(int(flat[rng.integers(0, flat.size)]), shape)
+            seed_mm = [(seed_idx[k] - (shape[k] - 1) / 2.0) * spacing[k] for k in range(3)]
+            dist = (g.z - seed_mm[0]) ** 2 + (g.y - seed_mm[1]) ** 2 + (g.x - seed_mm[2]) ** 2
+            keep = max(1, int(round(flat.size * rng.uniform(0.3, 1.0))))
+            order = np.argsort(np.broadcast_to(dist, shape).reshape(-1)[flat], kind="stable")
+            mask.reshape(-1)[flat[order[:keep]]] = True
+        hu[mask] = chest.soft
+        masks.append(mask)
+        sides.append(_side_name(side_shape.side))
+    elif kind == "effusion":
+        both = rng.random() >= 0.6
+        fluid = rng.uniform(0.0, 20.0)
+        for ls in chest.shapes if both else (side_shape,):
+            depth = rng.uniform(30.0, 75.0) / g.half_y
+            reach = rng.uniform(0.5, 1.0)
+            frac = np.clip(1.0 - (g.t - ls.dome_base) / reach, 0.0, 1.0)
+            level = ls.cv + ls.av - depth * frac
+            mask = chest.lungs[ls.side] & (g.v > level) & (frac > 0.0)
+            hu[mask] = fluid
+            masks.append(mask)
+            sides.append(_side_name(ls.side))
+    elif kind == "pneumothorax":
+        shrink = rng.uniform(0.6, 0.9)
+        collapsed = (
+            _lung_mask(
+                g,
+                side_shape,
+                shrink=shrink,
+                shift_u=-side_shape.side * 0.08 * (1.0 - shrink),
+                shift_v=0.25 * (1.0 - shrink),
+            )
+            & ~chest.keep_out
+        )
+        mask = chest.lungs[side_shape.side] & ~collapsed
+        hu[mask] = -1000.0
+        masks.append(mask)
+        sides.append(_side_name(side_shape.side))
+    else:  # pragma: no cover - make_phantom checked the kind
+        raise ValueError(f"unknown kind {kind!r}")
+    changed = np.abs(hu - chest.hu) > 0.5
+    for m in masks:
+        changed |= m
+    if not changed.any():  # a degenerate draw: one voxel, so that a twin exists too
+        changed.reshape(-1)[np.flatnonzero(chest.lung_any)[:1]] = True
+    return Budget(
+        kind=kind,
+        masks=tuple(masks),
+        sides=tuple(sides),
+        values=hu.reshape(-1)[np.flatnonzero(changed)].astype(np.float32),
+        changed=changed,
+    )
+
+
+def _paint_budget(chest: _Chest, budget: Budget) -> np.ndarray:
+    """The chest with the finding painted in (a pathological study)."""
+    hu = chest.hu.copy()
+    hu.reshape(-1)[np.flatnonzero(budget.changed)] = budget.values
+    return hu
+
+
+def _paint_twin(
+    chest: _Chest,
+    budget: Budget,
+    g: _Grid,
+    rng: np.random.Generator,
+    spacing: tuple[float, float, float],
+) -> np.ndarray:
+    """The chest with the finding's voxel budget spent on normal variants (a normal study)."""
+    hu = chest.hu.copy()
+    lung = chest.lung_any & ~chest.airway
+
+    def near(region: np.ndarray) -> np.ndarray:
+        # A finding's blurred rim reaches a voxel or two past the lung (into the
+        # chest wall or a vessel); the twin may match those values there too.
+        return region | (ndimage.binary_dilation(region, iterations=2) & ~chest.airway)
+
+    if budget.kind == "consolidation":
+        # Raised hemidiaphragm(s): the lowest lung of each column, one side higher.
+        above = np.cumsum(chest.lung_any, axis=0).astype(np.float32) * np.float32(spacing[0])
+        raised = int(rng.choice([-1, 1]))
+        bias = np.where(g.u * raised > 0, rng.uniform(0.0, 40.0), 0.0).astype(np.float32)
+        paint_twin(hu, budget, -above + bias, near(lung))
+    elif budget.kind == "effusion":
+        # Dependent atelectasis: an even band along the whole posterior lung.
+        region = np.zeros_like(lung)
+        for s in (-1, 1):
+            if _side_name(s) in budget.sides:
+                region |= chest.lungs[s]
+        depth = posterior_depth_mm(chest.lung_any, spacing[1])
+        paint_twin(hu, budget, -np.minimum(depth, 1e4), near(region & lung))
+    elif budget.kind == "pneumothorax":
+        # Wider airways: the lung next to the bronchial tree becomes air.
+        score = -distance_mm(chest.airway, spacing)
+        paint_twin(hu, budget, score, near(lung), densest_first=False)
+    elif budget.kind == "nodule":
+        # Thicker vessels: the lung next to the vessel tree, densest nearest it.
+        score = -distance_mm(chest.vessel, spacing)
+        paint_twin(hu, budget, score, near(lung))
+    else:  # ground glass: dependent density, densest at the back
+        depth = posterior_depth_mm(chest.lung_any, spacing[1])
+        paint_twin(hu, budget, -np.minimum(depth, 1e4), near(lung))
+    return hu
+
+
+def _make_matched(
+    *,
+    seed: int,
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    pathology: str | None,
+    decoy: str | None,
+) -> Phantom:
+    """A phantom whose HU histogram does not tell whether it holds a lesion."""
+    rng = np.random.default_rng([seed, 7919, 2])
+    g = _grid(shape, spacing, rng)
+    chest, bone = _matched_chest(g, rng, shape, spacing)
+    kind = pathology or decoy or str(rng.choice(PATHOLOGIES))
+    drawn = _budget(kind, chest, g, rng, spacing)
+    plane_sigma, breath_sigma = rng.uniform(0.3, 0.9), rng.uniform(0.0, 1.2)
+    breath_top = rng.uniform(-0.4, 0.2)
+
+    def blurred(hu: np.ndarray) -> np.ndarray:
+        hu = in_plane_blur(np.maximum(hu, bone), plane_sigma)
+        return breathing_blur(hu, g.t, breath_sigma, breath_top)
+
+    # The scanner blurs a lesion's edge into a rim of in-between values; the budget
+    # holds those too, so that a twin spends the same values (its rim is where the
+    # twin's ranking ends, which grades its edge the same way).
+    base = blurred(chest.hu)
+    sick = blurred(_paint_budget(chest, drawn))
+    changed = (np.abs(sick - base) > 1.0) | drawn.changed
+    where = np.flatnonzero(changed)
+    budget = replace(
+        drawn,
+        values=sick.reshape(-1)[where],
+        changed=changed,
+        old_values=base.reshape(-1)[where],
+    )
+    lesions: list[Lesion] = []
+    if pathology is None:
+        hu = _paint_twin(replace(chest, hu=base), budget, g, rng, spacing)
+    else:
+        hu = sick
+        for mask, side in zip(drawn.masks, drawn.sides, strict=True):
+            lesion = _lesion_from_mask(pathology, mask, side, spacing)
+            if lesion is not None:
+                lesions.append(lesion)
+    sigma = rng.uniform(8.0, 18.0)
+    hu = hu + rng.standard_normal(size=shape, dtype=np.float32) * np.float32(sigma)
+    hu = np.clip(hu, HU_MIN, HU_MAX).astype(np.float32)
+    return Phantom(
+        hu=hu,
+        spacing=spacing,
+        pathology=pathology,
+        label=0 if pathology is None else 1,
+        lesions=tuple(lesions),
+        seed=int(seed),
+    )
