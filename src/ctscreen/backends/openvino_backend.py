@@ -41,10 +41,13 @@ def openvino_version() -> str | None:
 def block_converter_telemetry() -> None:
     """Keep OpenVINO's model converter from sending usage telemetry.
 
-    ctscreen runs on hospital machines and must not contact anyone. The converter
-    imports the ``openvino_telemetry`` package when it can and otherwise uses its
-    own no-op stub; marking that package as unimportable selects the stub. It is
-    done only when the package has not been imported already by someone else.
+    ctscreen runs on hospital machines and must not contact anyone. ``import
+    openvino`` imports the ``openvino_telemetry`` package when it can (and counts the
+    run in ``~/intel/stats``) and otherwise uses its own no-op stub; marking that
+    package as unimportable selects the stub. ``import ctscreen`` already does it
+    (``ctscreen/__init__.py``), before any ``import openvino``; this repeats it for
+    code that reached here another way. It is done only when the package has not
+    been imported already by someone else.
     """
     if "openvino_telemetry" not in sys.modules:
         sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
