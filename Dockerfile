@@ -57,7 +57,7 @@ ARG PIP_INDEX_URL=https://pypi.org/simple
 # DL3013: this installs the project being built, whose dependencies pyproject.toml bounds.
 # hadolint ignore=DL3013
 RUN --mount=type=secret,id=pip_cert \
-    if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
     pip install --index-url "${CTSCREEN_TORCH_INDEX}" "torch==2.14.1" "torchvision==0.29.1" \
     && pip install ".[torch,serve,dicom,quantize]" \
     && chown -R 10001:10001 /home/ctscreen
@@ -70,7 +70,7 @@ ARG PIP_INDEX_URL=https://pypi.org/simple
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3013
 RUN --mount=type=secret,id=pip_cert \
-    if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
     pip install ".[serve,dicom]" \
     && if pip list 2>/dev/null | grep -iE '^(torch|torchvision|nvidia-)'; then \
         echo "the runtime image must not hold PyTorch or CUDA libraries" >&2; exit 1; fi
