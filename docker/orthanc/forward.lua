@@ -9,5 +9,7 @@ function OnStableStudy(studyId, tags, metadata)
     end
   end
   print('ctscreen-pacs: sending study ' .. studyId .. ' to ctscreen')
-  SendToModality(studyId, 'ctscreen')
+  -- The REST route sends a whole study in one association (Lua's SendToModality
+  -- takes single instances).
+  RestApiPost('/modalities/ctscreen/store', studyId)
 end
