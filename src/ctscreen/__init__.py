@@ -22,10 +22,18 @@ The library API is :class:`Screener` (load a checkpoint, score inputs) and the
 from __future__ import annotations
 
 import logging
+import sys
 
 from ._version import __version__
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+# Nothing leaves the machine: `import openvino` imports its telemetry package, which
+# counts every run in ~/intel/stats and sends usage events from the model converter (NNCF
+# uses it too). Marked unimportable before anything of ctscreen can import OpenVINO, they
+# fall back to their own no-op stubs. Left alone when someone imported it already.
+if "openvino_telemetry" not in sys.modules:
+    sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
 
 __all__ = ["Screener", "StudyResult", "__version__"]
 

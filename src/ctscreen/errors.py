@@ -84,6 +84,19 @@ class MissingExtraError(ConfigError):
     code = "MISSING_EXTRA"
 
 
+#: What a user without PyTorch is told when something needs it.
+NEEDS_TORCH = (
+    "{what} needs PyTorch, which is not installed here: pip install 'ctscreen[torch]' "
+    "(CPU wheels: add --index-url https://download.pytorch.org/whl/cpu), or export the "
+    "checkpoint once with `ctscreen export` where PyTorch is and score the bundle"
+)
+
+
+def needs_torch(what: str) -> MissingExtraError:
+    """The error for ``what`` (a phrase: "reading a .pth checkpoint") without PyTorch."""
+    return MissingExtraError(NEEDS_TORCH.format(what=what) + ".")
+
+
 class DatasetError(CtscreenError):
     """A dataset root, registry or split file is missing or inconsistent."""
 

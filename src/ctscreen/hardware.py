@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,12 +88,39 @@ def select_device(name: str = "auto") -> torch.device:
     raise ConfigError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}.")
 
 
-def default_batch_size(device: torch.device) -> int:
+@dataclass(frozen=True)
+class HostCpu:
+    """The CPU, named without PyTorch: what a scorer running an exported bundle uses for
+    a device (code that asks a device only reads its ``type``, ``index`` and ``str``)."""
+
+    type: str = "cpu"
+    index: int | None = None
+
+    def __str__(self) -> str:
+        return "cpu"
+
+
+def bundle_device(name: object = "auto") -> HostCpu:
+    """The device of an exported bundle, which OpenVINO runs on the CPU.
+
+    Raises:
+        ConfigError: a device other than ``auto`` or ``cpu``.
+    """
+    key = str(name).strip().lower()
+    if key in ("auto", "cpu"):
+        return HostCpu()
+    raise ConfigError(
+        f"an exported bundle runs on the CPU with OpenVINO, not on {name!r}; use --device cpu "
+        "or auto, or pass the .pth checkpoint to run on a GPU."
+    )
+
+
+def default_batch_size(device: torch.device | HostCpu) -> int:
     """Studies per forward pass on ``device``: 1 on the CPU, 4 on a GPU."""
     return 4 if device.type == "cuda" else 1
 
 
-def default_readers(device: torch.device) -> int:
+def default_readers(device: torch.device | HostCpu) -> int:
     """Reader threads for ``device``: 1 on the CPU; on a GPU one per 4 cores, at most 4."""
     if device.type != "cuda":
         return 1

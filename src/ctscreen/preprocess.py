@@ -4,65 +4,86 @@ The resize covers the whole field of view (no crop, no pad). Each axis is
 resampled on its own: axes that shrink use area averaging (every source voxel
 contributes, so thin structures and noise do not alias), axes that grow use
 linear interpolation. Both use voxel-centre alignment (``align_corners=False``).
+
+It is numpy only, so the runtime that scores an exported bundle needs no
+PyTorch. The arithmetic is PyTorch's: area averaging is its adaptive average
+pooling (output voxel ``i`` of ``n`` is the plain mean of input voxels
+``floor(i L / n)`` to ``ceil((i + 1) L / n)``, the ``mode="area"`` of
+``F.interpolate``) and linear is its ``mode="linear", align_corners=False``;
+``tests/test_preprocess.py`` holds both against PyTorch to float32 rounding.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .config import PreprocessConfig
 from .volume import Volume
 
 
-def window_to_unit(hu: np.ndarray, config: PreprocessConfig) -> torch.Tensor:
-    """Map HU to float32 in [0, 1] through the configured window (new tensor)."""
-    source = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))
-    return source.sub(config.hu_min).mul_(1.0 / config.window_width).clamp_(0.0, 1.0)
+def window_to_unit(hu: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Map HU to float32 in [0, 1] through the configured window (new array)."""
+    out = np.subtract(hu, np.float32(config.hu_min), dtype=np.float32)
+    out *= np.float32(1.0 / config.window_width)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
-def _resize_axis(x: torch.Tensor, axis: int, size: int) -> torch.Tensor:
-    """Resize one spatial axis of a ``[D, H, W]`` tensor (area down, linear up)."""
+def area_bins(length: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and one-past-last input index of each of ``size`` area bins over ``length``."""
+    i = np.arange(size, dtype=np.int64)
+    starts = (i * length) // size
+    ends = -((-(i + 1) * length) // size)  # ceiling division
+    return starts, ends
+
+
+def _area_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """Shrink ``axis`` of ``x`` to ``size`` by averaging each (possibly overlapping) bin."""
+    starts, ends = area_bins(x.shape[axis], size)
+    # reduceat sums x[idx[k]:idx[k+1]]; interleaving starts and ends gives every bin at
+    # the even places (the last bin runs to the end of the axis by itself).
+    idx = np.empty(2 * size - 1, dtype=np.int64)
+    idx[0::2] = starts
+    idx[1::2] = ends[:-1]
+    sums = np.add.reduceat(x, idx, axis=axis, dtype=np.float32)
+    sums = np.take(sums, np.arange(0, 2 * size - 1, 2), axis=axis)
+    counts = (ends - starts).astype(np.float32)
+    shape = [1] * x.ndim
+    shape[axis] = size
+    sums /= counts.reshape(shape)
+    return sums
+
+
+def _linear_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """Grow ``axis`` of ``x`` to ``size`` by linear interpolation between voxel centres."""
+    length = x.shape[axis]
+    scale = np.float32(length) / np.float32(size)
+    source = np.maximum((np.arange(size, dtype=np.float32) + 0.5) * scale - 0.5, 0.0)
+    low = np.minimum(source.astype(np.int64), length - 1)
+    high = np.minimum(low + 1, length - 1)
+    shape = [1] * x.ndim
+    shape[axis] = size
+    weight = np.clip(source - low, 0.0, 1.0).astype(np.float32).reshape(shape)
+    out = np.take(x, low, axis=axis) * (np.float32(1.0) - weight)
+    out += np.take(x, high, axis=axis) * weight
+    return out
+
+
+def resize_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """Resize one axis of a float32 array (area down, linear up; unchanged when equal)."""
     if x.shape[axis] == size:
         return x
-    moved = x.movedim(axis, -1)
-    lead = moved.shape[:-1]
-    flat = moved.reshape(1, -1, moved.shape[-1])  # [1, C, L] treats other axes as channels
-    if size < flat.shape[-1]:
-        resized = F.interpolate(flat, size=size, mode="area")
-    else:
-        resized = F.interpolate(flat, size=size, mode="linear", align_corners=False)
-    return resized.reshape(*lead, size).movedim(-1, axis)
-
-
-def _resize_planes(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Resize the two in-plane axes of ``[N, H, W]``; one 2D area pass when both shrink
-    (area averaging is separable, so this equals two 1D passes, only faster)."""
-    if height < x.shape[1] and width < x.shape[2]:
-        return F.adaptive_avg_pool2d(x, (height, width))
-    return _resize_axis(_resize_axis(x, 1, height), 2, width)
+    if size < x.shape[axis]:
+        return _area_axis(x, axis, size)
+    return _linear_axis(x, axis, size)
 
 
 def resize_volume(x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """Resize a ``[D, H, W]`` float32 array to ``shape`` (see the module docstring)."""
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    out = np.ascontiguousarray(x, dtype=np.float32)
     # Shrink the largest reductions first so later passes work on less data.
-    order = sorted(range(3), key=lambda a: shape[a] / t.shape[a])
-    for axis in order:
-        t = _resize_axis(t, axis, shape[axis])
-    return np.ascontiguousarray(t.numpy(), dtype=np.float32)
-
-
-def _resize_depth(planes: torch.Tensor, depth: int) -> torch.Tensor:
-    """Resize axis 0 of ``[N, H, W]`` without copying the planes first."""
-    if planes.shape[0] == depth:
-        return planes
-    x = planes[None, None]  # [1, 1, N, H, W]; H and W keep their size
-    size = (depth, planes.shape[1], planes.shape[2])
-    if depth < planes.shape[0]:
-        return F.adaptive_avg_pool3d(x, size)[0, 0]
-    return F.interpolate(x, size=size, mode="trilinear", align_corners=False)[0, 0]
+    for axis in sorted(range(3), key=lambda a: shape[a] / out.shape[a]):
+        out = resize_axis(out, axis, shape[axis])
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def preprocess_array(
@@ -75,13 +96,13 @@ def preprocess_array(
     """
     if hu.ndim != 3:
         raise ValueError(f"expected a 3D [D, H, W] array, got shape {hu.shape}")
-    _, height, width = config.shape
-    planes = torch.empty((hu.shape[0], height, width), dtype=torch.float32)
+    depth, height, width = config.shape
+    planes = np.empty((hu.shape[0], height, width), dtype=np.float32)
     for start in range(0, hu.shape[0], chunk_slices):
         chunk = window_to_unit(hu[start : start + chunk_slices], config)
-        planes[start : start + chunk_slices] = _resize_planes(chunk, height, width)
-    out = _resize_depth(planes, config.shape[0]).clamp_(0.0, 1.0)
-    return np.ascontiguousarray(out.numpy(), dtype=np.float32)
+        planes[start : start + chunk_slices] = resize_axis(resize_axis(chunk, 1, height), 2, width)
+    out = resize_axis(planes, 0, depth)
+    return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
 
 
 def preprocess(volume: Volume, config: PreprocessConfig) -> np.ndarray:

@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._version import __version__
-from .backends import Backend, ModelSource, make_backend
+from .backends import Backend, ModelSource, bundle_backend, make_backend
+from .bundle import LoadedBundle, is_bundle, load_bundle
 from .card import ModelCard
 from .config import PreprocessConfig, SelectionConfig
-from .errors import ConfigError
+from .errors import ConfigError, needs_torch
 from .explain import localization_box, slice_scores
-from .hardware import default_batch_size, default_readers, select_device
+from .hardware import HostCpu, bundle_device, default_batch_size, default_readers, select_device
 from .pipeline import (
     STUDY_TIMEOUT_S,
     PreparedStudy,
@@ -40,10 +41,11 @@ from .pipeline import (
     prepare_inputs,
 )
 from .results import StudyResult, sigmoid
-from .weights import LoadedModel, load_checkpoint
 
 if TYPE_CHECKING:
     import torch
+
+    from .weights import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +53,14 @@ log = logging.getLogger(__name__)
 MODES: tuple[str, ...] = ("study", "series")
 
 
-def model_warnings(loaded: LoadedModel) -> tuple[str, ...]:
+def model_warnings(loaded: LoadedModel | LoadedBundle) -> tuple[str, ...]:
     """Sentences about a model that every result scored with it carries (a legacy
     file, a model trained on synthetic data or at another input shape)."""
     return loaded.warnings + loaded.card.caveats()
 
 
 def read_settings(
-    loaded: LoadedModel,
+    loaded: LoadedModel | LoadedBundle,
     *,
     mode: str = "study",
     min_slices: int = 16,
@@ -88,10 +90,14 @@ class Screener:
 
     Args:
         weights: a checkpoint file (or a model already loaded with
-            :func:`ctscreen.weights.load_checkpoint`).
-        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+            :func:`ctscreen.weights.load_checkpoint`), or a bundle folder made by
+            ``ctscreen export`` (or one loaded with :func:`ctscreen.bundle.load_bundle`),
+            which runs with OpenVINO on the CPU and never imports PyTorch.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``
+            (a bundle: ``auto`` or ``cpu``).
         backend: ``auto``, ``torch`` or ``openvino`` (see :mod:`ctscreen.backends`);
-            a backend that fails falls back to PyTorch with one warning.
+            a backend that fails falls back to PyTorch with one warning (a bundle:
+            ``auto`` or ``openvino``, with nothing to fall back to).
         precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` (GPU only) or ``int8``
             (OpenVINO, a checkpoint made by ``ctscreen quantize``). ``auto`` in
             either is measured on this machine on first use (see
@@ -116,7 +122,7 @@ class Screener:
 
     def __init__(
         self,
-        weights: Path | str | LoadedModel,
+        weights: Path | str | LoadedModel | LoadedBundle,
         *,
         device: str | torch.device = "auto",
         backend: str = "auto",
@@ -141,12 +147,33 @@ class Screener:
         for name, value in (("batch size", batch_size), ("number of readers", readers)):
             if value is not None and value < 1:
                 raise ConfigError(f"the {name} must be at least 1, not {value}.")
-        self.device = device if not isinstance(device, str) else select_device(device)
-        if isinstance(weights, LoadedModel):
-            self.loaded = weights
+        bundle: LoadedBundle | None = None
+        if isinstance(weights, LoadedBundle):
+            bundle = weights
+        elif isinstance(weights, (str, Path)) and is_bundle(weights):
+            bundle = load_bundle(weights)
+        self.device: torch.device | HostCpu
+        self.loaded: LoadedModel | LoadedBundle
+        if bundle is not None:
+            # The torch-free path: OpenVINO graphs and their card, no PyTorch import.
+            self.device = bundle_device(device)
+            self.loaded = bundle
+            self.bias = bundle.bias
         else:
-            self.loaded = load_checkpoint(weights, device=self.device)
-        self.loaded.model.to(self.device).eval()
+            try:
+                from .weights import LoadedModel, load_checkpoint
+            except ModuleNotFoundError as exc:
+                if exc.name not in ("torch", "torchvision"):
+                    raise
+                raise needs_torch(f"scoring the checkpoint {weights}") from exc
+
+            self.device = device if not isinstance(device, str) else select_device(device)
+            if isinstance(weights, LoadedModel):
+                self.loaded = weights
+            else:
+                self.loaded = load_checkpoint(weights, device=self.device)
+            self.loaded.model.to(self.device).eval()
+            self.bias = float(self.loaded.model.fc.bias.detach().float().cpu()[0])
         self.mode = mode
         self.selection = SelectionConfig(min_slices=min_slices)
         self.localize = localize
@@ -155,13 +182,16 @@ class Screener:
         self.prefetch = max(prefetch, self.batch_size)
         self.threshold = self.card.threshold if threshold is None else float(threshold)
         self.threshold_rule = self.card.threshold_rule if threshold is None else "given"
-        self.bias = float(self.loaded.model.fc.bias.detach().float().cpu()[0])
-        self.engine: Backend = make_backend(
-            ModelSource.of(self.loaded, cache_root=cache_dir),
-            device=self.device,
-            backend=backend,
-            precision=precision,
-        )
+        self.engine: Backend
+        if bundle is not None:
+            self.engine = bundle_backend(bundle, backend=backend, precision=precision)
+        else:
+            self.engine = make_backend(
+                ModelSource.of(self.loaded, cache_root=cache_dir),
+                device=self.device,
+                backend=backend,
+                precision=precision,
+            )
 
     # ------------------------------------------------------------------ facts
 

@@ -73,6 +73,7 @@ from .export_cache import (
 from .openvino_backend import (
     OpenVinoBackend,
     block_converter_telemetry,
+    compile_stages,
     export_openvino,
     finite_half,
     half_boundaries,
@@ -98,6 +99,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from ..bundle import LoadedBundle
     from ..config import PreprocessConfig
     from ..weights import LoadedModel
 
@@ -121,6 +123,7 @@ __all__ = [
     "TorchBackend",
     "Trial",
     "block_converter_telemetry",
+    "bundle_backend",
     "cached_export",
     "cam_network",
     "candidates",
@@ -606,3 +609,54 @@ def _model_digest(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def bundle_backend(
+    bundle: LoadedBundle, *, backend: str = "auto", precision: str = "auto"
+) -> Backend:
+    """The OpenVINO backend of an exported bundle (see :mod:`ctscreen.bundle`); no PyTorch.
+
+    ``auto`` runs fp32, the precision held to PyTorch's probabilities; bf16 is run when
+    asked for by name. There is no PyTorch to fall back to, so a graph that OpenVINO
+    cannot compile is a ConfigError at once.
+
+    Raises:
+        ConfigError: ``--backend torch``, INT8 or fp16 asked of a bundle, an unknown
+            name, or OpenVINO missing or unable to compile the graphs.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    if backend == "torch":
+        raise ConfigError(
+            f"{bundle.path} is an exported bundle, which runs with OpenVINO; pass the .pth "
+            "checkpoint for --backend torch, or use --backend auto."
+        )
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}."
+        )
+    if precision == "int8":
+        raise ConfigError(
+            "an exported bundle carries fp32 graphs only; score the quantized .pth for INT8."
+        )
+    hint = openvino_hint("fp32" if precision == "auto" else precision)
+    try:
+        engine = compile_stages(
+            bundle.path,
+            shape=bundle.card.preprocess.shape,
+            bias=bundle.bias,
+            hint=hint,
+            from_cache=True,
+        )
+    except ImportError as exc:
+        raise ConfigError(
+            "an exported bundle runs with OpenVINO, which is not installed: pip install openvino."
+        ) from exc
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"OpenVINO {openvino_version()} cannot compile the bundle {bundle.path} "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); export it again "
+            "with this OpenVINO."
+        ) from exc
+    log.info("running the bundle with OpenVINO %s (%s)", openvino_version(), engine.precision)
+    return engine

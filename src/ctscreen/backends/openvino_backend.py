@@ -41,10 +41,13 @@ def openvino_version() -> str | None:
 def block_converter_telemetry() -> None:
     """Keep OpenVINO's model converter from sending usage telemetry.
 
-    ctscreen runs on hospital machines and must not contact anyone. The converter
-    imports the ``openvino_telemetry`` package when it can and otherwise uses its
-    own no-op stub; marking that package as unimportable selects the stub. It is
-    done only when the package has not been imported already by someone else.
+    ctscreen runs on hospital machines and must not contact anyone. ``import
+    openvino`` imports the ``openvino_telemetry`` package when it can (and counts the
+    run in ``~/intel/stats``) and otherwise uses its own no-op stub; marking that
+    package as unimportable selects the stub. ``import ctscreen`` already does it
+    (``ctscreen/__init__.py``), before any ``import openvino``; this repeats it for
+    code that reached here another way. It is done only when the package has not
+    been imported already by someone else.
     """
     if "openvino_telemetry" not in sys.modules:
         sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
@@ -281,8 +284,6 @@ def load_openvino(
         ImportError: OpenVINO is not installed.
         ConfigError: ``precision`` is fp16, or no cache folder can be written.
     """
-    import openvino as ov
-
     hint = openvino_hint(precision)
     root = cache_root if cache_root is not None else export_cache_root(weights_path)
     xml, from_cache = cached_export(
@@ -293,20 +294,33 @@ def load_openvino(
         weights_path=weights_path,
         recipe=openvino_recipe(),
     )
+    bias = float(model.fc.bias.detach().float().cpu()[0])
+    return compile_stages(
+        xml.parent, shape=tuple(shape), bias=bias, hint=hint, from_cache=from_cache
+    )
+
+
+def compile_stages(
+    folder: Path, *, shape: tuple[int, ...], bias: float, hint: str, from_cache: bool
+) -> OpenVinoBackend:
+    """Compile the stage graphs ``folder/<stage>.xml`` (an export cache entry or a
+    bundle) for the CPU: the stem in f32, the rest with ``hint`` (``f32`` or ``bf16``)."""
+    block_converter_telemetry()
+    import openvino as ov
+
     core = ov.Core()
-    graphs = [core.read_model(str(xml.parent / f"{stage}.xml")) for stage in _OV_STAGES]
+    graphs = [core.read_model(str(folder / f"{stage}.xml")) for stage in _OV_STAGES]
     if hint == "bf16" and openvino_bf16_capable():
         graphs = half_boundaries(graphs)
-
-    bias = float(model.fc.bias.detach().float().cpu()[0])
     stages = [
         compile_for_latency(core, graph, "f32" if stage == "stem" else hint)
         for stage, graph in zip(_OV_STAGES, graphs, strict=True)
     ]
     actual = str(stages[-1].get_property("INFERENCE_PRECISION_HINT")).lower()
+    d, h, w = shape
     return OpenVinoBackend(
         stages=stages,
-        shape=tuple(shape),
+        shape=(d, h, w),
         bias=bias,
         precision="bf16" if "bf16" in actual or "bfloat16" in actual else "fp32",
         from_cache=from_cache,

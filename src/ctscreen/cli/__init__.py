@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from .._version import __version__
-from ..errors import NO_ROOM, NOT_ALLOWED, CtscreenError, cannot_write
+from ..errors import NO_ROOM, NOT_ALLOWED, CtscreenError, cannot_write, needs_torch
 from .exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 
 __all__ = [
@@ -38,6 +38,7 @@ COMMANDS: tuple[str, ...] = (
     "predict",
     "info",
     "quantize",
+    "export",
     "synth",
     "registry",
     "split",
@@ -119,6 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         sentence = cannot_write(str(cause.filename or exc.filename or "a file"), cause).message
         print(f"ctscreen: error: {sentence}", file=sys.stderr)
+        return EXIT_ERROR
+    except ModuleNotFoundError as exc:
+        if args.debug or (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
+            raise
+        print(
+            f"ctscreen: error: {needs_torch(f'ctscreen {args.command}').message}", file=sys.stderr
+        )
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("ctscreen: interrupted", file=sys.stderr)

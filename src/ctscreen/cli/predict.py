@@ -28,7 +28,13 @@ def add_parser(subparsers: Any) -> None:
         ),
     )
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="zip archive or folder")
-    p.add_argument("--weights", "-w", type=Path, required=True, help="checkpoint file (.pth)")
+    p.add_argument(
+        "--weights",
+        "-w",
+        type=Path,
+        required=True,
+        help="checkpoint file (.pth), or a bundle folder from `ctscreen export` (no PyTorch)",
+    )
     p.add_argument(
         "-o",
         "--output",

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,18 @@ from .types import add_runtime_arguments, positive_float, positive_int, probabil
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "CTSCREEN_TOKEN"
+
+#: Options a container sets by environment: (attribute, variable, parse, default). A flag
+#: given on the command line wins; an empty variable counts as unset.
+ENVIRONMENT: tuple[tuple[str, str, Callable[[str], Any], Any], ...] = (
+    ("weights", "CTSCREEN_WEIGHTS", Path, None),
+    ("data", "CTSCREEN_DATA", Path, Path("ctscreen-data")),
+    ("host", "CTSCREEN_HOST", str, "127.0.0.1"),
+    ("port", "CTSCREEN_PORT", positive_int, 8000),
+    ("dicom_port", "CTSCREEN_DICOM_PORT", positive_int, None),
+    ("ae_title", "CTSCREEN_AE_TITLE", str, "CTSCREEN"),
+    ("send_to", "CTSCREEN_SEND_TO", lambda text: [d for d in re.split(r"[,\s]+", text) if d], []),
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -27,15 +42,20 @@ def add_parser(subparsers: Any) -> None:
             "'serve' extra: pip install 'ctscreen[serve]'."
         ),
     )
-    p.add_argument("--weights", "-w", type=Path, required=True, help="checkpoint file (.pth)")
+    p.add_argument(
+        "--weights",
+        "-w",
+        type=Path,
+        help="checkpoint file (.pth) or bundle folder from `ctscreen export` "
+        "(default: $CTSCREEN_WEIGHTS)",
+    )
     p.add_argument(
         "--data",
         type=Path,
-        default=Path("ctscreen-data"),
-        help="folder of the job store, uploads and results (default: ./ctscreen-data)",
+        help="folder of the job store, uploads and results ($CTSCREEN_DATA, else ./ctscreen-data)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    p.add_argument("--port", type=positive_int, default=8000, help="port (8000)")
+    p.add_argument("--host", help="address to listen on ($CTSCREEN_HOST, else 127.0.0.1)")
+    p.add_argument("--port", type=positive_int, help="port ($CTSCREEN_PORT, else 8000)")
     p.add_argument(
         "--token",
         default=None,
@@ -82,17 +102,21 @@ def add_parser(subparsers: Any) -> None:
         "DICOM node", "receive studies by C-STORE and send SR + key images back (extra 'dicom')"
     )
     dicom.add_argument(
-        "--dicom-port", type=positive_int, help="listen for DICOM (C-ECHO, CT C-STORE) on this port"
+        "--dicom-port",
+        type=positive_int,
+        help="listen for DICOM (C-ECHO, CT C-STORE) on this port ($CTSCREEN_DICOM_PORT; "
+        "without either the node is off)",
     )
-    dicom.add_argument("--ae-title", default="CTSCREEN", help="the node's AE title (CTSCREEN)")
+    dicom.add_argument("--ae-title", help="the node's AE title ($CTSCREEN_AE_TITLE, else CTSCREEN)")
     dicom.add_argument("--dicom-host", help="address the DICOM port listens on (default: --host)")
     dicom.add_argument(
         "--send-to",
         action="append",
-        default=[],
+        default=None,
         metavar="AET@HOST:PORT",
         help="send the answer (SR and key images, or a 'not screened' SR) of every received "
-        "study to this AE instead of back to the calling AE (repeat for several)",
+        "study to this AE instead of back to the calling AE (repeat for several; "
+        "$CTSCREEN_SEND_TO, several separated by commas)",
     )
     dicom.add_argument(
         "--allow-ae",
@@ -122,6 +146,79 @@ def add_parser(subparsers: Any) -> None:
         help="longest wait between two tries (300)",
     )
     p.set_defaults(func=run)
+
+
+def apply_environment(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options not given on the command line from :data:`ENVIRONMENT`, then
+    their defaults (in place; returns ``args``).
+
+    Raises:
+        ConfigError: a variable whose value the option does not accept.
+    """
+    from ..errors import ConfigError
+
+    for attribute, variable, parse, default in ENVIRONMENT:
+        if getattr(args, attribute, None) is not None:
+            continue
+        text = os.environ.get(variable, "").strip()
+        if not text:
+            setattr(args, attribute, default)
+            continue
+        try:
+            setattr(args, attribute, parse(text))
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise ConfigError(
+                f"{variable}={text!r} is not accepted ({exc}); fix or unset it."
+            ) from exc
+    return args
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_before_loading(args: argparse.Namespace) -> None:
+    """What can be checked before the model loads, so that a container with a missing
+    weight file, extra or bad setting stops at once with one sentence.
+
+    Raises:
+        WeightsError: no weights given, or the path is neither a checkpoint file nor a
+            valid bundle.
+        ConfigError: a .pth without PyTorch installed, the DICOM node without the
+            'dicom' extra, --send-to without the node, or a bad destination.
+    """
+    from ..bundle import is_bundle, load_bundle
+    from ..errors import ConfigError, WeightsError, needs_torch
+
+    if args.weights is None:
+        raise WeightsError("no weights given: pass --weights PATH or set CTSCREEN_WEIGHTS.")
+    if is_bundle(args.weights):
+        load_bundle(args.weights)  # its card and graph hashes
+    elif not args.weights.is_file():
+        raise WeightsError(
+            f"weight file {args.weights} not found; pass --weights PATH (a .pth checkpoint or "
+            "a bundle folder from `ctscreen export`)."
+        )
+    elif not _importable("torch"):
+        raise needs_torch(f"serving the checkpoint {args.weights}")
+    if args.dicom_port is None:
+        if args.send_to:
+            raise ConfigError("--send-to needs --dicom-port (the DICOM node is off without it).")
+        return
+    missing = [name for name in ("pynetdicom", "highdicom") if not _importable(name)]
+    if missing:
+        raise ConfigError(
+            f"the DICOM node needs the 'dicom' extra ({missing[0]} is missing): "
+            "pip install 'ctscreen[dicom]', or leave out --dicom-port (CTSCREEN_DICOM_PORT)."
+        )
+    if args.send_to:
+        from ..service.sender import parse_destination
+
+        for destination in args.send_to:
+            parse_destination(destination)
 
 
 def node_from_args(
@@ -180,7 +277,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         ) from exc
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV, "")
     check_listen_address(args.host, token)
-    if not args.weights.is_file():
+    if not (args.weights.is_file() or args.weights.is_dir()):
         raise WeightsError(f"weight file {args.weights} not found; pass --weights PATH.")
     worker = WorkerConfig(
         weights=str(args.weights.resolve()),
@@ -207,11 +304,13 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_environment(args)
+    check_before_loading(args)
+    settings = settings_from_args(args)  # the 'serve' extra is checked here
     import uvicorn
 
     from ..service.app import create_app
 
-    settings = settings_from_args(args)
     app = create_app(settings)
     worker = app.state.worker
     worker.start()
