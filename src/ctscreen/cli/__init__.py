@@ -2,7 +2,8 @@
 
 Each command lives in its own module ``ctscreen.cli.<name>`` exposing
 ``add_parser(subparsers)`` and ``run(args) -> int``. Heavy imports (torch) happen
-inside ``run`` so that ``--help`` and ``info`` stay fast.
+inside ``run``, after :func:`check_cheap_arguments`, so that ``--help`` and mistakes
+(a missing weight file, a mistyped ``--device``) answer at once.
 
 Exit codes:
     0  everything succeeded;
