@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_cheap_arguments(args: argparse.Namespace) -> None:
     """Refuse a mistyped ``--device`` or a missing or foreign weight file before any
-    command imports torch (which takes seconds).
+    command imports torch (which takes seconds), after the command's own
+    ``check_arguments`` (set with ``set_defaults``) where it has one.
 
     Raises:
         ConfigError: ``--device`` names no device ctscreen knows.
@@ -115,6 +116,10 @@ def check_cheap_arguments(args: argparse.Namespace) -> None:
     from ..hardware import check_device_name
     from ..torchfile import check_torch_file
 
+    # A command's own argument checks (which options go together) come first.
+    own = getattr(args, "check_arguments", None)
+    if own is not None:
+        own(args)
     device = getattr(args, "device", None)
     if isinstance(device, str):
         check_device_name(device)

@@ -112,7 +112,7 @@ def add_parser(subparsers: Any) -> None:
         help="with --engine ray: scoring workers, one model each (default: one per GPU of "
         "the cluster, else one per two CPUs)",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check_arguments=check_engine_arguments)
 
 
 def check_engine_arguments(args: argparse.Namespace) -> None:
