@@ -185,7 +185,13 @@ def prepare_study(
         reason = chosen.reason if rank == 0 else f"eligible series {rank + 1} of {len(candidates)}"
         if rejected:
             reason += f"; {rejected}"
-        fields = dict(base, series_uid=candidate.series_uid, reason=reason, warnings=notes)
+        fields = dict(
+            base,
+            location=study.location_of([candidate.series]),
+            series_uid=candidate.series_uid,
+            reason=reason,
+            warnings=notes,
+        )
         try:
             volume = build_volume(candidate.series)
             chest_notes = require_chest(
