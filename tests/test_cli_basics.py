@@ -113,3 +113,30 @@ def test_predict_help_names_every_kind_of_input(capsys: pytest.CaptureFixture[st
     text = " ".join(capsys.readouterr().out.split())
     assert "zip archive, folder, DICOM file or NIfTI file (.nii, .nii.gz)" in text
     assert "--no-progress" in text  # the global options are listed with the command's
+
+
+def test_a_warning_logged_under_a_progress_bar_gets_a_line_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    from tqdm import tqdm
+
+    import ctscreen.cli.info as info
+
+    def run(args: object) -> int:
+        bar = tqdm(total=3, file=sys.stderr, desc="scoring")
+        bar.update(1)
+        logging.getLogger("ctscreen.somewhere").warning("study 2 looks odd")
+        bar.update(2)
+        bar.close()
+        return 0
+
+    monkeypatch.setattr(info, "run", run)
+    weights = tmp_path / "m.pth"
+    weights.write_bytes(b"PK\x03\x04 enough to look like a torch file")
+    assert main(["info", str(weights)]) == 0
+    lines = [part.strip() for part in capsys.readouterr().err.replace("\r", "\n").split("\n")]
+    assert "WARNING ctscreen.somewhere: study 2 looks odd" in lines
+    assert any(line.startswith("scoring: 100%") for line in lines)
+    assert logging.getLogger("ctscreen").handlers[-1].stream is sys.stderr  # restored after

@@ -129,11 +129,10 @@ def check_cheap_arguments(args: argparse.Namespace) -> None:
 
 
 def _set_up_logging(level: str) -> None:
-    from .console import TqdmHandler
-
-    # Through tqdm.write: a warning logged while a progress bar is drawn gets its own
-    # line instead of breaking the bar's.
-    handler = TqdmHandler()
+    # A plain stderr handler; main() runs the command inside tqdm's logging_redirect_tqdm,
+    # which routes it through tqdm.write, so a warning logged while a progress bar is
+    # drawn gets its own line instead of breaking the bar's.
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("ctscreen")
     root.handlers = [h for h in root.handlers if isinstance(h, logging.NullHandler)]
@@ -161,9 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_ERROR
     _set_up_logging(args.log_level)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
         check_cheap_arguments(args)
-        return int(args.func(args))
+        with logging_redirect_tqdm(loggers=[log]):
+            return int(args.func(args))
     except CtscreenError as exc:
         if args.debug:
             raise
