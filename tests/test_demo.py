@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ctscreen.backends import ModelSource, choose_backend
+from ctscreen.cli.demo import demo_model_caveat
 from ctscreen.demo import STAGES, DemoConfig, disk_budget, run_demo
 from ctscreen.report import REQUIRED_COLUMNS
 from ctscreen.weights import load_checkpoint
@@ -57,3 +59,14 @@ def test_demo_writes_every_artefact_and_a_table_for_each_holdout_archive(tmp_pat
     assert result.disk_bytes <= 1.1 * sum(disk_budget(config).values())
     # the table says the demo's model was trained on synthetic data at a small input
     assert table["warnings"].str.contains("synthetic studies only").all()
+    assert any("synthetic studies only" in w for w in result.model_warnings)
+    caveat = demo_model_caveat(result.model_warnings)
+    assert "synthetic studies only" in caveat and "trained on real labelled CT" in caveat
+
+    # the demo measured how to run the model it leaves, as predict asks (auto/auto):
+    # the first predict after it finds the measurement kept instead of timing again
+    import torch
+
+    loaded = load_checkpoint(result.weights)
+    choice, built = choose_backend(ModelSource.of(loaded), device=torch.device("cpu"))
+    assert choice.from_cache and not built

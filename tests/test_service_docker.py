@@ -6,9 +6,9 @@
 - the image's own command (ENTRYPOINT + CMD) and HEALTHCHECK, read from the Dockerfile,
   work in a fresh virtual environment into which the project is installed as the
   Dockerfile installs it (a non-editable ``pip install`` of the same files). The venv
-  is made with ``--system-site-packages`` so that torch is not downloaded again (and
-  ``--without-pip``: the system's pip and setuptools build the wheel offline); the
-  test checks that ``ctscreen`` itself is imported from the venv, not from elsewhere.
+  sees the test interpreter's site-packages so that torch is not downloaded again (and
+  is made ``--without-pip``: this environment's pip and setuptools build the wheel
+  offline); the test checks that ``ctscreen`` itself is imported from the venv.
 """
 
 from __future__ import annotations
@@ -111,6 +111,29 @@ def test_compose_file_follows_the_compose_specification() -> None:
     assert list(validator.iter_errors(broken))
 
 
+def _venv_seeing_our_packages(venv: Path) -> Path:
+    """A venv (without pip) whose Python also sees the site-packages of this test's
+    interpreter, after its own; its python.
+
+    Not ``--system-site-packages``: run from a virtual environment, that option gives the
+    new venv the base interpreter's packages, not this environment's (no torch, and a
+    setuptools that may lack ``bdist_wheel``). The folders are listed as plain lines of a
+    ``.pth`` file, whose own ``.pth`` files are not run, so an editable ctscreen installed
+    there stays invisible.
+    """
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    own = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    ours = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    Path(own, "_parent_site_packages.pth").write_text("".join(f"{p}\n" for p in ours))
+    return python
+
+
 @pytest.mark.slow
 def test_image_command_and_healthcheck_work_in_a_fresh_venv(
     tmp_path: Path, tiny_checkpoint: Path
@@ -131,11 +154,7 @@ def test_image_command_and_healthcheck_work_in_a_fresh_venv(
         shutil.copy(ROOT / name, build / name)
     shutil.copytree(ROOT / "src", build / "src", ignore=shutil.ignore_patterns("__pycache__"))
     venv = tmp_path / "venv"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-        check=True,
-    )
-    python = venv / "bin" / "python"
+    python = _venv_seeing_our_packages(venv)
     subprocess.run(
         [
             str(python),

@@ -49,6 +49,29 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
+def check_device_name(name: str) -> str:
+    """The device name ``--device`` was given, lower-cased, if its form is one ctscreen
+    knows; checked without importing torch, so that a typo is refused at once.
+
+    Args:
+        name: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (N a whole number).
+
+    Returns:
+        The name, stripped and lower-cased.
+
+    Raises:
+        ConfigError: any other name (whether CUDA is there is :func:`select_device`'s check).
+    """
+    key = str(name).strip().lower()
+    if key in ("auto", "cpu", "cuda"):
+        return key
+    if key.startswith("cuda:"):
+        if key[5:].isdigit():
+            return key
+        raise ConfigError(f"cannot parse device {name!r}; use cuda or cuda:N.")
+    raise ConfigError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}.")
+
+
 def select_device(name: str = "auto") -> torch.device:
     """Turn a device name into a ``torch.device``.
 
@@ -61,7 +84,7 @@ def select_device(name: str = "auto") -> torch.device:
     """
     import torch
 
-    key = str(name).strip().lower()
+    key = check_device_name(name)
     if key == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -69,23 +92,19 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if key == "cpu":
         return torch.device("cpu")
-    if key == "cuda" or key.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device {name!r} was requested but no CUDA GPU is available; "
-                "use --device cpu or --device auto."
-            )
-        try:
-            device = torch.device(key)
-        except RuntimeError as exc:
-            raise ConfigError(f"cannot parse device {name!r}; use cuda or cuda:N.") from exc
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device {name!r} does not exist; this machine has "
-                f"{torch.cuda.device_count()} CUDA device(s)."
-            )
-        return device
-    raise ConfigError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}.")
+    # "cuda" or "cuda:N", the only forms check_device_name lets through.
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {name!r} was requested but no CUDA GPU is available; "
+            "use --device cpu or --device auto."
+        )
+    device = torch.device(key)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {name!r} does not exist; this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)."
+        )
+    return device
 
 
 @dataclass(frozen=True)

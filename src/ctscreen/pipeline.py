@@ -209,6 +209,7 @@ def prepare_study(
             reason += f"; {rejected}"
         fields = dict(
             base,
+            location=study.location_of([candidate.series]),
             series_uid=candidate.series_uid,
             reason=reason,
             warnings=notes,

@@ -2,6 +2,8 @@
 
 A leaf module (torch and ctscreen's errors only): weights, model initialisation
 and training resume all read files through it, so none of them imports another.
+torch is imported inside :func:`read_torch_file`, so that :func:`check_torch_file`
+lets the command line refuse a missing or foreign file before torch loads (seconds).
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import pickle
 import warnings
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from .errors import WeightsError
 
@@ -70,6 +70,40 @@ def _metadata_globals() -> tuple[Any, ...]:
     return (scalar, np.dtype, *dtype_classes, argparse.Namespace)
 
 
+def check_torch_file(
+    path: Path, *, what: str = "weight file", hint: str = _CHECKPOINT_HINT
+) -> Path:
+    """Check, without importing torch, that ``path`` is a readable file that starts
+    like a torch file (a zip archive or a pickle).
+
+    Args:
+        path: the file.
+        what: how to name the file in messages (``"weight file"``).
+        hint: what the user should do when the file does not exist.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        WeightsError: the file is missing, not a file, unreadable, empty or not a torch file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{what} {path} does not exist; {hint}.")
+    if not path.is_file():
+        raise WeightsError(f"{what} {path} is not a file; {hint}.")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise WeightsError(f"cannot read {what} {path} ({exc.strerror}).") from exc
+    if not head:
+        raise WeightsError(f"{what} {path} is empty; copy the checkpoint again.")
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
+        raise WeightsError(f"{what} {path} is not a PyTorch file; {hint}.")
+    return path
+
+
 def read_torch_file(path: Path, *, what: str = "weight file", hint: str = _CHECKPOINT_HINT) -> Any:
     """Read a torch file without executing pickled code.
 
@@ -88,20 +122,9 @@ def read_torch_file(path: Path, *, what: str = "weight file", hint: str = _CHECK
         WeightsError: the file is missing, empty, not a torch file, damaged or
             truncated, or holds pickled objects other than tensors.
     """
-    path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"{what} {path} does not exist; {hint}.")
-    if not path.is_file():
-        raise WeightsError(f"{what} {path} is not a file; {hint}.")
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4)
-    except OSError as exc:
-        raise WeightsError(f"cannot read {what} {path} ({exc.strerror}).") from exc
-    if not head:
-        raise WeightsError(f"{what} {path} is empty; copy the checkpoint again.")
-    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
-        raise WeightsError(f"{what} {path} is not a PyTorch file; {hint}.")
+    import torch
+
+    path = check_torch_file(path, what=what, hint=hint)
     try:
         with warnings.catch_warnings():
             # The weights-only unpickler warns about pickle protocols it was not

@@ -453,7 +453,9 @@ def choose_backend(
             trials = tuple(trial_from_dict(t) for t in record.get("trials", ()))
             log.info("using the measured choice %s (%s)", winner.label, path)
             return Choice(winner, trials, True, key, str(record.get("measured", ""))), {}
-    log.warning(
+    # INFO, not WARNING: measuring is the designed first run, nothing is wrong. The
+    # demo measures for the model it leaves, so a user's first predict rarely gets here.
+    log.info(
         "first run of this model on this machine: timing %d ways to run it at %s to choose "
         "the fastest (kept in %s)",
         len(set(fits) | {REFERENCE}),
@@ -497,7 +499,12 @@ def choose_backend(
     }
     stored = save_choice(key, winner=winner, trials=trials, facts=facts, path=path)
     choice = Choice(winner, tuple(trials), False, key, stored["measured"])
-    log.warning("chose %s:\n%s", winner.label, choice.table())
+    log.info(
+        "chose %s (%s s per forward; the table: ctscreen info --backends)",
+        winner.label,
+        next((f"{t.seconds:.3f}" for t in trials if t.candidate == winner and t.seconds), "?"),
+    )
+    log.debug("measured backends:\n%s", choice.table())
     return choice, {c: b for c, b in built.items() if not isinstance(b, _NotRun)}
 
 

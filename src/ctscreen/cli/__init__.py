@@ -2,7 +2,8 @@
 
 Each command lives in its own module ``ctscreen.cli.<name>`` exposing
 ``add_parser(subparsers)`` and ``run(args) -> int``. Heavy imports (torch) happen
-inside ``run`` so that ``--help`` and ``info`` stay fast.
+inside ``run``, after :func:`check_cheap_arguments`, so that ``--help`` and mistakes
+(a missing weight file, a mistyped ``--device``) answer at once.
 
 Exit codes:
     0  everything succeeded;
@@ -18,6 +19,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .._version import __version__
 from ..errors import NO_ROOM, NOT_ALLOWED, CtscreenError, cannot_write, needs_torch
@@ -30,6 +32,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_PARTIAL",
     "build_parser",
+    "check_cheap_arguments",
     "main",
 ]
 
@@ -53,35 +56,84 @@ COMMANDS: tuple[str, ...] = (
 log = logging.getLogger("ctscreen")
 
 
+def _add_global_options(parser: argparse.ArgumentParser, *, after_command: bool) -> None:
+    """``--log-level``, ``--no-progress`` and ``--debug`` on ``parser``.
+
+    Each command's parser takes them too (``ctscreen predict ... --no-progress``), with
+    defaults suppressed there so that one given before the command is not reset.
+    """
+    group = parser.add_argument_group("global options") if after_command else parser
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if after_command else value
+
+    group.add_argument(
+        "--log-level",
+        default=default("WARNING"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="how much to log to stderr (default: WARNING)",
+    )
+    group.add_argument(
+        "--no-progress",
+        action="store_true",
+        default=default(False),
+        help="do not draw progress bars on stderr",
+    )
+    group.add_argument(
+        "--debug",
+        action="store_true",
+        default=default(False),
+        help="show the full traceback of an error",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctscreen",
         description="Sort chest CT studies into 'no pathology' and 'pathology'.",
+        epilog="Run `ctscreen COMMAND --help` for a command's options. "
+        "New here? `ctscreen demo` trains a small model on synthetic phantoms and scores them.",
     )
     parser.add_argument("--version", action="version", version=f"ctscreen {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default="WARNING",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="how much to log to stderr (default: WARNING)",
-    )
-    parser.add_argument(
-        "--no-progress", action="store_true", help="do not draw progress bars on stderr"
-    )
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_global_options(parser, after_command=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name in COMMANDS:
         module = importlib.import_module(f"{__name__}.{name}")
         module.add_parser(sub)
+    for command_parser in sub.choices.values():
+        _add_global_options(command_parser, after_command=True)
     return parser
 
 
-def _set_up_logging(level: str) -> None:
-    from .console import TqdmHandler
+def check_cheap_arguments(args: argparse.Namespace) -> None:
+    """Refuse a mistyped ``--device`` or a missing or foreign weight file before any
+    command imports torch (which takes seconds), after the command's own
+    ``check_arguments`` (set with ``set_defaults``) where it has one.
 
-    # Through tqdm.write: a warning logged while a progress bar is drawn gets its own
-    # line instead of breaking the bar's.
-    handler = TqdmHandler()
+    Raises:
+        ConfigError: ``--device`` names no device ctscreen knows.
+        WeightsError: the command's weight file is missing, empty or not a torch file.
+    """
+    from ..hardware import check_device_name
+    from ..torchfile import check_torch_file
+
+    # A command's own argument checks (which options go together) come first.
+    own = getattr(args, "check_arguments", None)
+    if own is not None:
+        own(args)
+    device = getattr(args, "device", None)
+    if isinstance(device, str):
+        check_device_name(device)
+    weights = getattr(args, "weights", None)
+    if isinstance(weights, Path):
+        check_torch_file(weights)
+
+
+def _set_up_logging(level: str) -> None:
+    # A plain stderr handler; main() runs the command inside tqdm's logging_redirect_tqdm,
+    # which routes it through tqdm.write, so a warning logged while a progress bar is
+    # drawn gets its own line instead of breaking the bar's.
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("ctscreen")
     root.handlers = [h for h in root.handlers if isinstance(h, logging.NullHandler)]
@@ -104,9 +156,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command and return its exit code (never calls ``sys.exit``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        # `ctscreen` alone: the list of commands, as a reminder, not an error sentence.
+        parser.print_help(sys.stderr)
+        return EXIT_ERROR
     _set_up_logging(args.log_level)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        return int(args.func(args))
+        check_cheap_arguments(args)
+        with logging_redirect_tqdm(loggers=[log]):
+            return int(args.func(args))
     except CtscreenError as exc:
         if args.debug:
             raise

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  held-out data : {out / 'holdout' / 'archives'}")
     archives = out / "holdout" / "archives"
     print(f"Next: ctscreen predict {archives}/*.zip --weights {result.weights} -o my_results.xlsx")
+    print(demo_model_caveat(result.model_warnings))
     return EXIT_OK
 
 
@@ -87,3 +88,15 @@ def _baseline_line(metrics_json: Path) -> str:
         return f"shortcut baseline: not found in {metrics_json}"
     n = entry.get("n", "?")
     return f"on the {n} validation studies, {format_baseline(entry)}"
+
+
+def demo_model_caveat(model_warnings: tuple[str, ...]) -> str:
+    """The closing paragraph: the model card's warnings, and what real CT needs instead."""
+    lines = [f"Warning: {w}." for w in model_warnings]
+    lines.append(
+        "This model is the only one ctscreen ships with, and it is for trying the tool out: "
+        "to screen real chest CT you need a checkpoint trained on real labelled CT, either "
+        "your own (README: 'Training on real CT') or one from elsewhere (ctscreen info FILE "
+        "shows what it is)."
+    )
+    return "\n".join(lines)

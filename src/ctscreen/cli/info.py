@@ -20,7 +20,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "threshold and how it was chosen, classes, validation metrics with 95% "
             "confidence intervals, training data, version and the file's SHA-256. "
             "Checkpoints of the original implementation are shown with the defaults "
-            "ctscreen assumes for them."
+            "ctscreen assumes for them. The checkpoint is loaded with PyTorch, which "
+            "takes a few seconds and about 1 GB of memory."
         ),
     )
     p.add_argument("weights", type=Path, metavar="WEIGHTS", help="checkpoint file (.pth)")

@@ -22,12 +22,19 @@ def add_parser(subparsers: Any) -> None:
         "predict",
         help="score CT studies in zip archives or folders and write the result table",
         description=(
-            "Score every chest CT study found in the inputs (zip archives, folders or "
-            "files, any nesting) and write one row per study. Exit code 0: every study "
-            "succeeded; 1: some rows are Failure; 2: the run could not start."
+            "Score every chest CT study found in the inputs (zip archives, folders, single "
+            "DICOM files, any nesting, and .nii/.nii.gz volumes, one study each) and write "
+            "one row per study. Exit code 0: every study succeeded; 1: some rows are "
+            "Failure; 2: the run could not start."
         ),
     )
-    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="zip archive or folder")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="INPUT",
+        help="zip archive, folder, DICOM file or NIfTI file (.nii, .nii.gz)",
+    )
     p.add_argument(
         "--weights",
         "-w",
@@ -111,7 +118,7 @@ def add_parser(subparsers: Any) -> None:
         help="with --engine ray: scoring workers, one model each (default: one per GPU of "
         "the cluster, else one per two CPUs)",
     )
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, check_arguments=check_engine_arguments)
 
 
 def check_engine_arguments(args: argparse.Namespace) -> None:

@@ -310,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..service.app import create_app
+    from .console import echo
 
     app = create_app(settings)
     worker = app.state.worker
@@ -328,12 +329,10 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         worker.stop()
         raise
-    log.warning(
-        "ctscreen serve on http://%s:%d (data in %s, token %s)",
-        args.host,
-        args.port,
-        settings.data_dir,
-        "required" if settings.token else "off: loopback only",
+    # A line for the person who started it, not a warning: printed at every log level.
+    echo(
+        f"ctscreen serve on http://{args.host}:{args.port} (data in {settings.data_dir}, "
+        f"token {'required' if settings.token else 'off: loopback only'})"
     )
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())

@@ -173,6 +173,19 @@ class Study:
     location: str
     series: tuple[Series, ...]
     warnings: tuple[str, ...] = ()
+    location_root: str = ""
+
+    def location_of(self, series: Sequence[Series]) -> str:
+        """The deepest folder that holds every file of ``series`` (the task's
+        ``path_to_study`` of a row scored from them), shown under the input's path.
+
+        :attr:`location` is the same for all the study's series; a row names the folder
+        of the series it was scored from, so that a CT in ``study/ct`` beside an
+        RTSTRUCT in ``study/rtstruct`` is found at ``study/ct``.
+        """
+        if not series or not self.location_root:
+            return self.location
+        return folder_location(self.location_root, [h.folder for s in series for h in s.instances])
 
 
 @dataclass(frozen=True)
@@ -667,7 +680,8 @@ def group_headers(headers: Sequence[InstanceHeader], *, location_root: str) -> t
         location_root: the display path of the input (archive or folder).
 
     Returns:
-        Studies sorted by key; each study's series sorted by key.
+        Studies in the order of their first file in the input; each study's series
+        sorted by key.
     """
     by_study: dict[str, list[InstanceHeader]] = defaultdict(list)
     study_notes: dict[str, list[str]] = defaultdict(list)
@@ -712,19 +726,27 @@ def group_headers(headers: Sequence[InstanceHeader], *, location_root: str) -> t
             )
             for sk in sorted(by_series)
         )
-        folders = [h.folder for h in members]
-        common = os.path.commonpath(folders) if all(folders) else ""
-        location = location_root if not common else f"{location_root}/{common}"
         studies.append(
             Study(
                 study_uid=members[0].study_uid,
                 key=key,
-                location=location,
+                location=folder_location(location_root, [h.folder for h in members]),
                 series=series,
                 warnings=tuple(notes),
+                location_root=location_root,
             )
         )
-    return tuple(studies)
+    # In the order their files come in the input (walked in sorted order), as a person
+    # reading the folder tree meets them; the key only breaks ties.
+    first_file = {key: min(h.display_path for h in by_study[key]) for key in by_study}
+    return tuple(sorted(studies, key=lambda study: (first_file[study.key], study.key)))
+
+
+def folder_location(location_root: str, folders: Sequence[str]) -> str:
+    """``location_root`` and the deepest folder (relative to the input) holding all of
+    ``folders``: the root itself when they have none in common."""
+    common = os.path.commonpath(folders) if folders and all(folders) else ""
+    return location_root if not common else f"{location_root}/{common}"
 
 
 # --------------------------------------------------------------------------- inputs

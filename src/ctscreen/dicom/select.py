@@ -20,6 +20,7 @@ instances, then (e) the SeriesInstanceUID as a stable tie-break.
 from __future__ import annotations
 
 import math
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -203,7 +204,7 @@ def select_series(series: Sequence[Series], config: SelectionConfig | None = Non
     rejected = tuple(c for c in candidates if c.rejection is not None)
     if not eligible:
         details = "; ".join(f"{c.describe()}: {c.rejection}" for c in rejected)
-        where = _folder_of(rejected[0].series) if rejected else ""
+        where = _folder_of([c.series for c in rejected])
         raise SeriesSelectionError(
             f"no axial CT image series with at least {config.min_slices} slices was found"
             f"{' in ' + where if where else ''} ({details}); check that the export holds the "
@@ -214,10 +215,15 @@ def select_series(series: Sequence[Series], config: SelectionConfig | None = Non
     return Selection(chosen=ranked, reason=_reason(ranked), rejected=rejected)
 
 
-def _folder_of(series: Series) -> str:
-    """The folder (display path) that holds the first file of ``series``."""
-    shown = series.first.display_path
-    return shown.rsplit("/", 1)[0] if "/" in shown else shown
+def _folder_of(series: Sequence[Series]) -> str:
+    """The deepest folder (display path) holding every file of ``series``: a study's
+    CT in ``study/ct`` and its RTSTRUCT in ``study/rtstruct`` are in ``study``."""
+    folders = [
+        shown.rsplit("/", 1)[0] if "/" in shown else shown
+        for s in series
+        for shown in (h.display_path for h in s.instances)
+    ]
+    return posixpath.commonpath(folders) if folders else ""
 
 
 def _reason(ranked: tuple[Candidate, ...]) -> str:
