@@ -28,6 +28,21 @@ SMALL_ORIGIN = (-157.5, -170.0, -320.0)
 SUITE_DISK_BYTES = 4 << 30
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After a run in which every test passed, remove the run's temporary root.
+
+    ``tmp_path_retention_policy = "failed"`` removes a passing test's ``tmp_path``, but
+    not the folders of session fixtures (``tmp_path_factory.mktemp``: the tiny
+    checkpoint with its OpenVINO export, the DDP run), about 1 GB in all. A failed run
+    keeps everything for inspection.
+    """
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if exitstatus != 0 or factory is None or getattr(factory, "_basetemp", None) is None:
+        return
+    shutil.rmtree(factory.getbasetemp(), ignore_errors=True)
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int) -> None:
     """After a failed or short-of-space run, the free space where the tests write: a full
     disk shows up as errors in fixtures (a DICOM or checkpoint write refused) that do not

@@ -121,11 +121,17 @@ def _torchrun(
         launch += nodes.split()
     else:
         launch += ["--nproc_per_node", "2", "--master_port", str(_free_port())]
+    env = dict(env or {})
+    if "TMPDIR" not in env:
+        # torchrun leaves a torchelastic_* folder in the temporary directory: keep it in
+        # cwd (a test's folder, removed with it) rather than in /tmp.
+        env["TMPDIR"] = str(cwd / ".tmp")
+        Path(env["TMPDIR"]).mkdir(exist_ok=True)
     base = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [*launch, *args],
         cwd=cwd,
-        env={**base, **(env or {})},
+        env={**base, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
