@@ -170,7 +170,11 @@ def start_node(
         except requests.RequestException:
             return False
 
-    wait_for(ready, timeout=180, interval=0.5)
+    try:
+        wait_for(ready, timeout=180, interval=0.5)
+    except BaseException:
+        stop_process(server)  # a server that never became ready is not left running
+        raise
     return server
 
 

@@ -112,7 +112,8 @@ def check_cheap_arguments(args: argparse.Namespace) -> None:
 
     Raises:
         ConfigError: ``--device`` names no device ctscreen knows.
-        WeightsError: the command's weight file is missing, empty or not a torch file.
+        WeightsError: the command's weight file is missing, empty or not a torch file
+            (an exported bundle folder is let through: loading checks it).
     """
     from ..hardware import check_device_name
     from ..torchfile import check_torch_file
@@ -126,7 +127,10 @@ def check_cheap_arguments(args: argparse.Namespace) -> None:
         check_device_name(device)
     weights = getattr(args, "weights", None)
     if isinstance(weights, Path):
-        check_torch_file(weights)
+        from ..bundle import is_bundle
+
+        if not is_bundle(weights):  # a bundle from `ctscreen export` is checked on loading
+            check_torch_file(weights)
 
 
 def _set_up_logging(level: str) -> None:
