@@ -294,26 +294,57 @@ def build_sr(
             )
         else:
             log.warning("%s: no frame of reference or source images; box left out", result.location)
+    return _report_sr(
+        groups,
+        algorithm,
+        headers,
+        observer=observer,
+        complete=True,
+        description=SR_SERIES_DESCRIPTION,
+        comments=(RESEARCH_NOTE, *result.warnings, *study.warnings),
+        series_uid=series_uid,
+        instance_number=instance_number,
+        previous=previous,
+    )
+
+
+def _report_sr(
+    groups: Sequence[Any],
+    algorithm: Algorithm,
+    evidence: Sequence[Dataset],
+    *,
+    complete: bool,
+    description: str,
+    comments: Sequence[str],
+    observer: hd.sr.ObserverContext | None = None,
+    series_uid: str | None = None,
+    instance_number: int = 1,
+    previous: Sequence[Dataset] = (),
+) -> Dataset:
+    """The Comprehensive 3D SR (TID 1500) holding ``groups``, with the comments, the
+    predecessors and the character set every ctscreen report gets."""
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=observer or _observer(algorithm)
+        ),
         procedure_reported=CT_CHEST,
-        imaging_measurements=groups,
+        imaging_measurements=list(groups),
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=headers,
+        evidence=list(evidence),
         content=report[0],
         series_instance_uid=series_uid or hd.UID(),
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=hd.UID(),
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
-        is_complete=True,
+        is_complete=complete,
         is_final=False,
         is_verified=False,
-        series_description=SR_SERIES_DESCRIPTION,
+        series_description=description,
         previous_versions=list(previous) or None,
     )
-    _add_comments(sr, (RESEARCH_NOTE, *result.warnings, *study.warnings))
+    _add_comments(sr, comments)
     fit_character_set(sr)
     return sr
 
@@ -348,30 +379,16 @@ def build_not_screened_sr(
         finding_sites=[hd.sr.FindingSite(codes.SCT.Chest)],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(FINDING, NOT_SCREENED)],
     )
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=_observer(algorithm)),
-        procedure_reported=CT_CHEST,
-        imaging_measurements=[group],
+    return _report_sr(
+        [group],
+        algorithm,
+        evidence_datasets(header),
+        complete=False,
+        description=NOT_SCREENED_DESCRIPTION,
+        comments=(f"{NOT_SCREENED_NOTE}: {reason}", RESEARCH_NOTE, *warnings, *header.warnings),
+        series_uid=series_uid,
+        previous=previous,
     )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence_datasets(header),
-        content=report[0],
-        series_instance_uid=series_uid or hd.UID(),
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=False,
-        is_final=False,
-        is_verified=False,
-        series_description=NOT_SCREENED_DESCRIPTION,
-        previous_versions=list(previous) or None,
-    )
-    _add_comments(
-        sr, (f"{NOT_SCREENED_NOTE}: {reason}", RESEARCH_NOTE, *warnings, *header.warnings)
-    )
-    fit_character_set(sr)
-    return sr
 
 
 def _add_comments(sr: Dataset, texts: Sequence[str]) -> None:
