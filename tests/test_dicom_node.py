@@ -118,6 +118,8 @@ def results_in(pacs: Orthanc, study_uid: str) -> dict[str, list]:
     """The SR and SC instances Orthanc holds for the study (empty lists until they come)."""
     found: dict[str, list] = {"SR": [], "SC": []}
     for series in pacs.series_of_study(study_uid):
+        if series.get("MainDicomTags", {}).get("Modality") == "CT":
+            continue  # the study's own images: not downloaded on every poll
         datasets = pacs.instances(series)
         for ds in datasets:
             if ds.SOPClassUID == SR_CLASS:
