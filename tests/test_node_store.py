@@ -143,3 +143,21 @@ def test_a_study_whose_child_died_gets_a_not_screened_sr_and_a_failed_item(
     (listed,) = node.studies()
     assert listed["reason"] == why and listed["failed"] == 1 and listed["sent"] == 1
     jobs.close()
+
+
+def test_a_lone_iso_2022_character_set_still_gets_a_not_screened_sr(make_series) -> None:
+    """Found with a real file sent through Orthanc: SpecificCharacterSet 'ISO 2022 IR 100'
+    alone made pydicom refuse to write the answer."""
+    from ctscreen.outputs.dicom import Algorithm, build_not_screened_sr
+
+    paths, _ = make_series(seed=5)
+    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    ds.SpecificCharacterSet = "ISO 2022 IR 100"
+    header = read_study_header(ds).with_instances(
+        str(ds.SeriesInstanceUID), ((str(ds.SOPClassUID), str(ds.SOPInstanceUID), 1),)
+    )
+    assert header.character_set == "ISO_IR 100"
+    sr = build_not_screened_sr(header, "a reason", Algorithm())
+    out = paths[0].parent / "sr.dcm"
+    sr.save_as(out, enforce_file_format=True)
+    assert not read_sr(pydicom.dcmread(out)).screened

@@ -146,6 +146,18 @@ def _charset(ds: Dataset) -> str:
     return _plain_text(value)
 
 
+def single_set(charset: str) -> str:
+    """A lone ISO 2022 term as the plain set it names (``ISO 2022 IR 6`` -> "",
+    ``ISO 2022 IR 144`` -> ``ISO_IR 144``): code extensions with a single set are
+    refused by pydicom's writer, so such a header (seen in real exports) could not be
+    answered otherwise."""
+    terms = [t.strip() for t in charset.split("\\")]
+    if len(terms) == 1 and terms[0].startswith("ISO 2022 IR "):
+        number = terms[0].removeprefix("ISO 2022 IR ").strip()
+        return "" if number == "6" else f"ISO_IR {number}"
+    return charset
+
+
 def _known_charset(charset: str) -> bool:
     return all(
         term.strip() in python_encoding or term.strip() == "" for term in charset.split("\\")
@@ -276,7 +288,7 @@ def read_study_header(ds: Dataset) -> StudyHeader:
             f"StudyInstanceUID {study_uid!r} breaks the UID rules; it is kept so that the "
             "results join the study, but a strict PACS may refuse them"
         )
-    charset = _charset(ds)
+    charset = single_set(_charset(ds))
     if charset and not _known_charset(charset):
         warnings.append(
             f"SpecificCharacterSet {charset!r} is unknown; results are written in UTF-8"
