@@ -87,19 +87,12 @@ def no_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------- torch
 
 
-def test_torch_fp32_matches_the_model_and_bf16_stays_close(
-    model: nn.Module, batch: np.ndarray
-) -> None:
+def test_torch_fp32_matches_the_model(model: nn.Module, batch: np.ndarray) -> None:
     ref_logits, ref_cam = _reference(model, batch)
     logits32, cam32 = TorchBackend(model, CPU, "fp32").run(batch)
-    logits16, cam16 = TorchBackend(model, CPU, "bf16").run(batch)
     assert logits32.shape == (3,) and cam32.shape == (3, 2, 2, 2)
     np.testing.assert_allclose(logits32, ref_logits, atol=1e-4)
     np.testing.assert_allclose(cam32, ref_cam, atol=1e-4)
-    assert np.abs(logits16 - ref_logits).max() < 0.05
-    assert np.abs(cam16 - ref_cam).max() < 0.05 * np.abs(ref_cam).max() + 0.05
-    # the inputs differ enough for the logits to differ: the check above is not vacuous
-    assert np.ptp(ref_logits) > 10 * np.abs(logits16 - ref_logits).max()
 
 
 def test_torch_refuses_fp16_on_the_cpu(model: nn.Module) -> None:
@@ -144,6 +137,8 @@ def test_every_backend_keeps_the_cam_decomposition(
     np.testing.assert_allclose(cam.mean(axis=(1, 2, 3)) + bias, logits, atol=1e-5)
     np.testing.assert_allclose(logits, ref_logits, atol=tolerance)
     np.testing.assert_allclose(cam, ref_cam, atol=tolerance * max(1.0, np.abs(ref_cam).max()))
+    # the inputs differ enough for the logits to differ: the checks above are not vacuous
+    assert np.ptp(ref_logits) > 10 * np.abs(logits - ref_logits).max()
 
 
 # --------------------------------------------------------------------------- openvino cache
