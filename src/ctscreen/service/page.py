@@ -56,6 +56,10 @@ TEXT: dict[str, dict[str, str]] = {
     "done": {"en": "done", "ru": "готово"},
     "failed": {"en": "failed", "ru": "сбой"},
     "timeout": {"en": "timed out", "ru": "превышено время"},
+    "expired": {
+        "en": "results removed: kept for the period this server keeps them",
+        "ru": "результаты удалены: истёк срок их хранения на этом сервере",
+    },
     "all_results": {"en": "All results", "ru": "Все результаты"},
     "token": {"en": "Access token", "ru": "Токен доступа"},
     "sign_in": {"en": "Sign in", "ru": "Войти"},
@@ -246,7 +250,9 @@ def jobs_fragment(
             f"{_e(counted('studies', job.rows_done, lang))}"
         )
         message = f'<div class="error">{_e(job.message)}</div>' if job.message else ""
-        actions = _downloads(job, lang) if job.final else ""
+        if job.expired is not None:
+            message += f'<div class="muted">{_e(t("expired", lang))}</div>'
+        actions = _downloads(job, lang) if job.final and job.expired is None else ""
         delete = (
             f'<button type="button" class="delete" data-job="{_e(job.id)}">'
             f"{_e(t('delete', lang))}</button>"

@@ -153,6 +153,7 @@ class Outbox:
         calling_ae: our AE title when sending.
         retry_base, retry_max: backoff (seconds).
         poll: seconds between rounds.
+        on_sent: called with the job id, the destination and how many files it took.
     """
 
     def __init__(
@@ -166,7 +167,9 @@ class Outbox:
         retry_base: float = 10.0,
         retry_max: float = 300.0,
         poll: float = 0.5,
+        on_sent: Callable[[str, str, int], None] = lambda job_id, where, n: None,
     ) -> None:
+        self.on_sent = on_sent
         self.node_store = node_store
         self.job_store = job_store
         self.answer = answer
@@ -287,3 +290,4 @@ class Outbox:
                 )
                 log.warning("job %s: %s refused %s (0x%04X)", job_id, where, item.path, status)
         log.info("job %s: results sent to %s", job_id, where)
+        self.on_sent(job_id, where, sum(status in _STORED for status in statuses))
