@@ -136,6 +136,8 @@ def test_a_refusal_says_which_role_is_needed_and_a_wrong_token_gets_401(
     wrong = client.get("/api/v1/jobs", headers={"Authorization": "Bearer viewer-token"})
     assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
     assert client.get("/static/app.js").status_code == 200  # static files need no token
+    operator_page = client.get("/", headers={"Authorization": f"Bearer {TOKENS[OPERATOR]}"})
+    assert 'id="upload"' in operator_page.text
 
 
 def test_a_viewer_signs_in_on_the_page_and_stays_a_viewer(client: TestClient) -> None:
@@ -145,7 +147,9 @@ def test_a_viewer_signs_in_on_the_page_and_stays_a_viewer(client: TestClient) ->
     assert cookie.startswith("viewer-user:") and TOKENS[VIEWER] not in cookie
     client.cookies.set("ctscreen_session", cookie)
     try:
-        assert client.get("/").status_code == 200
+        page = client.get("/?lang=en")
+        assert page.status_code == 200 and 'id="upload"' not in page.text
+        assert "signed in as a viewer" in page.text  # results, no upload form
         assert client.get("/ui/jobs").status_code == 200
         assert client.delete(f"/api/v1/jobs/{'A' * 22}").status_code == 403
         client.cookies.set("ctscreen_session", "admin:" + "0" * 64)  # forged

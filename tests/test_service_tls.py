@@ -223,6 +223,7 @@ def test_a_dicom_tls_association_scores_a_study_and_a_plain_one_is_refused(
     site: dict, sent: dict
 ) -> None:
     assert sent["status"] == "done"
+    assert len(sent["inputs"][0]["sha256"]) == 64  # kept after the instances are removed
     (row,) = sent["rows"]
     assert row["processing_status"] == "Success"
     plain = _associate(site, None)

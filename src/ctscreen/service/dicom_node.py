@@ -44,7 +44,7 @@ from typing import Any
 from pynetdicom import evt
 
 from ..errors import ConfigError
-from ..fileio import write_bytes_atomic
+from ..fileio import file_sha256, write_bytes_atomic
 from ..outputs.dicom import NodeJob
 from .audit import ASSOCIATION, ASSOCIATION_REFUSED, RESULTS_SENT, STUDY_RECEIVED, AuditTrail
 from .node_ae import ACCEPTED_SOP_CLASSES, node_ae, server_tls
@@ -411,7 +411,10 @@ class DicomNode:
             self.jobs.job_dir(job_id)
         )
         name = f"DICOM study {study.study_uid} from {study.calling_ae}"
-        self.jobs.add_job(job_id, [InputFile(0, name, stored_name(0), size)], mode="study")
+        # the study's hash: that of its sha256sum manifest (kept after the files are removed)
+        manifest = "".join(f"{file_sha256(p)}  {p.name}\n" for p in sorted(target.glob("*.dcm")))
+        digest = hashlib.sha256(manifest.encode()).hexdigest()
+        self.jobs.add_job(job_id, [InputFile(0, name, stored_name(0), size, digest)], mode="study")
         self.node_store.to_job(study, job_id)
         shutil.rmtree(source, ignore_errors=True)
         log.info(

@@ -8,7 +8,7 @@ from fastapi.responses import HTMLResponse, Response
 from .. import page
 from ..audit import LOGIN
 from ..context import Context, ServiceContext
-from ..roles import PUBLIC, SESSION_COOKIE, VIEWER, TokenTable, require
+from ..roles import ADMIN, OPERATOR, PUBLIC, SESSION_COOKIE, VIEWER, TokenTable, require
 
 router = APIRouter()
 
@@ -16,7 +16,8 @@ router = APIRouter()
 def _jobs(ctx: ServiceContext, lang: str) -> str:
     jobs = ctx.store.list_jobs(limit=50)
     rows = {job.id: ctx.store.rows(job.id) for job in jobs if job.rows_done}
-    return page.jobs_fragment(jobs, rows, threshold=ctx.threshold(), lang=lang)
+    admin = ctx.principal is not None and ctx.principal.may(ADMIN)
+    return page.jobs_fragment(jobs, rows, threshold=ctx.threshold(), lang=lang, can_delete=admin)
 
 
 def _dicom(ctx: ServiceContext, lang: str) -> str | None:
@@ -31,7 +32,11 @@ def index(request: Request, ctx: Context) -> HTMLResponse:
     else:
         response = HTMLResponse(
             page.main_page(
-                _jobs(ctx, lang), lang=lang, run_info=ctx.run_info(), dicom=_dicom(ctx, lang)
+                _jobs(ctx, lang),
+                lang=lang,
+                run_info=ctx.run_info(),
+                dicom=_dicom(ctx, lang),
+                can_upload=ctx.principal.may(OPERATOR),
             )
         )
     if request.query_params.get("lang") in page.LANGUAGES:
