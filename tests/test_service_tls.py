@@ -1,7 +1,8 @@
 """``ctscreen serve`` over TLS, as a site runs it: HTTPS with a self-signed certificate
 (upload and result work, plain HTTP is refused), the DICOM node over TLS with a client
-certificate (a study sent over TLS is scored, a plain association is refused), the audit
-trail of it all, and no PatientName or PatientID in any line of the server's log."""
+certificate (a study sent over TLS is scored and its SR comes back over TLS, after which
+its instances are removed; a plain association is refused), the audit trail of it all,
+and no PatientName or PatientID in any line of the server's log."""
 
 from __future__ import annotations
 
@@ -25,8 +26,12 @@ import pydicom  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
-from pynetdicom import AE  # noqa: E402
-from pynetdicom.sop_class import CTImageStorage, Verification  # noqa: E402
+from pynetdicom import AE, AllStoragePresentationContexts, evt  # noqa: E402
+from pynetdicom.sop_class import (  # noqa: E402
+    Comprehensive3DSRStorage,
+    CTImageStorage,
+    Verification,
+)
 
 from ctscreen.synth.dicom_writer import uid_from, write_series  # noqa: E402
 from ctscreen.synth.phantom import make_phantom  # noqa: E402
@@ -99,6 +104,28 @@ def _named_study(folder: Path) -> list[Path]:
     return paths
 
 
+def _results_scp(port: int, cert: Path, key: Path, ca: Path) -> tuple[object, list]:
+    """The calling AE's own storage SCP, TLS only, taking the node's answers."""
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
+    tls.load_cert_chain(cert, key)
+    tls.verify_mode = ssl.CERT_REQUIRED  # the node shows its certificate when sending
+    received: list = []
+
+    def on_store(event: object) -> int:
+        received.append(str(event.dataset.SOPClassUID))  # type: ignore[attr-defined]
+        return 0
+
+    ae = AE(ae_title=SCU_AET)
+    ae.supported_contexts = AllStoragePresentationContexts
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        ssl_context=tls,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    return server, received
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("tls")
@@ -110,14 +137,16 @@ def site(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Ite
     with zipfile.ZipFile(archive, "w") as zf:
         for path in paths:
             zf.write(path, f"study/{path.name}")
-    http_port, dicom_port = free_port(), free_port()
+    http_port, dicom_port, scp_port = free_port(), free_port(), free_port()
+    scp, received = _results_scp(scp_port, server_cert, server_key, ca_cert)
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("CTSCREEN_TOKEN", None)
     command = [sys.executable, "-m", "ctscreen", "--log-level", "DEBUG", "serve"]
     command += ["-w", str(tiny_checkpoint), "--data", str(root / "data")]
     command += ["--port", str(http_port), "--token", TOKEN, "--precision", "fp32"]
     command += ["--backend", "torch", "--tls-cert", str(server_cert), "--tls-key", str(server_key)]
-    command += ["--dicom-port", str(dicom_port), "--ae-title", NODE_AET, "--allow-ae", SCU_AET]
+    command += ["--dicom-port", str(dicom_port), "--ae-title", NODE_AET, "--send-tls"]
+    command += ["--allow-ae", f"{SCU_AET}@127.0.0.1:{scp_port}"]
     command += ["--stable-seconds", "1", "--dicom-tls-cert", str(server_cert)]
     command += ["--dicom-tls-key", str(server_key), "--dicom-tls-ca", str(ca_cert)]
     log_file = root / "serve.log"
@@ -149,8 +178,10 @@ def site(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Ite
             "ca": ca_cert,
             "log": log_file,
             "data": root / "data",
+            "received": received,
         }
     finally:
+        scp.shutdown()
         https.close()
         server.terminate()
         try:
@@ -232,10 +263,28 @@ def test_a_dicom_tls_association_scores_a_study_and_a_plain_one_is_refused(
     assert not _associate(site, anonymous).is_established
 
 
+def test_the_answer_goes_back_over_tls_and_then_the_instances_are_removed(
+    site: dict, sent: dict
+) -> None:
+    wait_for(lambda: str(Comprehensive3DSRStorage) in site["received"], timeout=60)
+    https = site["https"]
+    job = wait_for(
+        lambda: (j := https.get(f"/api/v1/jobs/{sent['id']}").json())["uploads_removed"] and j,
+        timeout=30,
+    )
+    assert not (site["data"] / "jobs" / sent["id"] / "uploads").exists()
+    assert https.get(f"/api/v1/jobs/{job['id']}/result.csv").status_code == 200
+
+
 def test_the_audit_trail_lists_the_https_and_dicom_actions(
     site: dict, uploaded: dict, sent: dict
 ) -> None:
-    entries = site["https"].get("/api/v1/audit").json()["entries"]
+    def trail() -> list[dict] | None:
+        entries = site["https"].get("/api/v1/audit").json()["entries"]
+        done = {(e["action"], e["job_id"]) for e in entries}
+        return entries if ("uploads-removed", sent["id"]) in done else None
+
+    entries = wait_for(trail, timeout=90)  # the node's instances go once answered
     seen = {(e["action"], e["actor"], e["job_id"]) for e in entries}
     assert ("upload", "admin", uploaded["id"]) in seen
     assert ("download", "admin", uploaded["id"]) in seen
@@ -245,6 +294,11 @@ def test_the_audit_trail_lists_the_https_and_dicom_actions(
     assert all(e["detail"] == "accepted over TLS" for e in accepted)
     received = [e for e in entries if e["action"] == "dicom-study-received"]
     assert [e["study_uid"] for e in received] == [sent["rows"][0]["study_uid"]]
+    answered = [e for e in entries if e["action"] == "dicom-results-sent"]
+    assert [(e["job_id"], e["detail"].endswith("over TLS")) for e in answered] == [
+        (sent["id"], True)
+    ]
+    assert ("uploads-removed", "ctscreen", sent["id"]) in seen
 
 
 def test_no_log_line_holds_the_patient_name_or_id(site: dict, uploaded: dict, sent: dict) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import EXIT_OK
+from .serve_tls import check_tls_files
 from .types import add_runtime_arguments, duration, positive_float, positive_int, probability
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ ENVIRONMENT: tuple[tuple[str, str, Callable[[str], Any], Any], ...] = (
     ("dicom_tls_cert", "CTSCREEN_DICOM_TLS_CERT", Path, None),
     ("dicom_tls_key", "CTSCREEN_DICOM_TLS_KEY", Path, None),
     ("dicom_tls_ca", "CTSCREEN_DICOM_TLS_CA", Path, None),
+    ("send_tls", "CTSCREEN_SEND_TLS", lambda text: text.lower() in ("1", "true", "yes"), False),
     ("keep_uploads", "CTSCREEN_KEEP_UPLOADS", duration, 0.0),
     ("keep_results", "CTSCREEN_KEEP_RESULTS", duration, 30 * 86400.0),
 )
@@ -185,6 +187,14 @@ def add_parser(subparsers: Any) -> None:
         "($CTSCREEN_DICOM_TLS_CA)",
     )
     dicom.add_argument(
+        "--send-tls",
+        action="store_true",
+        default=None,
+        help="send the answers over TLS too, checking the destination's certificate against "
+        "--dicom-tls-ca (else the system's CAs), with --dicom-tls-cert as the client's "
+        "($CTSCREEN_SEND_TLS=1)",
+    )
+    dicom.add_argument(
         "--stable-seconds",
         type=positive_float,
         default=10.0,
@@ -238,28 +248,6 @@ def _importable(name: str) -> bool:
         return False
 
 
-def check_tls_files(args: argparse.Namespace) -> None:
-    """Certificates and keys come in pairs, and exist.
-
-    Raises:
-        ConfigError: one of a pair without the other, or a file that is not there.
-    """
-    from ..errors import ConfigError
-
-    pairs = (("--tls-cert", "--tls-key"), ("--dicom-tls-cert", "--dicom-tls-key"))
-    for cert, key in pairs:
-        given = [getattr(args, o[2:].replace("-", "_"), None) for o in (cert, key)]
-        if (given[0] is None) != (given[1] is None):
-            raise ConfigError(f"{cert} and {key} go together; give both or neither.")
-    if args.dicom_tls_ca is not None and args.dicom_tls_cert is None:
-        raise ConfigError("--dicom-tls-ca needs --dicom-tls-cert and --dicom-tls-key.")
-    for option in ("tls_cert", "tls_key", "dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca"):
-        path = getattr(args, option, None)
-        if path is not None and not path.is_file():
-            name = "--" + option.replace("_", "-")
-            raise ConfigError(f"{name} {path} is not a file; give the PEM file's path.")
-
-
 def check_before_loading(args: argparse.Namespace) -> None:
     """What can be checked before the model loads, so that a container with a missing
     weight file, extra or bad setting stops at once with one sentence.
@@ -303,7 +291,7 @@ def check_before_loading(args: argparse.Namespace) -> None:
 
 
 def node_from_args(
-    args: argparse.Namespace, data_dir: Path, wake: Any, run_info: Any = dict
+    args: argparse.Namespace, data_dir: Path, wake: Any, run_info: Any = dict, answered: Any = None
 ) -> Any:
     """The DICOM node the arguments ask for, or None without ``--dicom-port``.
 
@@ -338,8 +326,10 @@ def node_from_args(
         tls_cert=str(args.dicom_tls_cert or ""),
         tls_key=str(args.dicom_tls_key or ""),
         tls_ca=str(args.dicom_tls_ca or ""),
+        send_tls=bool(args.send_tls),
     )
-    return DicomNode(data_dir, settings, wake=wake, run_info=run_info)
+    answered = answered or (lambda job_id: None)
+    return DicomNode(data_dir, settings, wake=wake, run_info=run_info, answered=answered)
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -410,7 +400,11 @@ def run(args: argparse.Namespace) -> int:
         # instead of a server that answers but never scores.
         worker.wait_ready(settings.load_timeout)
         node = node_from_args(  # hook: the DICOM node
-            args, settings.data_dir, worker.wake, run_info=lambda: worker.run_info
+            args,
+            settings.data_dir,
+            worker.wake,
+            run_info=lambda: worker.run_info,
+            answered=app.state.retention.job_ended,
         )
         if node is not None:
             node.start()

@@ -47,7 +47,7 @@ from ..errors import ConfigError
 from ..fileio import file_sha256, write_bytes_atomic
 from ..outputs.dicom import NodeJob
 from .audit import ASSOCIATION, ASSOCIATION_REFUSED, RESULTS_SENT, STUDY_RECEIVED, AuditTrail
-from .node_ae import ACCEPTED_SOP_CLASSES, node_ae, server_tls
+from .node_ae import ACCEPTED_SOP_CLASSES, client_tls, node_ae, server_tls
 from .node_answers import (
     earlier_reports,
     header_from_json,
@@ -92,6 +92,7 @@ class DicomNode:
         wake: Callable[[], None] = lambda: None,
         run_info: Callable[[], dict[str, Any]] = dict,
         poll: float = 0.5,
+        answered: Callable[[str], None] = lambda job_id: None,
     ) -> None:
         self.settings = settings
         self.data_dir = Path(data_dir)
@@ -112,15 +113,10 @@ class DicomNode:
             calling_ae=settings.ae_title,
             retry_base=settings.retry_base,
             retry_max=settings.retry_max,
-            on_sent=lambda job_id, where, n: self.audit.record(
-                RESULTS_SENT,
-                actor=settings.ae_title,
-                role="dicom",
-                job_id=job_id,
-                address=where,
-                detail=f"{n} file(s) stored",
-            ),
+            on_sent=self._sent,
+            tls=client_tls(settings),
         )
+        self.answered = answered
         self._server: Any = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -323,6 +319,18 @@ class DicomNode:
             address=f"{requestor.address}:{requestor.port}",
             **values,
         )
+
+    def _sent(self, job_id: str, where: str, stored: int) -> None:
+        tls = " over TLS" if self.settings.send_tls else ""
+        self.audit.record(
+            RESULTS_SENT,
+            actor=self.settings.ae_title,
+            role="dicom",
+            job_id=job_id,
+            address=where,
+            detail=f"{stored} file(s) stored{tls}",
+        )
+        self.answered(job_id)  # the retention sweep: its instances may go now
 
     def _on_accepted(self, event: Any) -> None:
         tls = " over TLS" if self.settings.tls_cert else ""

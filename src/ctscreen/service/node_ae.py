@@ -88,3 +88,24 @@ def server_tls(settings: NodeSettings) -> ssl.SSLContext | None:
             "--dicom-tls-key and --dicom-tls-ca (PEM files)."
         ) from exc
     return context
+
+
+def client_tls(settings: NodeSettings) -> ssl.SSLContext | None:
+    """The TLS context the outbox sends with (None: plain DICOM, without ``send_tls``).
+
+    Raises:
+        ConfigError: a certificate, key or CA file that cannot be loaded.
+    """
+    if not settings.send_tls:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=settings.tls_ca or None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if settings.tls_cert:
+            context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot load the DICOM TLS files for sending ({exc}); check --dicom-tls-cert, "
+            "--dicom-tls-key and --dicom-tls-ca (PEM files)."
+        ) from exc
+    return context

@@ -28,6 +28,8 @@ class NodeSettings:
             DICOM port speaks TLS only and refuses plain associations.
         tls_ca: the CA (PEM) whose certificates callers must present (mutual TLS);
             "" for none.
+        send_tls: send the answers over TLS too (the destination's certificate checked
+            against ``tls_ca``, else the system's CAs; ``tls_cert`` as the client's).
     """
 
     port: int
@@ -42,6 +44,7 @@ class NodeSettings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    send_tls: bool = False
 
     def route(self, calling_ae: str) -> Route:
         """Where the answer to a study sent by ``calling_ae`` goes."""
