@@ -40,9 +40,10 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 VOLUME ["/data"]
 EXPOSE 8000 11112
-# Ready = model loaded, worker alive, store writable.
+# Ready = model loaded, worker alive, store writable. Over HTTPS when CTSCREEN_TLS_CERT is
+# set (its own address: the certificate's name is not checked).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('CTSCREEN_PORT', '8000'), timeout=4)"]
+    CMD ["python", "-c", "import os, ssl, urllib.request; tls = bool(os.environ.get('CTSCREEN_TLS_CERT')); c = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE; urllib.request.urlopen('%s://127.0.0.1:%s/readyz' % ('https' if tls else 'http', os.environ.get('CTSCREEN_PORT', '8000')), timeout=4, context=c if tls else None)"]
 # The weights, the DICOM node and the addresses come from the CTSCREEN_* variables above.
 # A missing weight file, extra or bad setting ends it at once with one sentence, code 2.
 ENTRYPOINT ["ctscreen"]

@@ -143,6 +143,7 @@ def start_node(
     retry_seconds: float = 1.0,
     log_file: Path,
     allow_ae: Sequence[str] = (ORTHANC_AET, "TESTSCU"),
+    extra: Sequence[str] = (),
 ) -> subprocess.Popen:
     """``ctscreen serve`` with the DICOM node, as a site would run it (threshold 0: every
     study is called pathological, so that the tiny random model draws a box)."""
@@ -158,6 +159,7 @@ def start_node(
         command += ["--allow-ae", peer]
     if send_to:
         command += ["--send-to", send_to]
+    command += list(extra)
     log = log_file.open("ab")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{http_port}"

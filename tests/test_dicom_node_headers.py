@@ -326,6 +326,8 @@ def sent(
         stable_seconds=2.0,
         log_file=root / "serve.log",
         allow_ae=(f"{SCU}@127.0.0.1:{scp.port}", "TESTSCU"),  # TESTSCU: the ready check
+        # a late series is scored with the earlier ones only while their instances are kept
+        extra=("--keep-uploads", "1h"),
     )
     try:
         for name, study in studies.items():

@@ -236,10 +236,12 @@ def test_client_file_names_never_become_paths(client: TestClient, files: dict[st
     answer = _upload(client, files["good"], names=["../../../escape.zip"])
     job_id = answer.json()["id"]
     job = _finished(client, job_id)
-    assert job["inputs"] == [{"name": "escape.zip", "size": files["good"].stat().st_size}]
+    (stored,) = job["inputs"]
+    assert (stored["name"], stored["size"]) == ("escape.zip", files["good"].stat().st_size)
     assert job["rows"][0]["path_to_study"] == "escape.zip/norma_anon"
-    stored = sorted(p.name for p in (store.job_dir(job_id) / "uploads").iterdir())
-    assert stored == ["0000.upload"]
+    # stored as 0000.upload while scored, removed once scored (--keep-uploads 0)
+    assert store.get(job_id).inputs[0].stored == "0000.upload"
+    wait_for(lambda: not (store.job_dir(job_id) / "uploads").exists(), timeout=10)
     assert not list(store.data_dir.parent.rglob("escape.zip"))
     for bad in ("../x", "nope", "%2e%2e"):
         assert client.get(f"/api/v1/jobs/{bad}", headers=AUTH).status_code == 404

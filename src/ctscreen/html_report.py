@@ -601,7 +601,8 @@ class ReportWriter:
                 "free some disk space or choose another --report folder."
             ) from exc
         self._bytes += sum(len(data) for data in pictures.values())
-        log.debug("rendered report pictures for %s", result.location)
+        # by UID: a location may be a folder named after the patient
+        log.debug("rendered report pictures for study %s", result.study_uid or "(no UID)")
         spacing = (float(volume.spacing[1]), float(volume.spacing[2]))
         return _Pictures(f"{stem}-curve.png", strip_name, keys, tuple(native), flat, spacing)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from . import EXIT_OK
-from .types import add_runtime_arguments, positive_float, positive_int, probability
+from .serve_tls import check_tls_files
+from .types import add_runtime_arguments, duration, positive_float, positive_int, probability
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,15 @@ ENVIRONMENT: tuple[tuple[str, str, Callable[[str], Any], Any], ...] = (
     ("dicom_port", "CTSCREEN_DICOM_PORT", positive_int, None),
     ("ae_title", "CTSCREEN_AE_TITLE", str, "CTSCREEN"),
     ("send_to", "CTSCREEN_SEND_TO", lambda text: [d for d in re.split(r"[,\s]+", text) if d], []),
+    ("tokens", "CTSCREEN_TOKENS", Path, None),
+    ("tls_cert", "CTSCREEN_TLS_CERT", Path, None),
+    ("tls_key", "CTSCREEN_TLS_KEY", Path, None),
+    ("dicom_tls_cert", "CTSCREEN_DICOM_TLS_CERT", Path, None),
+    ("dicom_tls_key", "CTSCREEN_DICOM_TLS_KEY", Path, None),
+    ("dicom_tls_ca", "CTSCREEN_DICOM_TLS_CA", Path, None),
+    ("send_tls", "CTSCREEN_SEND_TLS", lambda text: text.lower() in ("1", "true", "yes"), False),
+    ("keep_uploads", "CTSCREEN_KEEP_UPLOADS", duration, 0.0),
+    ("keep_results", "CTSCREEN_KEEP_RESULTS", duration, 30 * 86400.0),
 )
 
 
@@ -59,7 +69,15 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--token",
         default=None,
-        help=f"API token (default: ${TOKEN_ENV}); required when --host is not loopback",
+        help=f"the admin token (default: ${TOKEN_ENV}); a token or --tokens is required when "
+        "--host is not loopback",
+    )
+    p.add_argument(
+        "--tokens",
+        type=Path,
+        metavar="FILE",
+        help="tokens with roles, one line each: NAME ROLE SHA256 (role viewer, operator or "
+        "admin; the token's hex SHA-256, never the token) ($CTSCREEN_TOKENS)",
     )
     p.add_argument(
         "--study-timeout",
@@ -81,6 +99,31 @@ def add_parser(subparsers: Any) -> None:
         type=positive_int,
         default=50,
         help="most jobs queued or running at once; more get 429 (50)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="PEM",
+        help="serve HTTPS with this certificate (chain) file; needs --tls-key ($CTSCREEN_TLS_CERT)",
+    )
+    p.add_argument(
+        "--tls-key", type=Path, metavar="PEM", help="its private key ($CTSCREEN_TLS_KEY)"
+    )
+    p.add_argument(
+        "--keep-uploads",
+        type=duration,
+        metavar="DURATION",
+        help="how long uploaded studies (and studies the DICOM node received) are kept after "
+        "their job ended, e.g. 0, 12h, 7d ($CTSCREEN_KEEP_UPLOADS, else 0: removed as soon "
+        "as scored and, for the node, answered)",
+    )
+    p.add_argument(
+        "--keep-results",
+        type=duration,
+        metavar="DURATION",
+        help="how long results (rows, tables, reports, SR and key images) are kept after their "
+        "job ended; the job is then marked expired ($CTSCREEN_KEEP_RESULTS, else 30d; "
+        "'never' keeps them until deleted)",
     )
     p.add_argument(
         "--threshold", type=probability, help="decision threshold (default: the model card's)"
@@ -125,6 +168,31 @@ def add_parser(subparsers: Any) -> None:
         metavar="AET[@HOST:PORT]",
         help="accept associations only from this calling AE title (repeat for several; "
         "default: any); with @HOST:PORT, answers to the studies it sends go back there",
+    )
+    dicom.add_argument(
+        "--dicom-tls-cert",
+        type=Path,
+        metavar="PEM",
+        help="the DICOM port speaks TLS only, with this certificate; plain associations are "
+        "refused; needs --dicom-tls-key ($CTSCREEN_DICOM_TLS_CERT)",
+    )
+    dicom.add_argument(
+        "--dicom-tls-key", type=Path, metavar="PEM", help="its key ($CTSCREEN_DICOM_TLS_KEY)"
+    )
+    dicom.add_argument(
+        "--dicom-tls-ca",
+        type=Path,
+        metavar="PEM",
+        help="callers must present a certificate this CA signed (mutual TLS) "
+        "($CTSCREEN_DICOM_TLS_CA)",
+    )
+    dicom.add_argument(
+        "--send-tls",
+        action="store_true",
+        default=None,
+        help="send the answers over TLS too, checking the destination's certificate against "
+        "--dicom-tls-ca (else the system's CAs), with --dicom-tls-cert as the client's "
+        "($CTSCREEN_SEND_TLS=1)",
     )
     dicom.add_argument(
         "--stable-seconds",
@@ -193,6 +261,7 @@ def check_before_loading(args: argparse.Namespace) -> None:
     from ..bundle import is_bundle, load_bundle
     from ..errors import ConfigError, WeightsError, needs_torch
 
+    check_tls_files(args)
     if args.weights is None:
         raise WeightsError("no weights given: pass --weights PATH or set CTSCREEN_WEIGHTS.")
     if is_bundle(args.weights):
@@ -222,7 +291,7 @@ def check_before_loading(args: argparse.Namespace) -> None:
 
 
 def node_from_args(
-    args: argparse.Namespace, data_dir: Path, wake: Any, run_info: Any = dict
+    args: argparse.Namespace, data_dir: Path, wake: Any, run_info: Any = dict, answered: Any = None
 ) -> Any:
     """The DICOM node the arguments ask for, or None without ``--dicom-port``.
 
@@ -254,8 +323,13 @@ def node_from_args(
         retry_max=max(args.send_retry_max, args.send_retry_seconds),
         allowed_aes=tuple(a.split("@", 1)[0].strip() for a in args.allow_ae),
         peers=peers,
+        tls_cert=str(args.dicom_tls_cert or ""),
+        tls_key=str(args.dicom_tls_key or ""),
+        tls_ca=str(args.dicom_tls_ca or ""),
+        send_tls=bool(args.send_tls),
     )
-    return DicomNode(data_dir, settings, wake=wake, run_info=run_info)
+    answered = answered or (lambda job_id: None)
+    return DicomNode(data_dir, settings, wake=wake, run_info=run_info, answered=answered)
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -269,6 +343,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
     try:
         from ..service.app import ServiceSettings, check_listen_address
+        from ..service.retention import RetentionPolicy
+        from ..service.roles import read_tokens
         from ..service.worker import WorkerConfig
     except ImportError as exc:
         raise ConfigError(
@@ -276,7 +352,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
             "pip install 'ctscreen[serve]'."
         ) from exc
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV, "")
-    check_listen_address(args.host, token)
+    tokens = read_tokens(args.tokens) if args.tokens is not None else ()
+    check_listen_address(args.host, token, tokens_file=bool(tokens))
     if not (args.weights.is_file() or args.weights.is_dir()):
         raise WeightsError(f"weight file {args.weights} not found; pass --weights PATH.")
     worker = WorkerConfig(
@@ -296,10 +373,12 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         data_dir=args.data,
         worker=worker,
         token=token,
+        tokens=tokens,
         study_timeout=args.study_timeout,
         max_upload_bytes=args.max_upload_mb * 1024**2,
         max_files=args.max_files,
         max_active_jobs=args.max_jobs,
+        retention=RetentionPolicy(keep_uploads=args.keep_uploads, keep_results=args.keep_results),
     )
 
 
@@ -321,7 +400,11 @@ def run(args: argparse.Namespace) -> int:
         # instead of a server that answers but never scores.
         worker.wait_ready(settings.load_timeout)
         node = node_from_args(  # hook: the DICOM node
-            args, settings.data_dir, worker.wake, run_info=lambda: worker.run_info
+            args,
+            settings.data_dir,
+            worker.wake,
+            run_info=lambda: worker.run_info,
+            answered=app.state.retention.job_ended,
         )
         if node is not None:
             node.start()
@@ -330,12 +413,20 @@ def run(args: argparse.Namespace) -> int:
         worker.stop()
         raise
     # A line for the person who started it, not a warning: printed at every log level.
+    scheme = "https" if args.tls_cert else "http"
     echo(
-        f"ctscreen serve on http://{args.host}:{args.port} (data in {settings.data_dir}, "
-        f"token {'required' if settings.token else 'off: loopback only'})"
+        f"ctscreen serve on {scheme}://{args.host}:{args.port} (data in {settings.data_dir}, "
+        f"token {'required' if settings.token or settings.tokens else 'off: loopback only'})"
     )
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level.lower(),
+            ssl_certfile=args.tls_cert,
+            ssl_keyfile=args.tls_key,
+        )
     finally:
         if node is not None:
             node.stop()

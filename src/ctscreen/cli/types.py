@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def positive_int(text: str) -> int:
@@ -36,6 +37,28 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, not {value}")
     return value
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration(text: str) -> float:
+    """A span of time in seconds: ``0``, ``90s``, ``15m``, ``12h``, ``30d`` (a bare number
+    is seconds), or ``never`` (``math.inf``)."""
+    value = text.strip().lower()
+    if value in ("never", "forever", "inf"):
+        return math.inf
+    unit = _UNITS.get(value[-1:], None)
+    number = value[:-1] if unit is not None else value
+    try:
+        seconds = float(number) * (unit or 1.0)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; write e.g. 0, 90s, 15m, 12h, 30d or never"
+        ) from exc
+    if not 0 <= seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text!r}")
+    return seconds
 
 
 def probability(text: str) -> float:

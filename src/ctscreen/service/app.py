@@ -1,6 +1,7 @@
 """The HTTP layer of ``ctscreen serve``: a FastAPI app over the job store and the worker.
 
-Routes (all but the health checks need the token when one is set):
+Routes (all but the health checks need a token when one is set; each needs a role,
+:mod:`ctscreen.service.roles`):
 
 - ``POST /api/v1/jobs``: multipart upload (field ``files``, one or more zip archives
   or DICOM files; optional field ``mode`` = ``study`` | ``slice``), streamed to
@@ -10,6 +11,7 @@ Routes (all but the health checks need the token when one is set):
   the task's table (the seven required columns first, as ``ctscreen predict``).
 - ``GET /api/v1/jobs/{id}/report``: the HTML report; ``DELETE /api/v1/jobs/{id}``.
 - ``GET /api/v1/dicom``, ``POST /api/v1/dicom/outbox/retry``: the DICOM node.
+- ``GET /api/v1/audit`` (admins; ``?format=csv``): the audit trail.
 - ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus text format), ``/docs``.
 - ``/``: the web page (English or Russian).
 
@@ -35,8 +37,12 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
+from .audit import AuditTrail
+from .retention import Retention, RetentionPolicy
+from .roles import TokenEntry, TokenTable, session_key
+from .routes import audit as audit_routes
 from .routes import dicom, health, jobs, ui
-from .security import authorised, check_listen_address, is_public, security_headers
+from .security import check_listen_address, is_public, security_headers
 from .store import JobStore
 from .worker import Worker, WorkerConfig
 
@@ -50,23 +56,27 @@ class ServiceSettings:
     Attributes:
         data_dir: the job store's folder (SQLite, uploads, results).
         worker: how the scoring child builds its Screener.
-        token: the API token; "" for none (allowed on loopback only, see
-            :func:`check_listen_address`).
+        token: the admin token; "" for none (with no ``tokens`` either, allowed on
+            loopback only, see :func:`check_listen_address`).
+        tokens: the ``--tokens`` file's entries (:mod:`.roles`).
         study_timeout: seconds one study may take before its job is stopped.
         load_timeout: seconds the model may take to load.
         max_upload_bytes: most bytes one upload (request) may carry.
         max_files: most files one upload may carry.
         max_active_jobs: most jobs queued or running at once; more are refused (429).
+        retention: how long uploads and results are kept (:mod:`.retention`).
     """
 
     data_dir: Path
     worker: WorkerConfig
     token: str = ""
+    tokens: tuple[TokenEntry, ...] = ()
     study_timeout: float = 600.0
     load_timeout: float = 600.0
     max_upload_bytes: int = 4 * 1024**3
     max_files: int = 100
     max_active_jobs: int = 50
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     extra_run_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,6 +89,9 @@ def create_app(settings: ServiceSettings, *, worker: Worker | None = None) -> Fa
     """
     store = JobStore(settings.data_dir)
     store.recover()  # before the worker takes a job: a restart loses nothing
+    audit = AuditTrail(store)
+    tokens = TokenTable.build(settings.token, settings.tokens, session_key(settings.data_dir))
+    retention = Retention(store, settings.retention, audit)
     if worker is None:
         worker = Worker(
             store,
@@ -87,13 +100,17 @@ def create_app(settings: ServiceSettings, *, worker: Worker | None = None) -> Fa
             load_timeout=settings.load_timeout,
         )
 
+    worker.on_job_end = retention.job_ended
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        retention.start()  # a first sweep before anything else
         worker.start()
         try:
             yield
         finally:
             await asyncio.to_thread(worker.stop)
+            retention.stop()
             store.close()
 
     app = FastAPI(
@@ -109,13 +126,17 @@ def create_app(settings: ServiceSettings, *, worker: Worker | None = None) -> Fa
     app.state.store = store
     app.state.worker = worker
     app.state.settings = settings
+    app.state.audit = audit
+    app.state.tokens = tokens
+    app.state.retention = retention
     app.state.node = None  # the DICOM node, set by ``ctscreen serve --dicom-port``
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
         path = request.url.path
-        if not is_public(path, request.method) and not authorised(request, settings.token):
+        request.state.principal = tokens.principal(request)
+        if request.state.principal is None and not is_public(path, request.method):
             response: Response = JSONResponse(
                 {"detail": "missing or wrong token: send 'Authorization: Bearer <token>'."},
                 status_code=401,
@@ -126,7 +147,7 @@ def create_app(settings: ServiceSettings, *, worker: Worker | None = None) -> Fa
         security_headers(response, path)
         return response
 
-    for router in (jobs.router, dicom.router, health.router, ui.router):
+    for router in (jobs.router, dicom.router, health.router, ui.router, audit_routes.router):
         app.include_router(router)
     return app
 

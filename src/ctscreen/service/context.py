@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 
 from .. import __version__
+from .audit import AuditTrail
+from .roles import Principal
 from .store import Job, JobStore, is_job_id
 from .worker import Worker
 
@@ -18,12 +21,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ServiceContext:
-    """The job store, the worker, the settings and the DICOM node (None when off)."""
+    """The job store, the worker, the settings, the DICOM node (None when off), the
+    audit trail, and who sent the request from where."""
 
     store: JobStore
     worker: Worker
     settings: ServiceSettings
     node: DicomNode | None
+    audit: AuditTrail
+    principal: Principal | None = None
+    address: str = ""
 
     def run_info(self) -> dict[str, Any]:
         """What the tables' run sheet and the page say about the model and the service."""
@@ -32,6 +39,18 @@ class ServiceContext:
         info.update(self.settings.extra_run_info)
         info["note"] = "research tool, not for clinical use"
         return info
+
+    def record(self, action: str, *, job_id: str = "", detail: str = "") -> None:
+        """An entry of the audit trail for what the requester just did."""
+        who = self.principal
+        self.audit.record(
+            action,
+            actor=who.name if who else "",
+            role=who.role if who else "",
+            job_id=job_id,
+            address=self.address,
+            detail=detail,
+        )
 
     def threshold(self) -> float | None:
         """The model's decision threshold (None until the model is loaded)."""
@@ -47,6 +66,25 @@ class ServiceContext:
         job = self.store.get(job_id) if is_job_id(job_id) else None
         if job is None:
             raise HTTPException(404, f"no job {job_id!r} (it may have been deleted).")
+        return job
+
+    def results_of(self, job_id: str) -> Job:
+        """The job ``job_id``, whose results are still kept.
+
+        Raises:
+            HTTPException: 404, no such job; 410, its results were removed
+                (``--keep-results``); 409, it is not done yet.
+        """
+        job = self.job(job_id)
+        if job.expired is not None:
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(job.expired))
+            raise HTTPException(
+                410,
+                f"job {job.id} has expired: its results were removed on {when}, as the "
+                "server keeps them (--keep-results); its record remains in the job list.",
+            )
+        if not job.final:
+            raise HTTPException(409, f"job {job.id} is {job.status}; its results come when done.")
         return job
 
     def dicom_node(self) -> DicomNode:
@@ -65,7 +103,15 @@ class ServiceContext:
 def service_context(request: Request) -> ServiceContext:
     """The context of the app serving ``request``."""
     state = request.app.state
-    return ServiceContext(state.store, state.worker, state.settings, state.node)
+    return ServiceContext(
+        state.store,
+        state.worker,
+        state.settings,
+        state.node,
+        state.audit,
+        getattr(request.state, "principal", None),
+        request.client.host if request.client else "",
+    )
 
 
 #: A route's parameter of this type receives the :class:`ServiceContext`.

@@ -41,16 +41,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import (
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    Verification,
-)
+from pynetdicom import evt
 
 from ..errors import ConfigError
-from ..fileio import write_bytes_atomic
+from ..fileio import file_sha256, write_bytes_atomic
 from ..outputs.dicom import NodeJob
+from .audit import ASSOCIATION, ASSOCIATION_REFUSED, RESULTS_SENT, STUDY_RECEIVED, AuditTrail
+from .node_ae import ACCEPTED_SOP_CLASSES, client_tls, node_ae, server_tls
 from .node_answers import (
     earlier_reports,
     header_from_json,
@@ -65,8 +62,6 @@ from .store import InputFile, JobStore, new_job_id, stored_name
 
 log = logging.getLogger(__name__)
 
-#: The SOP classes the node scores; every other storage class is refused per instance.
-ACCEPTED_SOP_CLASSES: frozenset[str] = frozenset({str(CTImageStorage), str(EnhancedCTImageStorage)})
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
@@ -74,22 +69,6 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 INCOMING_DIR = "dicom-in"
 #: A study whose association stays open (idle) is taken after this many stable periods.
 OPEN_WAIT = 3
-#: Every transfer syntax pynetdicom knows, for CT (a PACS may send JPEG, JPEG 2000, RLE...).
-_CT_TRANSFER_SYNTAXES: list[str] = [
-    "1.2.840.10008.1.2",
-    "1.2.840.10008.1.2.1",
-    "1.2.840.10008.1.2.1.99",
-    "1.2.840.10008.1.2.2",
-    "1.2.840.10008.1.2.4.50",
-    "1.2.840.10008.1.2.4.51",
-    "1.2.840.10008.1.2.4.57",
-    "1.2.840.10008.1.2.4.70",
-    "1.2.840.10008.1.2.4.80",
-    "1.2.840.10008.1.2.4.81",
-    "1.2.840.10008.1.2.4.90",
-    "1.2.840.10008.1.2.4.91",
-    "1.2.840.10008.1.2.5",
-]
 
 
 def _instance_name(sop_instance_uid: str) -> str:
@@ -113,6 +92,7 @@ class DicomNode:
         wake: Callable[[], None] = lambda: None,
         run_info: Callable[[], dict[str, Any]] = dict,
         poll: float = 0.5,
+        answered: Callable[[str], None] = lambda job_id: None,
     ) -> None:
         self.settings = settings
         self.data_dir = Path(data_dir)
@@ -121,6 +101,7 @@ class DicomNode:
         # The service's one database; the node's tables sit beside the jobs (SQLite WAL).
         self.jobs = JobStore(self.data_dir)
         self.node_store = NodeStore(self.jobs)
+        self.audit = AuditTrail(self.jobs)
         self.wake = wake
         self.run_info = run_info
         self.poll = poll
@@ -132,7 +113,10 @@ class DicomNode:
             calling_ae=settings.ae_title,
             retry_base=settings.retry_base,
             retry_max=settings.retry_max,
+            on_sent=self._sent,
+            tls=client_tls(settings),
         )
+        self.answered = answered
         self._server: Any = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -150,26 +134,12 @@ class DicomNode:
         interrupted = self.node_store.recover_incoming()
         if interrupted:
             log.warning("%d studies were being received when the service stopped", len(interrupted))
-        ae = AE(ae_title=self.settings.ae_title)
-        ae.add_supported_context(Verification)
-        for context in AllStoragePresentationContexts:
-            syntaxes = (
-                _CT_TRANSFER_SYNTAXES
-                if context.abstract_syntax in ACCEPTED_SOP_CLASSES
-                else context.transfer_syntax
-            )
-            ae.add_supported_context(context.abstract_syntax, syntaxes)
-        ae.maximum_associations = 16
-        ae.require_called_aet = True  # a PACS calling another AE title is misconfigured
-        if self.settings.allowed_aes:
-            ae.require_calling_aet = list(self.settings.allowed_aes)
-        elif self.settings.host not in ("127.0.0.1", "::1", "localhost"):
-            log.warning(
-                "the DICOM port accepts studies from any AE on the network; restrict it with "
-                "--allow-ae (the PACS's AE title) or a firewall"
-            )
+        ae = node_ae(self.settings)
+        tls = server_tls(self.settings)
         handlers = [
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
@@ -177,7 +147,10 @@ class DicomNode:
         ]
         try:
             self._server = ae.start_server(
-                (self.settings.host, self.settings.port), block=False, evt_handlers=handlers
+                (self.settings.host, self.settings.port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=tls,
             )
         except OSError as exc:
             raise ConfigError(
@@ -197,10 +170,11 @@ class DicomNode:
             )
         )
         log.warning(
-            "DICOM node %s on %s:%d (stable after %g s; results to %s)",
+            "DICOM node %s on %s:%d%s (stable after %g s; results to %s)",
             self.settings.ae_title,
             self.settings.host,
             self.settings.port,
+            " (TLS only)" if tls else "",
             self.settings.stable_seconds,
             where,
         )
@@ -336,10 +310,40 @@ class DicomNode:
             return STATUS_OUT_OF_RESOURCES
         return STATUS_SUCCESS
 
+    def _record(self, event: Any, action: str, **values: str) -> None:
+        requestor = event.assoc.requestor
+        self.audit.record(
+            action,
+            actor=str(requestor.ae_title).strip(),
+            role="dicom",
+            address=f"{requestor.address}:{requestor.port}",
+            **values,
+        )
+
+    def _sent(self, job_id: str, where: str, stored: int) -> None:
+        tls = " over TLS" if self.settings.send_tls else ""
+        self.audit.record(
+            RESULTS_SENT,
+            actor=self.settings.ae_title,
+            role="dicom",
+            job_id=job_id,
+            address=where,
+            detail=f"{stored} file(s) stored{tls}",
+        )
+        self.answered(job_id)  # the retention sweep: its instances may go now
+
+    def _on_accepted(self, event: Any) -> None:
+        tls = " over TLS" if self.settings.tls_cert else ""
+        self._record(event, ASSOCIATION, detail=f"accepted{tls}")
+
+    def _on_rejected(self, event: Any) -> None:
+        self._record(event, ASSOCIATION_REFUSED, detail="rejected (AE title not allowed)")
+
     def _end_association(self, event: Any, aborted: str) -> None:
         with self._lock:
             studies = self._assoc_studies.pop(id(event.assoc), set())
         for study_uid in studies:
+            self._record(event, STUDY_RECEIVED, study_uid=study_uid, detail=aborted)
             self.node_store.association_closed(study_uid, aborted=aborted)
             if aborted:
                 log.warning("study %s: %s", study_uid, aborted)
@@ -415,7 +419,10 @@ class DicomNode:
             self.jobs.job_dir(job_id)
         )
         name = f"DICOM study {study.study_uid} from {study.calling_ae}"
-        self.jobs.add_job(job_id, [InputFile(0, name, stored_name(0), size)], mode="study")
+        # the study's hash: that of its sha256sum manifest (kept after the files are removed)
+        manifest = "".join(f"{file_sha256(p)}  {p.name}\n" for p in sorted(target.glob("*.dcm")))
+        digest = hashlib.sha256(manifest.encode()).hexdigest()
+        self.jobs.add_job(job_id, [InputFile(0, name, stored_name(0), size, digest)], mode="study")
         self.node_store.to_job(study, job_id)
         shutil.rmtree(source, ignore_errors=True)
         log.info(

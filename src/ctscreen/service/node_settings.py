@@ -24,6 +24,12 @@ class NodeSettings:
             association time. The called AE title must always be ``ae_title``.
         peers: the addresses of calling AEs (``--allow-ae AET@HOST:PORT``): an
             answer goes back to the AE that sent the study when ``send_to`` is empty.
+        tls_cert, tls_key: the node's certificate and key (PEM files); when set, the
+            DICOM port speaks TLS only and refuses plain associations.
+        tls_ca: the CA (PEM) whose certificates callers must present (mutual TLS);
+            "" for none.
+        send_tls: send the answers over TLS too (the destination's certificate checked
+            against ``tls_ca``, else the system's CAs; ``tls_cert`` as the client's).
     """
 
     port: int
@@ -35,6 +41,10 @@ class NodeSettings:
     retry_max: float = 300.0
     allowed_aes: tuple[str, ...] = ()
     peers: tuple[Destination, ...] = ()
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    send_tls: bool = False
 
     def route(self, calling_ae: str) -> Route:
         """Where the answer to a study sent by ``calling_ae`` goes."""
@@ -50,6 +60,11 @@ class NodeSettings:
         )
 
     def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key) or (self.tls_ca and not self.tls_cert):
+            raise ConfigError(
+                "DICOM TLS needs --dicom-tls-cert and --dicom-tls-key together "
+                "(and --dicom-tls-ca only with them)."
+            )
         title = self.ae_title
         ok = bool(title.strip()) and len(title) <= 16
         if not ok or "\\" in title or any(ord(c) < 32 or ord(c) > 126 for c in title):

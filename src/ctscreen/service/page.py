@@ -56,6 +56,15 @@ TEXT: dict[str, dict[str, str]] = {
     "done": {"en": "done", "ru": "готово"},
     "failed": {"en": "failed", "ru": "сбой"},
     "timeout": {"en": "timed out", "ru": "превышено время"},
+    "viewer_note": {
+        "en": "You are signed in as a viewer: you see the results; uploading needs an "
+        "operator's token.",
+        "ru": "Вы вошли как наблюдатель: результаты видны, для загрузки нужен токен оператора.",
+    },
+    "expired": {
+        "en": "results removed: kept for the period this server keeps them",
+        "ru": "результаты удалены: истёк срок их хранения на этом сервере",
+    },
     "all_results": {"en": "All results", "ru": "Все результаты"},
     "token": {"en": "Access token", "ru": "Токен доступа"},
     "sign_in": {"en": "Sign in", "ru": "Войти"},
@@ -234,8 +243,10 @@ def jobs_fragment(
     threshold: float | None,
     lang: str,
     rows_per_job: int = 20,
+    can_delete: bool = True,
 ) -> str:
-    """The ``<tbody>`` of the jobs table (what the page fetches every two seconds)."""
+    """The ``<tbody>`` of the jobs table (what the page fetches every two seconds); delete
+    buttons only when ``can_delete`` (an admin)."""
     if not jobs:
         return f'<tr><td colspan="5" class="muted">{_e(t("no_jobs", lang))}</td></tr>'
     out = []
@@ -246,11 +257,13 @@ def jobs_fragment(
             f"{_e(counted('studies', job.rows_done, lang))}"
         )
         message = f'<div class="error">{_e(job.message)}</div>' if job.message else ""
-        actions = _downloads(job, lang) if job.final else ""
+        if job.expired is not None:
+            message += f'<div class="muted">{_e(t("expired", lang))}</div>'
+        actions = _downloads(job, lang) if job.final and job.expired is None else ""
         delete = (
             f'<button type="button" class="delete" data-job="{_e(job.id)}">'
             f"{_e(t('delete', lang))}</button>"
-            if job.status != "running"
+            if job.status != "running" and can_delete
             else ""
         )
         out.append(
@@ -363,19 +376,21 @@ def request_language(request: Any) -> str:
 
 
 def main_page(
-    body_rows: str, *, lang: str, run_info: Mapping[str, object], dicom: str | None = None
+    body_rows: str,
+    *,
+    lang: str,
+    run_info: Mapping[str, object],
+    dicom: str | None = None,
+    can_upload: bool = True,
 ) -> str:
-    """The whole page: upload form, the DICOM node (``dicom`` from :func:`dicom_panel`,
-    None when it is off), jobs table (``body_rows`` from :func:`jobs_fragment`)."""
+    """The whole page: upload form (a note instead without ``can_upload``: a viewer), the
+    DICOM node (``dicom`` from :func:`dicom_panel`, None when it is off), jobs table
+    (``body_rows`` from :func:`jobs_fragment`)."""
     model = _e(
         f"ctscreen {run_info.get('ctscreen_version', '')} · {run_info.get('device', '')} · "
         f"{t('threshold', lang)} {run_info.get('threshold', '')}"
     )
-    return (
-        f'{_head(lang)}<body data-lang="{lang}"><main>'
-        f"<header><h1>{_e(t('title', lang))}</h1><nav>{_language_links(lang)} · "
-        f'<a href="/docs">{_e(t("api", lang))}</a></nav></header>'
-        f'<p class="note">{_e(t("note", lang))}</p><p class="muted">{model}</p>'
+    form = (
         '<form id="upload" class="drop" enctype="multipart/form-data">'
         f"<p>{_e(t('drop', lang))}</p>"
         f'<label class="button">{_e(t("choose", lang))}'
@@ -384,6 +399,15 @@ def main_page(
         f'</label> <button type="submit">{_e(t("upload", lang))}</button>'
         f'<p id="upload-status" class="muted" data-uploading="{_e(t("uploading", lang))}"></p>'
         "</form>"
+        if can_upload
+        else f'<p class="muted viewer">{_e(t("viewer_note", lang))}</p>'
+    )
+    return (
+        f'{_head(lang)}<body data-lang="{lang}"><main>'
+        f"<header><h1>{_e(t('title', lang))}</h1><nav>{_language_links(lang)} · "
+        f'<a href="/docs">{_e(t("api", lang))}</a></nav></header>'
+        f'<p class="note">{_e(t("note", lang))}</p><p class="muted">{model}</p>'
+        + form
         + ("" if dicom is None else f'<section id="dicom">{dicom}</section>')
         + f"<h2>{_e(t('jobs', lang))}</h2>"
         f'<p>{_e(t("all_results", lang))}: <a href="/api/v1/results.xlsx" download>xlsx</a> '

@@ -1,50 +1,30 @@
-"""Who may use the service: the token (a bearer header or the page's session cookie),
-the refusal to listen beyond loopback without one, and the security headers."""
+"""The refusal to listen beyond loopback without a token, the paths that answer without
+one, and the security headers (who may do what: :mod:`ctscreen.service.roles`)."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-
-from fastapi import Request, Response
+from fastapi import Response
 
 from ..errors import ConfigError
 
 LOOPBACK_HOSTS: frozenset[str] = frozenset({"127.0.0.1", "::1", "localhost"})
-SESSION_COOKIE = "ctscreen_session"
 #: Paths that answer without the token (health checks, the login form, static files).
 PUBLIC_PATHS: frozenset[str] = frozenset({"/healthz", "/readyz", "/ui/login"})
 
 
-def check_listen_address(host: str, token: str) -> None:
+def check_listen_address(host: str, token: str, *, tokens_file: bool = False) -> None:
     """Refuse to listen beyond loopback without a token.
 
     Raises:
-        ConfigError: ``host`` is not a loopback address and no token is set.
+        ConfigError: ``host`` is not a loopback address and neither a token nor a
+            tokens file is set.
     """
-    if host not in LOOPBACK_HOSTS and not token:
+    if host not in LOOPBACK_HOSTS and not token and not tokens_file:
         raise ConfigError(
             f"--host {host} lets other machines reach the service, so it needs a token: "
             "set --token or the CTSCREEN_TOKEN environment variable (e.g. "
-            "CTSCREEN_TOKEN=$(openssl rand -hex 32))."
+            "CTSCREEN_TOKEN=$(openssl rand -hex 32)), or --tokens FILE."
         )
-
-
-def session_value(token: str) -> str:
-    """The session cookie's value for ``token`` (a MAC of it, not the token itself)."""
-    return hmac.new(token.encode(), b"ctscreen-session-v1", hashlib.sha256).hexdigest()
-
-
-def authorised(request: Request, token: str) -> bool:
-    """The request carries ``token`` (always True when the service has none)."""
-    if not token:
-        return True
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
-        return True
-    cookie = request.cookies.get(SESSION_COOKIE, "")
-    return bool(cookie) and hmac.compare_digest(cookie.encode(), session_value(token).encode())
 
 
 def security_headers(response: Response, path: str) -> None:

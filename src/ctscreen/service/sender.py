@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -81,9 +82,15 @@ def backoff(attempts: int, *, base: float, maximum: float) -> float:
 
 
 def send_files(
-    destination: Destination, paths: Sequence[Path], *, calling_ae: str, timeout: float = 30.0
+    destination: Destination,
+    paths: Sequence[Path],
+    *,
+    calling_ae: str,
+    timeout: float = 30.0,
+    tls: ssl.SSLContext | None = None,
 ) -> list[int]:
-    """C-STORE ``paths`` to ``destination`` over one association.
+    """C-STORE ``paths`` to ``destination`` over one association (over TLS with ``tls``,
+    the destination's certificate checked for its host name).
 
     Returns:
         The C-STORE status of each file, in order.
@@ -98,7 +105,12 @@ def send_files(
     classes = {str(ds.SOPClassUID) for ds in datasets} | {str(c) for c in _RESULT_CLASSES}
     for sop_class in sorted(classes):
         ae.add_requested_context(sop_class)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        tls_args=None if tls is None else (tls, destination.host),
+    )
     if not assoc.is_established:
         reason = "rejected the association" if assoc.is_rejected else "could not be reached"
         raise SendError(f"{destination} {reason}")
@@ -153,6 +165,8 @@ class Outbox:
         calling_ae: our AE title when sending.
         retry_base, retry_max: backoff (seconds).
         poll: seconds between rounds.
+        on_sent: called with the job id, the destination and how many files it took.
+        tls: send over TLS with this context (None: plain DICOM).
     """
 
     def __init__(
@@ -166,7 +180,11 @@ class Outbox:
         retry_base: float = 10.0,
         retry_max: float = 300.0,
         poll: float = 0.5,
+        on_sent: Callable[[str, str, int], None] = lambda job_id, where, n: None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        self.tls = tls
+        self.on_sent = on_sent
         self.node_store = node_store
         self.job_store = job_store
         self.answer = answer
@@ -260,7 +278,7 @@ class Outbox:
         where = str(destination)
         try:
             statuses = send_files(
-                destination, [Path(i.path) for i in items], calling_ae=self.calling_ae
+                destination, [Path(i.path) for i in items], calling_ae=self.calling_ae, tls=self.tls
             )
         except (SendError, OSError, InvalidDicomError, ValueError, RuntimeError) as exc:
             message = exc.message if isinstance(exc, CtscreenError) else str(exc)
@@ -287,3 +305,4 @@ class Outbox:
                 )
                 log.warning("job %s: %s refused %s (0x%04X)", job_id, where, item.path, status)
         log.info("job %s: results sent to %s", job_id, where)
+        self.on_sent(job_id, where, sum(status in _STORED for status in statuses))

@@ -35,6 +35,7 @@ from ..errors import ConfigError
 from ..report import ResultRow, row_from_json, row_to_json
 from ..results import FAILURE
 from .database import Database
+from .store_schema import SCHEMA, upgrade
 
 log = logging.getLogger(__name__)
 
@@ -52,36 +53,6 @@ MAX_ATTEMPTS = 3
 
 DB_NAME = "ctscreen.db"
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{22}$")
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    status TEXT NOT NULL,
-    mode TEXT NOT NULL,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    message TEXT NOT NULL DEFAULT '',
-    attempts INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created);
-CREATE TABLE IF NOT EXISTS inputs (
-    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
-    idx INTEGER NOT NULL,
-    name TEXT NOT NULL,
-    stored TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    PRIMARY KEY (job_id, idx)
-);
-CREATE TABLE IF NOT EXISTS rows (
-    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
-    seq INTEGER NOT NULL,
-    input_idx INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    seconds REAL NOT NULL,
-    record TEXT NOT NULL,
-    PRIMARY KEY (job_id, seq)
-);
-"""
 
 
 def new_job_id() -> str:
@@ -112,12 +83,15 @@ class InputFile:
         name: the client's file name, display text only (never a path).
         stored: the file's name in the job's upload folder (generated).
         size: bytes.
+        sha256: the hex SHA-256 of its bytes ("" when not known); kept with the name
+            and size after the file itself is removed (``--keep-uploads``).
     """
 
     index: int
     name: str
     stored: str
     size: int
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -136,6 +110,9 @@ class Job:
         failures: how many of them are Failure rows.
         inputs_done: inputs whose every study has a row (known once a later input
             produced a row, or the job ended).
+        uploads_removed: when its uploaded files were removed (None: still kept).
+        expired: when its results were removed (None: still kept); see
+            :mod:`ctscreen.service.retention`.
     """
 
     id: str
@@ -150,6 +127,8 @@ class Job:
     rows_done: int
     failures: int
     inputs_done: int
+    uploads_removed: float | None = None
+    expired: float | None = None
 
     @property
     def final(self) -> bool:
@@ -181,7 +160,9 @@ class JobStore(Database):
                 f"cannot create the job store in {self.data_dir} ({exc.strerror or exc}); "
                 "choose a --data folder you can write to."
             ) from exc
-        super().__init__(self.data_dir / DB_NAME, _SCHEMA, what="the job store")
+        super().__init__(self.data_dir / DB_NAME, SCHEMA, what="the job store")
+        with self._lock:
+            upgrade(self._db)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -224,8 +205,9 @@ class JobStore(Database):
                 (job_id, QUEUED, mode, time.time()),
             )
             db.executemany(
-                "INSERT INTO inputs (job_id, idx, name, stored, size) VALUES (?, ?, ?, ?, ?)",
-                [(job_id, f.index, f.name, f.stored, f.size) for f in inputs],
+                "INSERT INTO inputs (job_id, idx, name, stored, size, sha256) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(job_id, f.index, f.name, f.stored, f.size, f.sha256) for f in inputs],
             )
         log.info("job %s queued with %d inputs", job_id, len(inputs))
         job = self.get(job_id)
@@ -250,7 +232,7 @@ class JobStore(Database):
     def _jobs(self, where: str, params: Sequence[object]) -> list[Job]:
         sql = f"""
             SELECT j.id, j.status, j.mode, j.created, j.started, j.finished, j.message,
-                   j.attempts,
+                   j.attempts, j.uploads_removed, j.expired,
                    (SELECT COUNT(*) FROM rows r WHERE r.job_id = j.id),
                    (SELECT COUNT(*) FROM rows r WHERE r.job_id = j.id AND r.status = ?),
                    (SELECT MAX(input_idx) FROM rows r WHERE r.job_id = j.id)
@@ -261,12 +243,12 @@ class JobStore(Database):
             inputs: dict[str, list[InputFile]] = {}
             if found:
                 marks = ",".join("?" * len(found))
-                for job_id, idx, name, stored, size in self._db.execute(
-                    f"SELECT job_id, idx, name, stored, size FROM inputs "
+                for job_id, idx, name, stored, size, digest in self._db.execute(
+                    f"SELECT job_id, idx, name, stored, size, sha256 FROM inputs "
                     f"WHERE job_id IN ({marks}) ORDER BY job_id, idx",
                     [r[0] for r in found],
                 ):
-                    inputs.setdefault(job_id, []).append(InputFile(idx, name, stored, size))
+                    inputs.setdefault(job_id, []).append(InputFile(idx, name, stored, size, digest))
         jobs = []
         for (
             job_id,
@@ -277,6 +259,8 @@ class JobStore(Database):
             finished,
             message,
             attempts,
+            uploads_removed,
+            expired,
             n_rows,
             n_failures,
             last_input,
@@ -300,6 +284,8 @@ class JobStore(Database):
                     rows_done=n_rows,
                     failures=n_failures,
                     inputs_done=inputs_done,
+                    uploads_removed=uploads_removed,
+                    expired=expired,
                 )
             )
         return jobs

@@ -8,6 +8,7 @@ client's file name is kept only as display text (:func:`display_name`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import unicodedata
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class UploadWriter:
         self._file: Any = None
         self._name = ""
         self._size = 0
+        self._hash = hashlib.sha256()
         self._text: bytearray | None = None
         self._field_name = ""
 
@@ -100,6 +102,7 @@ class UploadWriter:
             self._name = display_name(filename.decode("utf-8", "replace"), index)
             self._file = open(self.folder / stored_name(index), "wb")  # noqa: SIM115
             self._size = 0
+            self._hash = hashlib.sha256()
             self._text = None
         elif field_name in ("mode",):
             self._text = bytearray()
@@ -122,6 +125,7 @@ class UploadWriter:
             )
         if self._file is not None:
             self._file.write(data[start:end])
+            self._hash.update(data[start:end])
             self._size += n
         elif self._text is not None:
             self._text += data[start:end]
@@ -132,7 +136,9 @@ class UploadWriter:
         if self._file is not None:
             self._file.close()
             index = len(self.inputs)
-            self.inputs.append(InputFile(index, self._name, stored_name(index), self._size))
+            self.inputs.append(
+                InputFile(index, self._name, stored_name(index), self._size, self._hash.hexdigest())
+            )
             self._file = None
         elif self._text is not None:
             self.fields[self._field_name] = self._text.decode("utf-8", "replace").strip()

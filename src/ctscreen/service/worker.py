@@ -23,7 +23,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -109,6 +109,8 @@ class Worker:
         self.run_info: dict[str, Any] = {}
         self.fatal = ""
         self.current_job: str | None = None
+        #: called with a job's id after the worker is done with it (the retention sweep)
+        self.on_job_end: Callable[[str], None] | None = None
         self._ready = threading.Event()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -271,6 +273,8 @@ class Worker:
                 self._kill_child()
             finally:
                 self.current_job = None
+                if self.on_job_end is not None:
+                    self.on_job_end(job.id)  # never raises (Retention.job_ended)
 
     def _run(self, job: Job) -> None:
         conn, process = self._conn, self._process

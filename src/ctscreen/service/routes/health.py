@@ -5,23 +5,28 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from ..context import Context
 from ..metrics import prometheus_text
+from ..roles import PUBLIC, VIEWER, require
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-@router.get("/healthz", summary="The process answers")
+@router.get("/healthz", summary="The process answers", dependencies=[Depends(require(PUBLIC))])
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Model loaded, worker alive, store writable")
+@router.get(
+    "/readyz",
+    summary="Model loaded, worker alive, store writable",
+    dependencies=[Depends(require(PUBLIC))],
+)
 def readyz(ctx: Context) -> JSONResponse:
     worker = ctx.worker
     checks = {"model_loaded": worker.ready, "worker_alive": worker.alive}
@@ -38,7 +43,12 @@ def readyz(ctx: Context) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    dependencies=[Depends(require(VIEWER))],
+)
 def metrics(ctx: Context) -> PlainTextResponse:
     return PlainTextResponse(
         prometheus_text(ctx.store, ctx.worker, ctx.node),
@@ -46,7 +56,7 @@ def metrics(ctx: Context) -> PlainTextResponse:
     )
 
 
-@router.get("/docs", include_in_schema=False)
+@router.get("/docs", include_in_schema=False, dependencies=[Depends(require(VIEWER))])
 def docs() -> HTMLResponse:
     return get_swagger_ui_html(
         openapi_url="/openapi.json",

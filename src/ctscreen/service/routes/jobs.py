@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from ...report import OUTPUT_FORMATS, ResultRow, rows_to_frame, write_table
+from ..audit import DELETE, DOWNLOAD, UPLOAD
 from ..context import Context, ServiceContext
-from ..store import FINAL_STATUSES, QUEUED, RUNNING, Job, new_job_id
+from ..roles import ADMIN, OPERATOR, VIEWER, require
+from ..store import QUEUED, RUNNING, Job, new_job_id
 from ..uploads import UPLOAD_MODES, receive_upload
 
 router = APIRouter()
@@ -67,13 +69,15 @@ def job_json(job: Job, rows: list[ResultRow] | None) -> dict[str, Any]:
         "started": job.started,
         "finished": job.finished,
         "message": job.message,
+        "uploads_removed": job.uploads_removed,
+        "expired": job.expired,
         "progress": {
             "inputs": len(job.inputs),
             "inputs_done": job.inputs_done,
             "studies_done": job.rows_done,
             "failures": job.failures,
         },
-        "inputs": [{"name": f.name, "size": f.size} for f in job.inputs],
+        "inputs": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in job.inputs],
         "rows": None if rows is None else _frame_records(rows),
     }
 
@@ -94,6 +98,7 @@ def table_response(
     status_code=202,
     openapi_extra=_UPLOAD_SCHEMA,
     summary="Upload studies and queue a scoring job",
+    dependencies=[Depends(require(OPERATOR))],
 )
 async def create_job(request: Request, ctx: Context) -> JSONResponse:
     settings, store = ctx.settings, ctx.store
@@ -114,6 +119,8 @@ async def create_job(request: Request, ctx: Context) -> JSONResponse:
         max_files=settings.max_files,
     )
     store.add_job(job_id, upload.inputs, mode=upload.mode)
+    total = sum(f.size for f in upload.inputs)
+    ctx.record(UPLOAD, job_id=job_id, detail=f"{len(upload.inputs)} file(s), {total} bytes")
     ctx.worker.wake()
     return JSONResponse(
         {"id": job_id, "status": QUEUED},
@@ -122,37 +129,57 @@ async def create_job(request: Request, ctx: Context) -> JSONResponse:
     )
 
 
-@router.get("/api/v1/jobs", summary="The newest jobs (without their rows)")
+@router.get(
+    "/api/v1/jobs",
+    summary="The newest jobs (without their rows)",
+    dependencies=[Depends(require(VIEWER))],
+)
 def list_jobs(ctx: Context, limit: int = 100) -> dict[str, Any]:
     jobs = ctx.store.list_jobs(limit=max(1, min(limit, 1000)))
     return {"jobs": [job_json(job, None) for job in jobs]}
 
 
-@router.get("/api/v1/jobs/{job_id}", summary="A job's status, progress and rows")
+@router.get(
+    "/api/v1/jobs/{job_id}",
+    summary="A job's status, progress and rows",
+    dependencies=[Depends(require(VIEWER))],
+)
 def get_job(job_id: str, ctx: Context) -> dict[str, Any]:
     job = ctx.job(job_id)
     return job_json(job, ctx.store.rows(job.id))
 
 
-@router.get("/api/v1/jobs/{job_id}/result.{fmt}", summary="A job's result table")
+@router.get(
+    "/api/v1/jobs/{job_id}/result.{fmt}",
+    summary="A job's result table",
+    dependencies=[Depends(require(VIEWER))],
+)
 def job_table(job_id: str, fmt: str, ctx: Context) -> Response:
-    job = ctx.job(job_id)
-    if job.status not in FINAL_STATUSES:
-        raise HTTPException(409, f"job {job.id} is {job.status}; its table comes when done.")
+    job = ctx.results_of(job_id)
+    if fmt in OUTPUT_FORMATS:
+        ctx.record(DOWNLOAD, job_id=job.id, detail=f"result.{fmt}")
     return table_response(ctx, ctx.store.rows(job.id), ctx.store.job_dir(job.id), "result", fmt)
 
 
-@router.get("/api/v1/results.{fmt}", summary="All jobs' rows in one table")
+@router.get(
+    "/api/v1/results.{fmt}",
+    summary="All jobs' rows in one table",
+    dependencies=[Depends(require(VIEWER))],
+)
 def all_results(fmt: str, ctx: Context) -> Response:
+    if fmt in OUTPUT_FORMATS:
+        ctx.record(DOWNLOAD, detail=f"results.{fmt} (every job)")
     folder = ctx.settings.data_dir / "results"
     return table_response(ctx, ctx.store.all_rows(), folder, "results", fmt)
 
 
-@router.get("/api/v1/jobs/{job_id}/report", summary="A job's HTML report")
+@router.get(
+    "/api/v1/jobs/{job_id}/report",
+    summary="A job's HTML report",
+    dependencies=[Depends(require(VIEWER))],
+)
 def job_report(job_id: str, ctx: Context) -> Response:
-    job = ctx.job(job_id)
-    if job.status not in FINAL_STATUSES:
-        raise HTTPException(409, f"job {job.id} is {job.status}; its report comes when done.")
+    job = ctx.results_of(job_id)
     index = ctx.store.job_dir(job.id) / "report" / "index.html"
     if not index.is_file():
         raise HTTPException(
@@ -160,13 +187,19 @@ def job_report(job_id: str, ctx: Context) -> Response:
             f"job {job.id} has no report: it ended before its last study ({job.message}); "
             "its table holds the rows it has.",
         )
+    ctx.record(DOWNLOAD, job_id=job.id, detail="report")
     return FileResponse(index, media_type="text/html; charset=utf-8")
 
 
-@router.delete("/api/v1/jobs/{job_id}", summary="Delete a job and its files")
+@router.delete(
+    "/api/v1/jobs/{job_id}",
+    summary="Delete a job and its files",
+    dependencies=[Depends(require(ADMIN))],
+)
 def delete_job(job_id: str, ctx: Context) -> dict[str, Any]:
     job = ctx.job(job_id)
     if job.status == RUNNING:
         raise HTTPException(409, f"job {job.id} is being scored; delete it when it is done.")
     ctx.store.delete(job.id)
+    ctx.record(DELETE, job_id=job.id)
     return {"id": job.id, "deleted": True}

@@ -94,21 +94,24 @@
     refresh();
   }
 
-  picker.addEventListener("change", () => choose(picker.files));
-  form.addEventListener("submit", upload);
-  ["dragenter", "dragover"].forEach((name) =>
-    form.addEventListener(name, (event) => {
-      event.preventDefault();
-      form.classList.add("over");
-    })
-  );
-  ["dragleave", "drop"].forEach((name) =>
-    form.addEventListener(name, (event) => {
-      event.preventDefault();
-      form.classList.remove("over");
-    })
-  );
-  form.addEventListener("drop", (event) => choose(event.dataTransfer.files));
+  if (form) {
+    // no upload form for a viewer
+    picker.addEventListener("change", () => choose(picker.files));
+    form.addEventListener("submit", upload);
+    ["dragenter", "dragover"].forEach((name) =>
+      form.addEventListener(name, (event) => {
+        event.preventDefault();
+        form.classList.add("over");
+      })
+    );
+    ["dragleave", "drop"].forEach((name) =>
+      form.addEventListener(name, (event) => {
+        event.preventDefault();
+        form.classList.remove("over");
+      })
+    );
+    form.addEventListener("drop", (event) => choose(event.dataTransfer.files));
+  }
   jobs.addEventListener("click", remove);
   if (dicom) {
     dicom.addEventListener("click", sendNow);
