@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 _CI_VARIABLES = ("CI", "TF_BUILD", "JENKINS_URL")
 
 
