@@ -592,7 +592,8 @@ def train(
         config: the training configuration.
         cache_dir: preprocessing cache; studies are cached first (in
             ``config.num_workers`` processes) and the ones that cannot be read or
-            that ``predict`` refuses (a head CT) are left out with a warning. Without it every epoch decodes every study.
+            that ``predict`` refuses (a head CT) are left out with a warning.
+            Without it every epoch decodes every study.
         resume: continue from ``out_dir/last_state.pth`` at the next epoch.
         progress: draw tqdm bars on stderr.
         echo: receives the lines meant for the user (estimate, epoch lines, disk
