@@ -25,6 +25,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 
 from ..errors import InputError, NoDicomError
 from . import validate
@@ -34,6 +35,10 @@ from .header import StudyHeader, read_study_header
 log = logging.getLogger(__name__)
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR
+#: CT Image Storage and Enhanced CT Image Storage: the objects ctscreen reads and scores.
+#: One set for the reader (a CT image must carry pixels), the series choice and the
+#: DICOM node (which refuses every other storage class).
+CT_SOP_CLASSES: frozenset[str] = frozenset({str(CTImageStorage), str(EnhancedCTImageStorage)})
 _DEFER_BYTES = 4096
 
 #: Errors pydicom may raise when force-reading bytes that are not really DICOM.
@@ -573,8 +578,6 @@ def read_header(path: Path) -> Dataset | None:
 
 
 _DEFLATED = "1.2.840.10008.1.2.1.99"
-#: CT Image Storage and Enhanced CT Image Storage: objects that must carry pixels.
-_CT_IMAGE_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1"})
 
 
 def truncation(ds: Dataset, file_size: int) -> str | None:
@@ -590,7 +593,7 @@ def truncation(ds: Dataset, file_size: int) -> str | None:
         sop_class = str(
             ds.get("SOPClassUID", "") or (meta or {}).get("MediaStorageSOPClassUID", "")
         )
-        if sop_class in _CT_IMAGE_CLASSES:
+        if sop_class in CT_SOP_CLASSES:
             return "a CT image whose file ends before its pixel data"
         return None
     length = getattr(raw, "length", None)

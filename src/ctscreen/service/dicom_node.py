@@ -42,12 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import (
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    Verification,
-)
+from pynetdicom.sop_class import Verification
 
+from ..dicom.discover import CT_SOP_CLASSES
 from ..errors import ConfigError
 from ..fileio import write_bytes_atomic
 from ..outputs.dicom import NodeJob
@@ -66,7 +63,7 @@ from .store import InputFile, JobStore, new_job_id, stored_name
 log = logging.getLogger(__name__)
 
 #: The SOP classes the node scores; every other storage class is refused per instance.
-ACCEPTED_SOP_CLASSES: frozenset[str] = frozenset({str(CTImageStorage), str(EnhancedCTImageStorage)})
+ACCEPTED_SOP_CLASSES: frozenset[str] = CT_SOP_CLASSES
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
