@@ -29,7 +29,8 @@ from pydicom.uid import UID
 
 from ..config import SelectionConfig
 from ..errors import SeriesSelectionError
-from .discover import CT_SOP_CLASSES, Series
+from .group import Series
+from .instance import CT_SOP_CLASSES
 
 #: Coverage below this fraction of the widest eligible series ranks a series last.
 MIN_COVERAGE_FRACTION = 0.5
