@@ -14,7 +14,7 @@ from ctscreen.config import PreprocessConfig
 from ctscreen.data import cache as cache_lib
 from ctscreen.data.dataset import StudyDataset, select_rows
 from ctscreen.errors import DatasetError, VolumeError
-from ctscreen.pipeline import read_study_volume
+from ctscreen.nifti import read_nifti
 from ctscreen.preprocess import preprocess
 from ctscreen.train.augment import AugmentConfig, augment_volume
 
@@ -22,9 +22,11 @@ SMALL = PreprocessConfig(shape=(8, 16, 16))
 
 
 def write_nifti(path, seed: int, shape=(24, 20, 12)) -> None:
-    """A small HU volume (x, y, z) with air around a soft-tissue block."""
+    """A small HU volume (x, y, z): air around a soft-tissue body holding a "lung"
+    (the cache refuses what predict refuses, a volume without lung among them)."""
     rng = np.random.default_rng(seed)
     hu = np.full(shape, -1000.0, dtype=np.float32)
+    hu[:, :, 1:-1] = 40.0
     hu[3:-3, 3:-3, 2:-2] = rng.normal(-700, 200, (shape[0] - 6, shape[1] - 6, shape[2] - 4))
     nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 2.5, 1.0])), str(path))
 
@@ -90,7 +92,7 @@ def test_entry_matches_direct_preprocessing_within_quantisation(tmp_path) -> Non
     report = cache_lib.build_cache(frame, tmp_path / "c", SMALL, workers=1, progress=False)
     entry = next(report.root.glob("*.npy"))
     assert np.load(entry).dtype == np.uint8
-    direct = preprocess(read_study_volume(frame.loc[0, "path"], "nifti"), SMALL)
+    direct = preprocess(read_nifti(frame.loc[0, "path"]), SMALL)
     cached = cache_lib.load_entry(entry)
     assert np.abs(cached - direct).max() <= 0.5 / 255 + 1e-6
     # 1/510 of the 1500 HU window: under 3 HU

@@ -16,7 +16,7 @@ from ctscreen.dicom.archive import MAX_NAME_BYTES, extract_zip
 from ctscreen.dicom.discover import discover, regular_files
 from ctscreen.dicom.volume import build_volume
 from ctscreen.errors import InputError, NoDicomError, VolumeError
-from ctscreen.explain import localization_box, probability, slice_scores
+from ctscreen.explain import localization_box, sigmoid, slice_scores
 from ctscreen.volume import Volume, canonical_permutation
 
 
@@ -306,11 +306,10 @@ def test_member_names_too_long_for_the_file_system_are_shortened(tmp_path: Path)
 # --------------------------------------------------------------------------- numbers out
 
 
-def test_probabilities_are_finite_and_nan_is_refused() -> None:
-    assert probability(1e6) == 1.0 and probability(-1e6) == 0.0
-    assert math.isclose(probability(0.0), 0.5)
-    with pytest.raises(ValueError, match="NaN"):
-        probability(float("nan"))
+def test_probabilities_are_finite_without_overflow() -> None:
+    assert sigmoid(1e6) == 1.0 and sigmoid(-1e6) == 0.0
+    assert math.isclose(sigmoid(0.0), 0.5) and math.isclose(sigmoid(-2.0), 1 - sigmoid(2.0))
+    np.testing.assert_allclose(sigmoid(np.array([-3.0, 3.0])), 1 / (1 + np.exp([3.0, -3.0])))
     scores = slice_scores(np.full((2, 2, 2), -5000.0), 0.0, 7)
     assert np.isfinite(scores).all() and scores.min() >= 0.0
 

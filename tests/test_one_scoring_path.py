@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from ctscreen import Screener
-from ctscreen.data.cache import build_cache, entry_path, load_entry
+from ctscreen.config import PreprocessConfig
+from ctscreen.data.cache import build_cache, entry_path, load_entry, read_manifest
 from ctscreen.data.registry import REGISTRY_COLUMNS, read_registry, write_registry
 from ctscreen.report import REQUIRED_COLUMNS, result_rows, rows_to_frame
 from ctscreen.weights import load_checkpoint
@@ -101,6 +102,47 @@ def test_training_cache_holds_the_predict_input_to_its_quantisation(
         assert np.abs(cached - result.image).max() <= 0.5 / 255 + 1e-6
 
 
+def test_training_cache_refuses_a_head_ct_with_predicts_reason(
+    dicom_root: Path, make_series, tiny_checkpoint: Path, tmp_path: Path, run_cli
+) -> None:
+    """The cache reads the way predict does: the chest check refuses a real head CT
+    (GE, gantry tilt) for training with predict's sentence, and the report lists it."""
+    head = dicom_root / "edge-gantry-tilt-ge-head"
+    if not head.is_dir():
+        pytest.skip(f"{head} not found")
+    chest, _ = make_series(seed=0, name="chest")
+    rows = [
+        {"study_key": "real:head", "path": str(head), "label": "0"},
+        {"study_key": "synth:chest", "path": str(chest[0].parent), "label": "1"},
+    ]
+    frame = pd.DataFrame(
+        [{**r, "path_type": "dicom", "dataset": "t", "patient_id": r["study_key"]} for r in rows],
+        columns=list(REGISTRY_COLUMNS),
+    )
+    registry = write_registry(frame, tmp_path / "registry.csv")
+
+    table_path = tmp_path / "results.csv"
+    common = ("--device", "cpu", "--backend", "torch", "--precision", "fp32")
+    predicted = run_cli("predict", head, "--weights", tiny_checkpoint, "-o", table_path, *common)
+    table = pd.read_csv(table_path)
+    assert list(table["processing_status"]) == ["Failure"]
+    refusal = table.loc[0, "error"]
+    assert refusal.startswith("not a chest CT: ") and "BodyPartExamined 'HEAD'" in refusal
+
+    cache_dir = tmp_path / "cache"
+    shape = ("--shape", "8", "16", "16")
+    cached = run_cli("cache", registry, "--cache-dir", cache_dir, *shape, "--workers", "1")
+    assert cached.code == predicted.code == 1, cached.err  # partial: one study refused
+    assert "1 built, 1 failed" in cached.out
+    assert f"FAILED real:head (NOT_CHEST): {refusal}" in cached.out
+    config = PreprocessConfig(shape=(8, 16, 16))
+    report = build_cache(read_registry(registry), cache_dir, config, progress=False)
+    (failure,) = report.failures  # a known refusal is reported again without reading
+    assert (failure.study_key, failure.code, failure.message) == ("real:head", "NOT_CHEST", refusal)
+    statuses = {r["study_key"]: r["status"] for r in read_manifest(report.root).values()}
+    assert statuses == {"real:head": "failed", "synth:chest": "ok"}
+
+
 def test_study_rows_slice_rows_and_failures_come_from_one_result(
     make_series, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -137,11 +179,15 @@ def test_study_rows_slice_rows_and_failures_come_from_one_result(
 def test_a_nifti_copy_scores_like_its_dicom_series(
     make_series, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    from ctscreen.pipeline import read_study_volume
+    from ctscreen.pipeline import prepare_one_study
     from ctscreen.synth.nifti_writer import write_nifti
 
     paths, _ = make_series(seed=9, pathology="consolidation", name="dicom")
-    nifti = write_nifti(read_study_volume(paths[0].parent), path=tmp_path / "copy.nii.gz")
+    read = prepare_one_study(
+        paths[0].parent, config=PreprocessConfig(shape=(8, 16, 16)), nifti=False, keep_volume=True
+    )
+    assert read.volume is not None, read.error
+    nifti = write_nifti(read.volume, path=tmp_path / "copy.nii.gz")
     screener = Screener(tiny_checkpoint, device="cpu", backend="torch", precision="fp32")
     from_dicom, from_nifti = screener.score([paths[0].parent, nifti])
     assert from_dicom.ok and from_nifti.ok, from_nifti.error

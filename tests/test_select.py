@@ -6,10 +6,11 @@ import random
 from pathlib import Path
 
 import pytest
+from pydicom.uid import CTImageStorage
 
 from ctscreen.config import SelectionConfig
 from ctscreen.dicom.discover import FrameGeometry, InstanceHeader, Series
-from ctscreen.dicom.select import CT_IMAGE_STORAGE, select_series
+from ctscreen.dicom.select import select_series
 from ctscreen.errors import SeriesSelectionError
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -23,7 +24,7 @@ def _series(
     step: float,
     z0: float = 0.0,
     orientation=AXIAL,
-    sop_class=CT_IMAGE_STORAGE,
+    sop_class=str(CTImageStorage),
     image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
     pixels: bool = True,
     number: int = 1,

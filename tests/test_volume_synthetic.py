@@ -15,7 +15,7 @@ from ctscreen.dicom.discover import Series, discover
 from ctscreen.dicom.select import select_series
 from ctscreen.dicom.volume import build_volume
 from ctscreen.nifti import read_nifti
-from ctscreen.pipeline import read_study_volume
+from ctscreen.pipeline import prepare_one_study
 from ctscreen.preprocess import preprocess
 from ctscreen.synth.nifti_writer import write_nifti
 
@@ -101,7 +101,9 @@ def test_nifti_copy_gives_the_same_array(make_series, tmp_path: Path) -> None:
     np.testing.assert_allclose(
         preprocess(nifti_volume, CONFIG), preprocess(dicom_volume, CONFIG), atol=1e-4
     )
-    assert np.array_equal(read_study_volume(nifti_path, "nifti").hu, nifti_volume.hu)
+    # a registry entry is read as predict reads it: the same array
+    as_registry_entry = prepare_one_study(nifti_path, config=CONFIG, nifti=True)
+    assert np.array_equal(as_registry_entry.array, preprocess(nifti_volume, CONFIG))
 
 
 def test_dropped_slice_is_reported_as_a_gap(make_series, tmp_path: Path) -> None:

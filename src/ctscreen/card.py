@@ -9,6 +9,7 @@ so it loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -143,3 +144,23 @@ def passed_check(card: ModelCard) -> bool:
     """True when the card's INT8 graph passed a recorded check against fp32."""
     check = card.quantization.get("check") if card.quantization else None
     return isinstance(check, dict) and check.get("passed") is True
+
+
+def format_interval(low: float, high: float, digits: int = 4) -> str:
+    """A confidence interval as text, saying so when it is undefined or has no width.
+
+    A stratified bootstrap keeps each class's count, so when every study of a class
+    gets the same decision (or the set is tiny) all resamples give one value: that is
+    no interval at all, and ``0.5000 – 0.5000`` would read as certainty.
+
+    Example:
+        >>> format_interval(0.81, 0.97)
+        '0.8100 – 0.9700'
+        >>> format_interval(0.5, 0.5)
+        'none (every resample gives 0.5000)'
+    """
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "undefined"
+    if high - low < 0.5 * 10.0**-digits:
+        return f"none (every resample gives {low:.{digits}f})"
+    return f"{low:.{digits}f} – {high:.{digits}f}"

@@ -16,7 +16,6 @@ axis, as does canonical voxel ``i`` of ``N`` at ``(i + 0.5) / N``.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,23 +30,16 @@ BOX_FRACTION = 0.5
 MAX_HOT_SHARE = 0.5
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    """Logistic function without overflow (|x| of 1000 gives exactly 0 or 1, no warning)."""
+def sigmoid(x: float | np.ndarray) -> np.ndarray:
+    """The probability of a logit (or of each logit of an array), float64 in [0, 1].
+
+    The one logistic function of ctscreen (study, slice and quantisation-check
+    probabilities): no overflow, so a logit of -1000 gives exactly 0 and no warning.
+    A NaN logit gives NaN; callers refuse non-finite outputs before this.
+    """
     x = np.asarray(x, dtype=np.float64)
     z = np.exp(-np.abs(x))
     return np.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
-
-
-def probability(logit: float) -> float:
-    """The probability of a logit, always a finite number in [0, 1].
-
-    Raises:
-        ValueError: ``logit`` is NaN (a network fed non-finite input); callers turn
-            that into a Failure, never into a number.
-    """
-    if math.isnan(logit):
-        raise ValueError("the network returned NaN instead of a score")
-    return float(_sigmoid(np.float64(logit)))
 
 
 def depth_logits(cam: np.ndarray, bias: float) -> np.ndarray:
@@ -66,7 +58,7 @@ def slice_logits(cam: np.ndarray, bias: float, n_slices: int) -> np.ndarray:
 def slice_scores(cam: np.ndarray, bias: float, n_slices: int) -> np.ndarray:
     """Score in [0, 1] of every canonical slice: the probability the model would give
     a study that looked everywhere like the neighbourhood of that slice."""
-    return _sigmoid(slice_logits(cam, bias, n_slices))
+    return sigmoid(slice_logits(cam, bias, n_slices))
 
 
 def localization_box(cam: np.ndarray, volume: Volume) -> tuple[float, ...] | None:

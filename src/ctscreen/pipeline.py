@@ -29,12 +29,11 @@ import numpy as np
 
 from .chest import require_chest
 from .config import PreprocessConfig, SelectionConfig
-from .data.registry import PATH_TYPES
 from .dicom.discover import Series, Study, discover
 from .dicom.header import StudyHeader
 from .dicom.select import Candidate, select_series
 from .dicom.volume import build_volume
-from .errors import CtscreenError, InputError, SeriesSelectionError, VolumeError
+from .errors import CtscreenError, SeriesSelectionError, VolumeError
 from .nifti import read_nifti
 from .preprocess import preprocess
 from .volume import Volume
@@ -71,6 +70,11 @@ def error_sentence(exc: BaseException, where: str) -> str:
     )
 
 
+def error_code(exc: BaseException) -> str:
+    """The stable code of ``exc``: the library's own, or the exception's type name."""
+    return exc.code if isinstance(exc, CtscreenError) else type(exc).__name__
+
+
 def is_nifti(path: Path) -> bool:
     """True for a file whose name ends in ``.nii`` or ``.nii.gz``."""
     return path.name.lower().endswith(NIFTI_SUFFIXES) and path.is_file()
@@ -91,6 +95,8 @@ class PreparedStudy:
         geometry: the volume without voxels; None on failure.
         volume: the volume with its HU voxels, only when asked for (``keep_volume``).
         error: why the study failed ("" when ``array`` is set).
+        error_code: the failure's stable code (``CtscreenError.code``, the exception
+            type for an unforeseen error, ``TIMEOUT``; "" when ``array`` is set).
         seconds: time spent reading and preprocessing it.
         timings: ``read_s`` and ``preprocess_s``.
         header: the study's Patient/Study values and the scored series' instances
@@ -107,6 +113,7 @@ class PreparedStudy:
     geometry: Volume | None = None
     volume: Volume | None = None
     error: str = ""
+    error_code: str = ""
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     header: StudyHeader | None = None
@@ -194,6 +201,7 @@ def prepare_study(
         yield PreparedStudy(
             **base,
             error=exc.message,
+            error_code=exc.code,
             warnings=notes,
             seconds=time.perf_counter() - start,
             header=study_header,
@@ -231,6 +239,7 @@ def prepare_study(
             item = PreparedStudy(
                 **fields,  # type: ignore[arg-type]
                 error=error_sentence(exc, study.location),
+                error_code=error_code(exc),
                 seconds=time.perf_counter() - start,
             )
         yield item
@@ -245,12 +254,21 @@ def prepare_input(
     warnings: tuple[str, ...] = (),
     work_root: Path | None = None,
     keep_volume: bool = False,
+    nifti: bool | None = None,
+    one_study: bool = False,
 ) -> Iterator[PreparedStudy]:
-    """Discover, select, decode and preprocess one input, study by study.
+    """Discover, select, decode, check and preprocess one input, study by study.
 
     A zip archive is extracted into a temporary folder that is removed once its
-    studies have been yielded (or the iterator is closed). A ``.nii``/``.nii.gz``
-    file is one study.
+    studies have been yielded (or the iterator is closed). A NIfTI file is one
+    study. Every refusal (no DICOM, no eligible series, a volume that cannot be
+    stacked, not a chest CT) becomes an item with ``error`` set.
+
+    Args:
+        nifti: read ``input_path`` as a NIfTI file (True) or as DICOM (False);
+            None decides by the name (``.nii``/``.nii.gz``).
+        one_study: the input must hold exactly one study (a registry entry); one
+            holding several gives a single failure item.
     """
     shown = str(input_path)
     start = time.perf_counter()
@@ -261,11 +279,12 @@ def prepare_input(
             location=shown,
             study_uid="",
             error=error_sentence(exc, shown),
+            error_code=error_code(exc),
             warnings=warnings,
             seconds=time.perf_counter() - start,
         )
 
-    if is_nifti(input_path):
+    if is_nifti(input_path) if nifti is None else nifti:
         try:
             volume = read_nifti(input_path)
             chest_notes = require_chest(volume, where=shown)
@@ -289,6 +308,14 @@ def prepare_input(
             found = discover(input_path, work_dir=Path(tmp) / "extract")
         except (CtscreenError, *UNEXPECTED) as exc:
             yield failed(exc)
+            return
+        if one_study and len(found.studies) != 1:
+            yield failed(
+                VolumeError(
+                    f"{input_path} holds {len(found.studies)} studies; point the registry "
+                    "at one study."
+                )
+            )
             return
         share = (time.perf_counter() - start) / len(found.studies)
         for study in found.studies:
@@ -321,6 +348,7 @@ def timeout_item(input_path: Path, limit: float, warnings: tuple[str, ...]) -> P
             "study, so it was stopped and the run went on; check the input (a damaged or "
             "enormous file) or raise the limit (--study-timeout)."
         ),
+        error_code="TIMEOUT",
         warnings=warnings,
         seconds=limit,
     )
@@ -483,30 +511,44 @@ def prepare_inputs(
             yield from items
 
 
-def read_study_volume(
-    path: Path | str, path_type: str = "dicom", *, selection: SelectionConfig | None = None
-) -> Volume:
-    """The canonical volume of a registry entry: the one study in a folder or zip
-    (its chosen series, as :class:`ctscreen.Screener` chooses it), or a NIfTI file.
+def prepare_one_study(
+    path: Path | str,
+    *,
+    config: PreprocessConfig,
+    nifti: bool,
+    selection: SelectionConfig | None = None,
+    keep_volume: bool = False,
+) -> PreparedStudy:
+    """One registry entry (one study), read exactly as ``predict`` reads an input.
 
-    Raises:
-        InputError: an unknown ``path_type``.
-        VolumeError: the path holds several studies (point at one of them).
-        CtscreenError: any reading, selection or decoding error.
+    The path is that of :func:`prepare_input`: discover, select the series
+    :class:`ctscreen.Screener` would score, build its volume, check that it is a
+    chest CT, preprocess. So training refuses every study ``predict`` refuses, with
+    the same sentence (``error``) and code (``error_code``).
+
+    Args:
+        path: a DICOM study folder or zip, or a NIfTI file.
+        config: preprocessing.
+        nifti: read ``path`` as a NIfTI file instead of DICOM.
+        selection: series selection rules (None: the defaults, as ``predict``).
+        keep_volume: keep the HU volume on the item.
+
+    Returns:
+        The item: ``array`` set, or ``error`` saying why the study was refused
+        (also when the path holds several studies).
     """
-    if path_type not in PATH_TYPES:
-        raise InputError(f"unknown path_type {path_type!r}; use one of {', '.join(PATH_TYPES)}.")
-    path = Path(path)
-    if path_type == "nifti":
-        return read_nifti(path)
-    with tempfile.TemporaryDirectory(prefix="ctscreen-") as tmp:
-        found = discover(path, work_dir=Path(tmp))
-        if len(found.studies) != 1:
-            raise VolumeError(
-                f"{path} holds {len(found.studies)} studies; point the registry at one study."
-            )
-        chosen = select_series(found.studies[0].series, selection)
-        return build_volume(chosen.best.series)
+    items = prepare_input(
+        Path(path),
+        config=config,
+        selection=selection or SelectionConfig(),
+        keep_volume=keep_volume,
+        nifti=nifti,
+        one_study=True,
+    )
+    try:
+        return next(items)
+    finally:
+        items.close()  # removes the work area of an extracted zip
 
 
 def prefetched(items: Iterator[PreparedStudy], depth: int) -> Iterator[PreparedStudy]:

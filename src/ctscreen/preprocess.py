@@ -77,15 +77,6 @@ def resize_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
     return _linear_axis(x, axis, size)
 
 
-def resize_volume(x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Resize a ``[D, H, W]`` float32 array to ``shape`` (see the module docstring)."""
-    out = np.ascontiguousarray(x, dtype=np.float32)
-    # Shrink the largest reductions first so later passes work on less data.
-    for axis in sorted(range(3), key=lambda a: shape[a] / out.shape[a]):
-        out = resize_axis(out, axis, shape[axis])
-    return np.ascontiguousarray(out, dtype=np.float32)
-
-
 def preprocess_array(
     hu: np.ndarray, config: PreprocessConfig, *, chunk_slices: int = 8
 ) -> np.ndarray:

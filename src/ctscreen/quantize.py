@@ -31,6 +31,7 @@ import numpy as np
 
 from .config import PreprocessConfig, SelectionConfig
 from .errors import ConfigError
+from .explain import sigmoid
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class CheckResult:
 def _probabilities(run: Any, arrays: Sequence[np.ndarray]) -> np.ndarray:
     batches = (np.ascontiguousarray(a, np.float32)[None, None] for a in arrays)
     logits = np.concatenate([run(x)[0] for x in batches])
-    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    return sigmoid(logits)
 
 
 def compare(

@@ -22,14 +22,6 @@ FAILURE = "Failure"
 STATUSES: tuple[str, str] = (SUCCESS, FAILURE)
 
 
-def sigmoid(logit: float) -> float:
-    """The probability of a logit, without overflow for large negative logits."""
-    if logit >= 0:
-        return float(1.0 / (1.0 + np.exp(-logit)))
-    z = float(np.exp(logit))
-    return z / (1.0 + z)
-
-
 @dataclass(frozen=True, kw_only=True, eq=False)
 class StudyResult:
     """The outcome of one study (or one eligible series in per-series mode).

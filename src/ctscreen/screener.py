@@ -30,7 +30,7 @@ from .bundle import LoadedBundle, is_bundle, load_bundle
 from .card import ModelCard
 from .config import PreprocessConfig, SelectionConfig
 from .errors import ConfigError, needs_torch
-from .explain import localization_box, slice_scores
+from .explain import localization_box, sigmoid, slice_scores
 from .hardware import HostCpu, bundle_device, default_batch_size, default_readers, select_device
 from .pipeline import (
     STUDY_TIMEOUT_S,
@@ -40,7 +40,7 @@ from .pipeline import (
     prefetched,
     prepare_inputs,
 )
-from .results import StudyResult, sigmoid
+from .results import StudyResult
 
 if TYPE_CHECKING:
     import torch
@@ -374,7 +374,7 @@ class Screener:
                 error="the network gave a non-finite output for this study (the input values "
                 "are not physical, or the weights are damaged); check both.",
             )
-        probability = sigmoid(logit)
+        probability = float(sigmoid(logit))
         pathology = int(probability >= self.threshold)
         box = localization_box(cam, geometry) if (self.localize and pathology) else None
         borderline = self.card.is_borderline(probability, self.threshold)

@@ -18,18 +18,17 @@ parts run with the f32 inference-precision hint.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ConfigError
+from ..weights import Int8Graph
 from .base import cam_network
 from .export_cache import ExportRecipe, cached_export, export_cache_root
 from .openvino_backend import (
@@ -59,26 +58,6 @@ NNCF_MISSING = (
     "quantizing needs NNCF: pip install 'ctscreen[quantize]' (or pip install nncf), "
     "then run the command again."
 )
-
-
-@dataclass(frozen=True)
-class Int8Graph:
-    """An INT8 OpenVINO graph: the IR's xml and bin, as bytes.
-
-    Attributes:
-        xml: the graph (``model.xml``).
-        weights: the constants (``model.bin``), INT8 weights included.
-    """
-
-    xml: bytes
-    weights: bytes
-
-    @property
-    def sha256(self) -> str:
-        """SHA-256 over both files (names the graph in the export cache)."""
-        digest = hashlib.sha256(self.xml)
-        digest.update(self.weights)
-        return digest.hexdigest()
 
 
 def nncf_version() -> str | None:

@@ -23,8 +23,11 @@ quarter of that.
 
 Every entry is written to a temporary file in the same folder and moved into
 place with ``os.replace``, so an interrupted build never leaves a truncated entry.
-A study that fails to load is recorded in the manifest with its error sentence
-and does not stop the build.
+Studies are read the way ``ctscreen predict`` reads them (the same discovery,
+series choice, volume checks and chest check), so a study ``predict`` refuses (a
+head CT, no eligible series) is refused here too. A study that fails or is
+refused is recorded in the manifest and the report with ``predict``'s sentence and
+does not stop the build.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ import numpy as np
 import pandas as pd
 
 from ..config import PreprocessConfig
-from ..errors import CtscreenError, DatasetError
+from ..errors import CtscreenError, DatasetError, InputError
 from ..fileio import write_atomic, write_text_atomic
+from .registry import PATH_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +190,11 @@ def load_entry(path: Path | str) -> np.ndarray:
 def decode_study(path: str | Path, path_type: str, config: PreprocessConfig) -> np.ndarray:
     """Read one study from its source and preprocess it (the slow path the cache saves).
 
+    The study goes the way ``ctscreen predict`` reads an input
+    (:func:`ctscreen.pipeline.prepare_one_study`: discover, select, volume, chest
+    check, preprocess), so a study ``predict`` refuses is refused here with the
+    same sentence and code.
+
     Args:
         path: DICOM study folder/zip or NIfTI file.
         path_type: ``"dicom"`` or ``"nifti"``.
@@ -195,12 +204,20 @@ def decode_study(path: str | Path, path_type: str, config: PreprocessConfig) -> 
         float32 ``config.shape`` in [0, 1].
 
     Raises:
-        CtscreenError: the study cannot be read (its subclass says why).
+        InputError: an unknown ``path_type``.
+        CtscreenError: the study cannot be read or is refused (its ``code`` says why,
+            as in ``predict``'s table).
     """
-    from ..pipeline import read_study_volume
-    from ..preprocess import preprocess
+    from ..pipeline import prepare_one_study
 
-    return preprocess(read_study_volume(path, path_type), config)
+    if path_type not in PATH_TYPES:
+        raise InputError(f"unknown path_type {path_type!r}; use one of {', '.join(PATH_TYPES)}.")
+    item = prepare_one_study(path, config=config, nifti=path_type == "nifti")
+    if item.array is None:
+        raise CtscreenError(item.error, code=item.error_code or None)
+    for warning in item.warnings:
+        log.info("%s: %s", path, warning)
+    return item.array
 
 
 def check_columns(frame: pd.DataFrame, columns: Iterable[str] = REQUIRED_COLUMNS) -> None:

@@ -66,7 +66,9 @@ _SEX = frozenset({"M", "F", "O"})
 UTF8 = "ISO_IR 192"
 
 
-def _plain_text(value: object) -> str:
+def plain_text(value: object) -> str:
+    """A tag value as text without padding: spaces and NULs at either end dropped,
+    bytes (an element pydicom could not convert) decoded as Latin-1, None as ""."""
     if value is None:
         return ""
     if isinstance(value, bytes):
@@ -143,7 +145,7 @@ def _charset(ds: Dataset) -> str:
     value = ds.get("SpecificCharacterSet", "")
     if isinstance(value, list | tuple) or hasattr(value, "__iter__") and not isinstance(value, str):
         return "\\".join(str(v).strip() for v in value)
-    return _plain_text(value)
+    return plain_text(value)
 
 
 def single_set(charset: str) -> str:
@@ -274,7 +276,7 @@ def read_study_header(ds: Dataset) -> StudyHeader:
     values: list[tuple[str, str]] = []
     for keyword, vr in CARRIED:
         try:
-            raw = _plain_text(ds.get(keyword, ""))
+            raw = plain_text(ds.get(keyword, ""))
         except (ValueError, TypeError, AttributeError, LookupError, OverflowError):
             raw, note = "", f"{keyword} could not be read and was left empty"
             warnings.append(note)
@@ -333,7 +335,7 @@ _TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
 
 def _safe_text(ds: Dataset, keyword: str) -> str:
     try:
-        return _plain_text(ds.get(keyword, ""))
+        return plain_text(ds.get(keyword, ""))
     except (ValueError, TypeError, AttributeError, LookupError):
         return ""
 
@@ -343,6 +345,7 @@ __all__ = [
     "StudyHeader",
     "clean_value",
     "fit_character_set",
+    "plain_text",
     "read_study_header",
     "valid_uid",
 ]

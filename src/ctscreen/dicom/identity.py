@@ -5,7 +5,7 @@ study reached through two sources) without reading the whole study. This reads
 only headers, and only through :mod:`ctscreen.dicom`'s own readers and limits: a
 zip goes through :func:`ctscreen.dicom.archive.extract_zip` (member count, size,
 ratio and path checks) into a temporary folder, files through
-:func:`ctscreen.dicom.discover.read_header`.
+:func:`ctscreen.dicom.files.read_header`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import CtscreenError
 from .archive import extract_zip
-from .discover import iter_files, looks_like_zip, read_header
+from .files import iter_files, looks_like_zip, read_header
 
 log = logging.getLogger(__name__)
 

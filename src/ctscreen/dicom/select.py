@@ -29,11 +29,8 @@ from pydicom.uid import UID
 
 from ..config import SelectionConfig
 from ..errors import SeriesSelectionError
-from .discover import Series
-
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-CT_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE})
+from .group import Series
+from .instance import CT_SOP_CLASSES
 
 #: Coverage below this fraction of the widest eligible series ranks a series last.
 MIN_COVERAGE_FRACTION = 0.5

@@ -45,7 +45,8 @@ from ..volume import (
     reorient_affine,
     spacing_from_affine,
 )
-from .discover import FrameGeometry, InstanceHeader, Series
+from .group import Series
+from .instance import FrameGeometry, InstanceHeader
 
 log = logging.getLogger(__name__)
 

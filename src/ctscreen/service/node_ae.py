@@ -14,15 +14,16 @@ import logging
 import ssl
 
 from pynetdicom import AE, AllStoragePresentationContexts
-from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
+from pynetdicom.sop_class import Verification
 
+from ..dicom.instance import CT_SOP_CLASSES
 from ..errors import ConfigError
 from .node_settings import NodeSettings
 
 log = logging.getLogger(__name__)
 
 #: The SOP classes the node scores; every other storage class is refused per instance.
-ACCEPTED_SOP_CLASSES: frozenset[str] = frozenset({str(CTImageStorage), str(EnhancedCTImageStorage)})
+ACCEPTED_SOP_CLASSES: frozenset[str] = CT_SOP_CLASSES
 #: Every transfer syntax pynetdicom knows, for CT (a PACS may send JPEG, JPEG 2000, RLE...).
 _CT_TRANSFER_SYNTAXES: list[str] = [
     "1.2.840.10008.1.2",

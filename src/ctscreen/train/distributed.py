@@ -316,11 +316,6 @@ def run_on_main(fn: Callable[[], T], world: World) -> T:
     return outcome.value
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside a ``DistributedDataParallel`` wrapper (or ``model``)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     """``model`` in ``DistributedDataParallel`` when several processes train."""
     if not world.distributed:

@@ -493,7 +493,8 @@ def _drop_unreadable(
     dropped = rows.loc[mask, "study_key"].astype(str).tolist()
     if dropped:
         log.warning(
-            "leaving %d unreadable %s studies out (see the cache manifest): %s",
+            "leaving %d %s studies out that cannot be read or are refused (see the cache "
+            "manifest): %s",
             len(dropped),
             what,
             ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""),
@@ -590,8 +591,9 @@ def train(
         out_dir: the run folder (created; see the module docstring for its content).
         config: the training configuration.
         cache_dir: preprocessing cache; studies are cached first (in
-            ``config.num_workers`` processes) and unreadable ones are left out with
-            a warning. Without it every epoch decodes every study.
+            ``config.num_workers`` processes) and the ones that cannot be read or
+            that ``predict`` refuses (a head CT) are left out with a warning.
+            Without it every epoch decodes every study.
         resume: continue from ``out_dir/last_state.pth`` at the next epoch.
         progress: draw tqdm bars on stderr.
         echo: receives the lines meant for the user (estimate, epoch lines, disk

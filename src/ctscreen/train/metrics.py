@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
+from ..card import format_interval as format_interval  # its home is the card (it says CIs)
+
 #: Metrics reported with confidence intervals, in display order.
 CI_METRICS: tuple[str, ...] = (
     "roc_auc",
@@ -218,26 +220,6 @@ def _percentile_interval(values: list[float], alpha: float) -> tuple[float, floa
         return (math.nan, math.nan)
     low, high = np.quantile(arr, [alpha / 2.0, 1.0 - alpha / 2.0])
     return (float(low), float(high))
-
-
-def format_interval(low: float, high: float, digits: int = 4) -> str:
-    """A confidence interval as text, saying so when it is undefined or has no width.
-
-    A stratified bootstrap keeps each class's count, so when every study of a class
-    gets the same decision (or the set is tiny) all resamples give one value: that is
-    no interval at all, and ``0.5000 – 0.5000`` would read as certainty.
-
-    Example:
-        >>> format_interval(0.81, 0.97)
-        '0.8100 – 0.9700'
-        >>> format_interval(0.5, 0.5)
-        'none (every resample gives 0.5000)'
-    """
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return "undefined"
-    if high - low < 0.5 * 10.0**-digits:
-        return f"none (every resample gives {low:.{digits}f})"
-    return f"{low:.{digits}f} – {high:.{digits}f}"
 
 
 def _check_ci_args(n_boot: int, alpha: float) -> None:
