@@ -9,6 +9,7 @@ so it loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -164,3 +165,27 @@ def format_interval(low: float, high: float, digits: int = 4) -> str:
     if high - low < 0.5 * 10.0**-digits:
         return f"none (every resample gives {low:.{digits}f})"
     return f"{low:.{digits}f} – {high:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class Int8Graph:
+    """An INT8 OpenVINO graph: the IR's xml and bin, as bytes.
+
+    A quantized checkpoint carries it (``ctscreen quantize`` makes it,
+    :mod:`ctscreen.backends.openvino_int8` runs it); it lives here, beside the model card,
+    so that neither reading weights nor a bundle without PyTorch needs a backend.
+
+    Attributes:
+        xml: the graph (``model.xml``).
+        weights: the constants (``model.bin``), INT8 weights included.
+    """
+
+    xml: bytes
+    weights: bytes
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 over both files (names the graph in the export cache)."""
+        digest = hashlib.sha256(self.xml)
+        digest.update(self.weights)
+        return digest.hexdigest()

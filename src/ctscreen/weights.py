@@ -26,7 +26,6 @@ Files of the original implementation are accepted too, with a made-up card
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .card import ModelCard, format_interval
+from .card import Int8Graph, ModelCard, format_interval
 from .config import PreprocessConfig
 from .errors import CtscreenError, WeightsError
 from .fileio import file_sha256, write_atomic
@@ -46,30 +45,6 @@ from .model import build_model, count_parameters
 from .torchfile import read_torch_file
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Int8Graph:
-    """An INT8 OpenVINO graph: the IR's xml and bin, as bytes.
-
-    A quantized checkpoint carries it (``ctscreen quantize`` makes it,
-    :mod:`ctscreen.backends.openvino_int8` runs it); it lives here, with the file
-    format, so that reading weights needs no backend.
-
-    Attributes:
-        xml: the graph (``model.xml``).
-        weights: the constants (``model.bin``), INT8 weights included.
-    """
-
-    xml: bytes
-    weights: bytes
-
-    @property
-    def sha256(self) -> str:
-        """SHA-256 over both files (names the graph in the export cache)."""
-        digest = hashlib.sha256(self.xml)
-        digest.update(self.weights)
-        return digest.hexdigest()
 
 
 CHECKPOINT_FORMAT = "ctscreen-checkpoint"

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..card import Int8Graph
 from ..errors import ConfigError
-from ..weights import Int8Graph
 from .base import cam_network
 from .export_cache import ExportRecipe, cached_export, export_cache_root
 from .openvino_backend import (
