@@ -190,3 +190,13 @@ def test_stored_rows_round_trip_and_old_rows_still_load(tmp_path: Path) -> None:
     assert (first.patient_id, first.accession_number, first.study_date) == ("", "", "")
     assert first.study_uid == STUDY_UID and first.probability_of_pathology == 0.91
     assert row_from_json(json.dumps(old)) == first
+
+
+def test_the_run_journal_keeps_them_for_resume() -> None:
+    for row in _rows():
+        back = ResultRow.from_record(json.loads(json.dumps(row.to_record())))
+        assert back == row
+    old = _rows()[0].to_record()
+    for name in ("patient_id", "accession_number", "study_date"):
+        del old[name]  # a journal line written before these columns existed
+    assert ResultRow.from_record(old).patient_id == ""
