@@ -180,6 +180,15 @@ def test_result_rows_show_identifiers_reason_and_warnings_escaped() -> None:
     for label in ("ID пациента", "Дата исследования", "UID исследования", "Причина сбоя"):
         assert f"<th>{label}</th>" in ru
     assert "Предупреждения" in ru and "ошибка" in ru
+    # The model card's warnings are shown once above the table, not on every row.
+    quiet = jobs_fragment(
+        [_job("j1", "done")],
+        {"j1": _rows()},
+        threshold=0.5,
+        lang="en",
+        model_cautions=("gantry tilt 12°",),
+    )
+    assert "<li>borderline &amp; not firm</li></ul>" in quiet and "gantry" not in quiet
 
 
 def test_page_formats_the_threshold_and_shows_the_model_cards_warnings() -> None:

@@ -262,7 +262,9 @@ def _warnings_list(warnings: Sequence[str]) -> str:
     return '<ul class="warnings">' + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>"
 
 
-def _result_row(row: ResultRow, threshold: float | None, lang: str) -> str:
+def _result_row(
+    row: ResultRow, threshold: float | None, lang: str, shown_above: Sequence[str] = ()
+) -> str:
     probability = (
         ""
         if row.probability_of_pathology is None
@@ -283,7 +285,7 @@ def _result_row(row: ResultRow, threshold: float | None, lang: str) -> str:
         "probability": probability,
         "decision": _decision(row, lang),
         "reason": reason,
-        "warnings": _warnings_list(row.warnings),
+        "warnings": _warnings_list([w for w in row.warnings if w not in shown_above]),
     }
     mono = {"study", "patient-id", "accession", "study-uid"}
     return (
@@ -297,10 +299,16 @@ def _result_row(row: ResultRow, threshold: float | None, lang: str) -> str:
     )
 
 
-def _result_rows(rows: Sequence[ResultRow], threshold: float | None, lang: str, limit: int) -> str:
+def _result_rows(
+    rows: Sequence[ResultRow],
+    threshold: float | None,
+    lang: str,
+    limit: int,
+    shown_above: Sequence[str] = (),
+) -> str:
     if not rows:
         return ""
-    lines = [_result_row(row, threshold, lang) for row in rows[:limit]]
+    lines = [_result_row(row, threshold, lang, shown_above) for row in rows[:limit]]
     more = ""
     if len(rows) > limit:
         more = f'<p class="muted">{_e(t("more_rows", lang, n=len(rows) - limit))}</p>'
@@ -330,9 +338,11 @@ def jobs_fragment(
     lang: str,
     rows_per_job: int = 20,
     can_delete: bool = True,
+    model_cautions: Sequence[str] = (),
 ) -> str:
     """The ``<tbody>`` of the jobs table (what the page fetches every two seconds); delete
-    buttons only when ``can_delete`` (an admin)."""
+    buttons only when ``can_delete`` (an admin). A row's warnings leave out the model
+    card's (``model_cautions``), which the page shows once above the table."""
     if not jobs:
         return f'<tr><td colspan="5" class="muted">{_e(t("no_jobs", lang))}</td></tr>'
     out = []
@@ -352,6 +362,7 @@ def jobs_fragment(
             if job.status != "running" and can_delete
             else ""
         )
+        results = _result_rows(rows.get(job.id, ()), threshold, lang, rows_per_job, model_cautions)
         out.append(
             f'<tr class="job" id="job-{_e(job.id)}" data-status="{_e(job.status)}">'
             f'<td class="nowrap"><time datetime="{_e(format_time(job.created))}">'
@@ -359,7 +370,7 @@ def jobs_fragment(
             f'<td class="mono">{_e(names)}</td>'
             f'<td><span class="status {_e(job.status)}">{_e(t(job.status, lang))}</span></td>'
             f"<td>{progress}</td>"
-            f"<td>{_result_rows(rows.get(job.id, ()), threshold, lang, rows_per_job)}{message}"
+            f"<td>{results}{message}"
             f'<div class="actions">{actions} {delete}</div></td></tr>'
         )
     return "".join(out)
