@@ -69,6 +69,9 @@ def test_frame_columns_and_dtypes() -> None:
         "series_reason",
         "n_slices",
         "input_path",
+        "patient_id",
+        "accession_number",
+        "study_date",
     ]
     assert frame["probability_of_pathology"].dtype == "float64"
     assert frame["time_of_processing"].dtype == "float64"
@@ -97,7 +100,7 @@ def test_extras_follow_fixed_columns_in_first_seen_order() -> None:
         ),
     ]
     frame = rows_to_frame(rows)
-    assert list(frame.columns[14:]) == [
+    assert list(frame.columns[17:]) == [
         "slice_index",
         "sop_instance_uid",
         "study_probability",
@@ -143,7 +146,10 @@ def test_written_tables_read_back(tmp_path: Path, suffix: str) -> None:
 
     back = _read(path)
     assert tuple(back.columns[:7]) == REQUIRED_COLUMNS
-    assert list(back.columns) == list(frame.columns)
+    # Sheet 1 of an .xlsx leaves the identity columns to the "studies" sheet.
+    identity = ["patient_id", "accession_number", "study_date"]
+    expected = [c for c in frame.columns if suffix != "xlsx" or c not in identity]
+    assert list(back.columns) == expected
     assert back["probability_of_pathology"].dtype == "float64"
     assert back["time_of_processing"].dtype == "float64"
     assert back["probability_of_pathology"].tolist()[0] == 0.8125
@@ -158,7 +164,7 @@ def test_written_tables_read_back(tmp_path: Path, suffix: str) -> None:
 
     if suffix == "xlsx":
         book = openpyxl.load_workbook(path)
-        assert book.sheetnames == ["results", "run"]
+        assert book.sheetnames == ["results", "run", "studies"]
         sheet = book["results"]
         assert sheet.freeze_panes == "A2"
         # Sized to the longest cell: the path column is wider than the status column.

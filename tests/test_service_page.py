@@ -1,7 +1,9 @@
 """The web page in a real browser: Debian's headless Chromium, driven over the Chrome
 DevTools Protocol on a pipe (``--remote-debugging-pipe``: no browser download, no
 websocket library). A person signs in with the token, picks a synthetic study, uploads
-it, and the result row appears in the jobs table; a screenshot is saved."""
+it, and the result row appears in the jobs table with the study's identifiers and the
+model card's warnings; a study too short to score gets a row with its identifiers and
+the failure's reason; a screenshot is saved."""
 
 from __future__ import annotations
 
@@ -202,18 +204,58 @@ def test_upload_through_the_page_shows_the_result_row(
             timeout=300,
             interval=0.5,
         )
+        # A second job (through the API): a study of 8 slices, too few to score.
+        short = study_zip(tmp_path, "short_anon", seed=7, shape=(8, 64, 64))
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            with short.open("rb") as f:
+                reply = http.post("/api/v1/jobs", files={"files": (short.name, f)})
+            assert reply.status_code == 202, reply.text
+        failed = wait_for(
+            lambda: browser.js(
+                "(() => { const r = [...document.querySelectorAll('tr.result')].find("
+                "r => r.querySelector('.reason').textContent);"
+                "return r && ['.study', '.patient-id', '.accession', '.probability', '.reason']"
+                ".map(s => r.querySelector(s).textContent); })()"
+            ),
+            timeout=120,
+            interval=0.5,
+        )
+        shown = browser.js(
+            "(() => { const r = [...document.querySelectorAll('tr.result')].find("
+            "r => r.querySelector('.study').textContent.startsWith('pneumonia_anon'));"
+            "return ['.patient-id', '.accession', '.study-date'].map("
+            "s => r.querySelector(s).textContent).concat("
+            "[r.querySelector('.study-uid span').title]); })()"
+        )
+        text = browser.js("document.body.innerText")
         browser.screenshot(tmp_path / "service-page.png")
     finally:
         browser.close()
 
-    (job,) = app.state.store.list_jobs()
+    jobs = {j.inputs[0].name: j for j in app.state.store.list_jobs()}
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-        row = http.get(f"/api/v1/jobs/{job.id}").json()["rows"][0]
+        row = http.get(f"/api/v1/jobs/{jobs['pneumonia_anon.zip'].id}").json()["rows"][0]
+        bad = http.get(f"/api/v1/jobs/{jobs['short_anon.zip'].id}").json()["rows"][0]
     threshold = app.state.worker.run_info["threshold"]
     study, probability, decision = cells
     assert study == "pneumonia_anon.zip/pneumonia_anon" == row["path_to_study"]
     assert probability == format_probability(row["probability_of_pathology"], threshold)
     assert decision == ("патология" if row["pathology"] == 1 else "без патологии")
+    # The identifiers the synthetic writer put into the headers, on the page and in the API.
+    assert row["patient_id"] == "SYNTH0000" and row["accession_number"] == "A00000009"
+    date = row["study_date"]
+    assert shown == [
+        "SYNTH0000",
+        "A00000009",
+        f"{date[:4]}-{date[4:6]}-{date[6:]}",
+        row["study_uid"],
+    ]
+    assert failed[:3] == ["short_anon.zip/short_anon", "SYNTH0000", "A00000007"]
+    assert failed[3] == "" and failed[4] == bad["error"] and bad["processing_status"] == "Failure"
+    # The model card's warnings (this tiny model's input is not the standard one).
+    cautions = app.state.worker.run_info["model_warnings"]
+    assert cautions and "Карточка модели предупреждает:" in text
+    assert all(c in text for c in cautions.split("; "))
     png = (tmp_path / "service-page.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     if os.environ.get(SCREENSHOT_ENV):

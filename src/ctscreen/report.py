@@ -10,6 +10,14 @@ then the two optional ones it names (``most_dangerous_pathology_type``,
 reason the series was chosen, slice count, input path) and finally mode-specific
 extras (per-slice mode adds slice index, InstanceNumber, SOPInstanceUID, ...).
 
+The values a RIS or PACS finds a study by (PatientID, AccessionNumber, StudyDate,
+beside the StudyInstanceUID of sheet 1) are columns of the frame too
+(:data:`IDENTITY_COLUMNS`), for the service's JSON rows, but the writers put them on
+an .xlsx sheet of their own, ``studies`` (one row per study): sheet 1 stays as the
+task fixes it, and the personal identifiers are left out of shared results by deleting
+one sheet. A .csv, .json or .parquet table, one table per file, keeps them as columns
+after the fixed ones (so a downloaded table is still one file).
+
 A study that could not be processed keeps its row: ``processing_status`` is
 ``Failure``, probability and label stay empty and ``error`` says why.
 
@@ -44,9 +52,12 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "SUCCESS",
     "OutputFormat",
+    "IDENTITY_COLUMNS",
     "ResultRow",
     "result_rows",
     "rows_to_frame",
+    "split_studies",
+    "study_identity",
     "write_table",
 ]
 
@@ -61,12 +72,24 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
 )
 OPTIONAL_COLUMNS: tuple[str, ...] = ("most_dangerous_pathology_type", "pathology_localization")
 EXTRA_COLUMNS: tuple[str, ...] = ("error", "warnings", "series_reason", "n_slices", "input_path")
-#: Every column a :class:`ResultRow` always has, in table order.
+#: Every column a :class:`ResultRow` always has on sheet 1, in table order.
 FIXED_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS + EXTRA_COLUMNS
+#: What a RIS/PACS finds the study by, from its DICOM header ("" when unknown): frame
+#: columns after the fixed ones; an .xlsx has them on its ``studies`` sheet, not sheet 1.
+IDENTITY_COLUMNS: tuple[str, ...] = ("patient_id", "accession_number", "study_date")
+#: The ``studies`` sheet: one row per study, keyed by where it was found and its UID.
+STUDY_COLUMNS: tuple[str, ...] = ("path_to_study", "study_uid") + IDENTITY_COLUMNS
+#: The DICOM keyword each identity column is read from.
+IDENTITY_KEYWORDS: dict[str, str] = {
+    "patient_id": "PatientID",
+    "accession_number": "AccessionNumber",
+    "study_date": "StudyDate",
+}
 
 
 RESULTS_SHEET = "results"
 RUN_SHEET = "run"
+STUDIES_SHEET = "studies"
 _MAX_COLUMN_WIDTH = 60
 _LOCALIZATION_LENGTH = 6
 
@@ -137,6 +160,10 @@ class ResultRow:
         series_reason: why this series was chosen.
         n_slices: slices in the scored volume.
         input_path: the archive or folder given on the command line.
+        patient_id: PatientID of the study's header ("" when unknown).
+        accession_number: AccessionNumber of the study's header ("" when unknown).
+        study_date: StudyDate of the study's header, as DICOM writes it (YYYYMMDD;
+            "" when unknown or invalid).
         extras: mode-specific extra columns, written after the fixed ones.
     """
 
@@ -154,6 +181,9 @@ class ResultRow:
     series_reason: str = ""
     n_slices: int | None = None
     input_path: str = ""
+    patient_id: str = ""
+    accession_number: str = ""
+    study_date: str = ""
     extras: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -177,7 +207,7 @@ class ResultRow:
                 "pathology_localization needs 6 values (x_min, x_max, y_min, y_max, z_min, "
                 f"z_max), got {len(self.pathology_localization)}"
             )
-        clashes = set(self.extras) & set(FIXED_COLUMNS)
+        clashes = set(self.extras) & (set(FIXED_COLUMNS) | set(IDENTITY_COLUMNS))
         if clashes:
             raise ValueError(f"extra columns {sorted(clashes)} clash with fixed columns")
         if isinstance(self.warnings, str):
@@ -201,6 +231,9 @@ class ResultRow:
             "series_reason": self.series_reason,
             "n_slices": self.n_slices,
             "input_path": self.input_path,
+            "patient_id": self.patient_id,
+            "accession_number": self.accession_number,
+            "study_date": self.study_date,
         }
         record.update(self.extras)
         return record
@@ -211,7 +244,7 @@ class ResultRow:
 
         Warnings come back as one joined sentence; the table cell is the same.
         """
-        fixed = {k: record.get(k) for k in FIXED_COLUMNS}
+        fixed = {k: record.get(k) for k in FIXED_COLUMNS + IDENTITY_COLUMNS}
         loc = fixed.pop("pathology_localization")
         warnings = fixed.pop("warnings") or ""
         return cls(
@@ -220,9 +253,11 @@ class ResultRow:
                 None if not loc else tuple(float(v) for v in str(loc).split(","))
             ),
             warnings=(str(warnings),) if warnings else (),
-            extras={k: v for k, v in record.items() if k not in FIXED_COLUMNS},
+            extras={k: v for k, v in record.items() if k not in _ROW_COLUMNS},
         )
 
+
+_ROW_COLUMNS: frozenset[str] = frozenset(FIXED_COLUMNS + IDENTITY_COLUMNS)
 
 #: Row layouts: one row per study, per eligible series, or per slice of the scored series.
 ROW_MODES: tuple[str, ...] = ("study", "series", "slice")
@@ -230,6 +265,16 @@ ROW_MODES: tuple[str, ...] = ("study", "series", "slice")
 
 def _round(value: float | None, digits: int = 6) -> float | None:
     return None if value is None else round(float(value), digits)
+
+
+def study_identity(result: StudyResult) -> dict[str, str]:
+    """The :data:`IDENTITY_COLUMNS` of a result, from the header the Screener read
+    (all "" when none was read: NIfTI input, an unreadable study)."""
+    header = result.header
+    return {
+        column: "" if header is None else header.get(keyword)
+        for column, keyword in IDENTITY_KEYWORDS.items()
+    }
 
 
 def result_rows(result: StudyResult, mode: str = "study") -> list[ResultRow]:
@@ -256,6 +301,7 @@ def result_rows(result: StudyResult, mode: str = "study") -> list[ResultRow]:
         series_reason=result.series_reason,
         n_slices=result.n_slices,
         input_path=result.input_path,
+        **study_identity(result),
     )
     if not result.ok:
         return [ResultRow(**common)]
@@ -298,7 +344,8 @@ def rows_to_frame(rows: Iterable[ResultRow]) -> pd.DataFrame:
 
     Returns:
         A DataFrame with the seven required columns, the two optional ones, the
-        extra columns, then mode-specific extras in order of first appearance.
+        extra columns, the identity columns (which the writers move to the
+        ``studies`` sheet), then mode-specific extras in order of first appearance.
         ``probability_of_pathology`` and ``time_of_processing`` are float64 (NaN
         when empty); ``pathology``, ``n_slices`` and extras holding only
         integers are nullable ``Int64``.
@@ -307,9 +354,9 @@ def rows_to_frame(rows: Iterable[ResultRow]) -> pd.DataFrame:
     extra_names: list[str] = []
     for row_record in records:
         for name in row_record:
-            if name not in FIXED_COLUMNS and name not in extra_names:
+            if name not in _ROW_COLUMNS and name not in extra_names:
                 extra_names.append(name)
-    columns = list(FIXED_COLUMNS) + extra_names
+    columns = list(FIXED_COLUMNS) + list(IDENTITY_COLUMNS) + extra_names
     frame = pd.DataFrame.from_records(records, columns=columns)
     frame["probability_of_pathology"] = pd.to_numeric(
         frame["probability_of_pathology"], errors="raise"
@@ -322,6 +369,21 @@ def rows_to_frame(rows: Iterable[ResultRow]) -> pd.DataFrame:
         cells = [r.get(name) for r in records]
         frame[name] = pd.array([None if _is_missing(v) else int(v) for v in cells], dtype="Int64")
     return frame
+
+
+def split_studies(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The result table without its identity columns (sheet 1) and the ``studies``
+    sheet: :data:`STUDY_COLUMNS`, one row per study (per-slice and per-series rows
+    of a study share one), in table order.
+
+    A frame without identity columns (written by an older ctscreen) gets an empty
+    ``studies`` sheet's worth of "" values for them.
+    """
+    results = frame.drop(columns=[c for c in IDENTITY_COLUMNS if c in frame.columns])
+    studies = frame.reindex(columns=list(STUDY_COLUMNS)).astype(object)
+    studies = studies.where(studies.notna(), "")
+    studies = studies.drop_duplicates(subset=["path_to_study", "study_uid"], keep="first")
+    return results, studies.reset_index(drop=True)
 
 
 def _holds_only_integers(values: Sequence[object]) -> bool:
@@ -350,29 +412,31 @@ def _column_width(header: str, values: Sequence[object]) -> int:
     return min(longest + 2, _MAX_COLUMN_WIDTH)
 
 
-def _write_xlsx(frame: pd.DataFrame, run_info: Mapping[str, Any] | None, tmp: Path) -> None:
+def _sheet(writer: pd.ExcelWriter, frame: pd.DataFrame, name: str) -> None:
+    """``frame`` as sheet ``name``: header row frozen, columns sized to their cells."""
     from openpyxl.utils import get_column_letter
 
+    frame.to_excel(writer, sheet_name=name, index=False)
+    sheet = writer.sheets[name]
+    sheet.freeze_panes = "A2"
+    for i, column in enumerate(frame.columns, start=1):
+        width = _column_width(str(column), frame[column].tolist())
+        sheet.column_dimensions[get_column_letter(i)].width = width
+
+
+def _write_xlsx(frame: pd.DataFrame, run_info: Mapping[str, Any] | None, tmp: Path) -> None:
+    results, studies = split_studies(frame)
     # Built in memory, then written in one go: openpyxl's zip writer, cut off by a
     # full disk, would complain again from its finaliser after the error is handled.
     buffer = io.BytesIO()
     with pd.ExcelWriter(buffer, engine="openpyxl") as writer:
-        frame.to_excel(writer, sheet_name=RESULTS_SHEET, index=False)
-        sheet = writer.sheets[RESULTS_SHEET]
-        sheet.freeze_panes = "A2"
-        for i, name in enumerate(frame.columns, start=1):
-            width = _column_width(str(name), frame[name].tolist())
-            sheet.column_dimensions[get_column_letter(i)].width = width
+        _sheet(writer, results, RESULTS_SHEET)
         if run_info:
             info = pd.DataFrame(
                 {"key": list(run_info), "value": [_cell_value(v) for v in run_info.values()]}
             )
-            info.to_excel(writer, sheet_name=RUN_SHEET, index=False)
-            run_sheet = writer.sheets[RUN_SHEET]
-            run_sheet.freeze_panes = "A2"
-            for i, name in enumerate(info.columns, start=1):
-                width = _column_width(name, info[name].tolist())
-                run_sheet.column_dimensions[get_column_letter(i)].width = width
+            _sheet(writer, info, RUN_SHEET)
+        _sheet(writer, studies, STUDIES_SHEET)
     tmp.write_bytes(buffer.getvalue())
 
 
@@ -408,9 +472,11 @@ def write_table(
 
     Args:
         frame: the table from :func:`rows_to_frame`.
-        path: ``.xlsx`` (sheet "results", plus sheet "run" with ``run_info``),
-            ``.csv``, ``.json`` (a list of records) or ``.parquet``. For the formats
-            other than .xlsx, ``run_info`` goes to ``<name>.run.json`` beside the table.
+        path: ``.xlsx`` (sheet "results", sheet "run" with ``run_info``, sheet
+            "studies" with the identity columns, one row per study), ``.csv``,
+            ``.json`` (a list of records) or ``.parquet`` (identity columns kept in
+            the table). For the formats other than .xlsx, ``run_info`` goes to
+            ``<name>.run.json`` beside the table.
         run_info: key/value facts about the run (ctscreen version, model sha256,
             threshold, device, start time, ...).
 
@@ -448,7 +514,8 @@ def row_to_json(row: ResultRow) -> str:
 
 
 def row_from_json(text: str) -> ResultRow:
-    """The :class:`ResultRow` that :func:`row_to_json` stored."""
+    """The :class:`ResultRow` that :func:`row_to_json` stored (a row stored before a
+    field existed gets that field's default: "" for the identity columns)."""
     data = json.loads(text)
     names = {f.name for f in fields(ResultRow)}
     data = {k: v for k, v in data.items() if k in names}

@@ -46,8 +46,18 @@ TEXT: dict[str, dict[str, str]] = {
     "report": {"en": "report", "ru": "отчёт"},
     "delete": {"en": "Delete", "ru": "Удалить"},
     "study": {"en": "Study", "ru": "Исследование"},
+    "patient_id": {"en": "Patient ID", "ru": "ID пациента"},
+    "accession": {"en": "Accession No.", "ru": "Номер заявки (Accession)"},
+    "study_date": {"en": "Study date", "ru": "Дата исследования"},
+    "study_uid": {"en": "Study Instance UID", "ru": "UID исследования"},
     "probability": {"en": "Probability", "ru": "Вероятность"},
     "decision": {"en": "Decision", "ru": "Заключение"},
+    "reason": {"en": "Failure reason", "ru": "Причина сбоя"},
+    "row_warnings": {"en": "Warnings", "ru": "Предупреждения"},
+    "model_warnings": {
+        "en": "The model's card warns:",
+        "ru": "Карточка модели предупреждает:",
+    },
     "pathology": {"en": "pathology", "ru": "патология"},
     "no_pathology": {"en": "no pathology", "ru": "без патологии"},
     "failure": {"en": "failure", "ru": "ошибка"},
@@ -187,10 +197,41 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _time(unix: float | None) -> str:
+def format_time(unix: float | None) -> str:
+    """A Unix time as ISO 8601 in the server's time zone, with its offset
+    (``2026-12-03 18:40:05+03:00``); "" for None."""
     if unix is None:
         return ""
-    return _dt.datetime.fromtimestamp(unix).strftime("%Y-%m-%d %H:%M:%S")
+    return _dt.datetime.fromtimestamp(unix).astimezone().isoformat(sep=" ", timespec="seconds")
+
+
+def format_threshold(value: object) -> str:
+    """The decision threshold with 3 decimals (``0.856``); other values as they are."""
+    try:
+        return f"{float(value):.3f}"  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def format_study_date(value: str) -> str:
+    """A DICOM date ``YYYYMMDD`` as ``YYYY-MM-DD`` (anything else as it is)."""
+    if len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return value
+
+
+def short_uid(uid: str, keep: int = 8) -> str:
+    """A long UID shortened for the eye to its first and last ``keep`` characters
+    (``1.2.826.…498.1001``); the page gives the full one in a ``title``."""
+    if len(uid) <= 2 * keep + 1:
+        return uid
+    return f"{uid[:keep]}…{uid[-keep:]}"
+
+
+def model_warnings(run_info: Mapping[str, object]) -> tuple[str, ...]:
+    """The model card's warnings in the run info (``model_warnings``, joined by "; ")."""
+    text = str(run_info.get("model_warnings") or "")
+    return tuple(w.strip() for w in text.split("; ") if w.strip())
 
 
 def _decision(row: ResultRow, lang: str) -> str:
@@ -201,26 +242,79 @@ def _decision(row: ResultRow, lang: str) -> str:
     return f'<span class="badge normal">{_e(t("no_pathology", lang))}</span>'
 
 
-def _result_rows(rows: Sequence[ResultRow], threshold: float | None, lang: str, limit: int) -> str:
+#: The result table's columns: (label key, cell class), in page order.
+RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("study", "study"),
+    ("patient_id", "patient-id"),
+    ("accession", "accession"),
+    ("study_date", "study-date"),
+    ("study_uid", "study-uid"),
+    ("probability", "probability"),
+    ("decision", "decision"),
+    ("reason", "reason"),
+    ("row_warnings", "warnings"),
+)
+
+
+def _warnings_list(warnings: Sequence[str]) -> str:
+    if not warnings:
+        return ""
+    return '<ul class="warnings">' + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>"
+
+
+def _result_row(
+    row: ResultRow, threshold: float | None, lang: str, shown_above: Sequence[str] = ()
+) -> str:
+    probability = (
+        ""
+        if row.probability_of_pathology is None
+        else _e(format_probability(row.probability_of_pathology, threshold))
+    )
+    reason = f'<span class="error">{_e(row.error)}</span>' if row.error else ""
+    uid = (
+        f'<span title="{_e(row.study_uid)}">{_e(short_uid(row.study_uid))}</span>'
+        if row.study_uid
+        else ""
+    )
+    cells = {
+        "study": _e(row.path_to_study),
+        "patient-id": _e(row.patient_id),
+        "accession": _e(row.accession_number),
+        "study-date": _e(format_study_date(row.study_date)),
+        "study-uid": uid,
+        "probability": probability,
+        "decision": _decision(row, lang),
+        "reason": reason,
+        "warnings": _warnings_list([w for w in row.warnings if w not in shown_above]),
+    }
+    mono = {"study", "patient-id", "accession", "study-uid"}
+    return (
+        '<tr class="result">'
+        + "".join(
+            f'<td class="{"mono " if name in mono else ""}'
+            f'{"num " if name == "probability" else ""}{name}">{cells[name]}</td>'
+            for _, name in RESULT_COLUMNS
+        )
+        + "</tr>"
+    )
+
+
+def _result_rows(
+    rows: Sequence[ResultRow],
+    threshold: float | None,
+    lang: str,
+    limit: int,
+    shown_above: Sequence[str] = (),
+) -> str:
     if not rows:
         return ""
-    lines = []
-    for row in rows[:limit]:
-        if row.probability_of_pathology is None:
-            probability = f'<span class="error">{_e(row.error)}</span>'
-        else:
-            probability = _e(format_probability(row.probability_of_pathology, threshold))
-        lines.append(
-            f'<tr class="result"><td class="mono study">{_e(row.path_to_study)}</td>'
-            f'<td class="num probability">{probability}</td>'
-            f'<td class="decision">{_decision(row, lang)}</td></tr>'
-        )
+    lines = [_result_row(row, threshold, lang, shown_above) for row in rows[:limit]]
     more = ""
     if len(rows) > limit:
         more = f'<p class="muted">{_e(t("more_rows", lang, n=len(rows) - limit))}</p>'
+    head = "".join(f"<th>{_e(t(key, lang))}</th>" for key, _ in RESULT_COLUMNS)
     return (
-        f'<table class="results"><thead><tr><th>{_e(t("study", lang))}</th>'
-        f"<th>{_e(t('probability', lang))}</th><th>{_e(t('decision', lang))}</th></tr></thead>"
+        f'<table class="results"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(lines)}</tbody></table>{more}"
     )
 
@@ -244,9 +338,11 @@ def jobs_fragment(
     lang: str,
     rows_per_job: int = 20,
     can_delete: bool = True,
+    model_cautions: Sequence[str] = (),
 ) -> str:
     """The ``<tbody>`` of the jobs table (what the page fetches every two seconds); delete
-    buttons only when ``can_delete`` (an admin)."""
+    buttons only when ``can_delete`` (an admin). A row's warnings leave out the model
+    card's (``model_cautions``), which the page shows once above the table."""
     if not jobs:
         return f'<tr><td colspan="5" class="muted">{_e(t("no_jobs", lang))}</td></tr>'
     out = []
@@ -266,13 +362,15 @@ def jobs_fragment(
             if job.status != "running" and can_delete
             else ""
         )
+        results = _result_rows(rows.get(job.id, ()), threshold, lang, rows_per_job, model_cautions)
         out.append(
             f'<tr class="job" id="job-{_e(job.id)}" data-status="{_e(job.status)}">'
-            f'<td class="nowrap">{_e(_time(job.created))}</td>'
+            f'<td class="nowrap"><time datetime="{_e(format_time(job.created))}">'
+            f"{_e(format_time(job.created))}</time></td>"
             f'<td class="mono">{_e(names)}</td>'
             f'<td><span class="status {_e(job.status)}">{_e(t(job.status, lang))}</span></td>'
             f"<td>{progress}</td>"
-            f"<td>{_result_rows(rows.get(job.id, ()), threshold, lang, rows_per_job)}{message}"
+            f"<td>{results}{message}"
             f'<div class="actions">{actions} {delete}</div></td></tr>'
         )
     return "".join(out)
@@ -385,10 +483,18 @@ def main_page(
 ) -> str:
     """The whole page: upload form (a note instead without ``can_upload``: a viewer), the
     DICOM node (``dicom`` from :func:`dicom_panel`, None when it is off), jobs table
-    (``body_rows`` from :func:`jobs_fragment`)."""
+    (``body_rows`` from :func:`jobs_fragment`); the model card's warnings
+    (``run_info["model_warnings"]``) under the research-tool note."""
     model = _e(
         f"ctscreen {run_info.get('ctscreen_version', '')} · {run_info.get('device', '')} · "
-        f"{t('threshold', lang)} {run_info.get('threshold', '')}"
+        f"{t('threshold', lang)} {format_threshold(run_info.get('threshold', ''))}"
+    )
+    cautions = model_warnings(run_info)
+    card = (
+        f'<div class="model-warnings"><p>{_e(t("model_warnings", lang))}</p>'
+        f"{_warnings_list(cautions)}</div>"
+        if cautions
+        else ""
     )
     form = (
         '<form id="upload" class="drop" enctype="multipart/form-data">'
@@ -406,7 +512,7 @@ def main_page(
         f'{_head(lang)}<body data-lang="{lang}"><main>'
         f"<header><h1>{_e(t('title', lang))}</h1><nav>{_language_links(lang)} · "
         f'<a href="/docs">{_e(t("api", lang))}</a></nav></header>'
-        f'<p class="note">{_e(t("note", lang))}</p><p class="muted">{model}</p>'
+        f'<p class="note">{_e(t("note", lang))}</p>{card}<p class="muted">{model}</p>'
         + form
         + ("" if dicom is None else f'<section id="dicom">{dicom}</section>')
         + f"<h2>{_e(t('jobs', lang))}</h2>"

@@ -17,7 +17,14 @@ def _jobs(ctx: ServiceContext, lang: str) -> str:
     jobs = ctx.store.list_jobs(limit=50)
     rows = {job.id: ctx.store.rows(job.id) for job in jobs if job.rows_done}
     admin = ctx.principal is not None and ctx.principal.may(ADMIN)
-    return page.jobs_fragment(jobs, rows, threshold=ctx.threshold(), lang=lang, can_delete=admin)
+    return page.jobs_fragment(
+        jobs,
+        rows,
+        threshold=ctx.threshold(),
+        lang=lang,
+        can_delete=admin,
+        model_cautions=page.model_warnings(ctx.run_info()),
+    )
 
 
 def _dicom(ctx: ServiceContext, lang: str) -> str | None:
